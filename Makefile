@@ -1,0 +1,28 @@
+# Two commands for a fresh machine with only Python and pip:
+#   make test   creates .venv, installs eco_optax with its test extras, runs the suite
+#   make demo   creates .venv, installs, runs the benchmark (python -m eco_optax.bench)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_ARGS ?=
+
+.PHONY: install test demo step clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install -e ".[dev]"
+
+test: install
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q
+
+demo: install
+	$(BIN)/python -m eco_optax.bench $(DEMO_ARGS)
+
+step: install
+	$(BIN)/python -m eco_optax.bench.step
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,40 @@
+"""eco_optax: quantized training without full-precision master weights (ECO).
+
+ECO (Nikdan, Zandieh, Alistarh, Mirrokni, arXiv 2601.22101) stores weights only
+in low precision, applies each optimizer step to the quantized weights,
+re-quantizes, and injects the quantization error into the momentum so that the
+following steps pay it back.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, eco_optax as eco
+  >>> params = {"w": jnp.ones((16, 16)), "b": jnp.zeros(16)}
+  >>> q = eco.quantize_params(params, eco.fp8_e4m3())
+  >>> tx = optax.chain(optax.clip_by_global_norm(1.0), eco.adamw(1e-3))
+  >>> state = tx.init(q)
+  >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(eco.dequantize_params(q))
+  >>> grads = {"w": grads["w"], "b": jnp.zeros(16)}
+  >>> updates, state = jax.jit(tx.update)(grads, state, q)
+  >>> q = eco.apply_updates(q, updates)
+"""
+
+from eco_optax import quantize
+from eco_optax import rules
+from eco_optax import transform
+from eco_optax.alias import adam, adamw, sgdm
+from eco_optax.memory import MemoryReport, memory_report
+from eco_optax.quantize import (QuantFormat, QuantizedArray, dequantize,
+                                fp8_e4m3, fp8_e5m2, int4, int8, lossless)
+from eco_optax.quantize import quantize as quantize_array
+from eco_optax.transform import ErrorFeedbackState, error_feedback
+from eco_optax.tree import (apply_updates, default_policy, dequantize_params,
+                            is_quantized, quantize_params)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MemoryReport", "QuantFormat", "QuantizedArray", "ErrorFeedbackState",
+    "adam", "adamw", "apply_updates", "default_policy", "dequantize",
+    "dequantize_params", "error_feedback", "fp8_e4m3", "fp8_e5m2", "int4",
+    "int8", "is_quantized", "lossless", "memory_report", "quantize_array",
+    "quantize_params", "rules", "sgdm", "transform",
+]

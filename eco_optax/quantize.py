@@ -1,0 +1,396 @@
+"""Low-precision storage formats, scales and rounding.
+
+A :class:`QuantFormat` says how one tensor is stored: its ml_dtypes storage dtype
+(``float8_e4m3fn``, ``float8_e5m2``, ``int8``, ``int4``, or ``float32`` for the
+lossless reference format), the granularity of its FP32 scales, and the *scale
+policy* that decides how the scale moves as training changes the weights.
+
+A tensor ``x`` is stored as a :class:`QuantizedArray` of codes ``c`` and scales
+``s`` with the symmetric absmax quantizer of the paper::
+
+    s = headroom * max|x| / rho,      c = R(x / s) in the format's grid,   Q(x) = s * c
+
+where ``rho`` is the format's largest finite magnitude (448 for E4M3, 57344 for
+E5M2, 127 for INT8, 7 for INT4) and ``R`` rounds to nearest (even) or
+stochastically (``E[R(y)] = y``). Values beyond ``rho * s`` saturate to
+``+-rho`` *before* the cast: ``float8_e4m3fn`` has no infinity and a cast of an
+overflowing value gives NaN, and float-to-int casts truncate, so every cast here
+is preceded by an explicit rounding and clipping.
+
+Scale policies. The scale of step ``t+1`` is a function of the *stored* weights
+of step ``t`` only (delayed scaling, as in FP8 training recipes)::
+
+    fixed:    s' = s
+    sticky:   s' = s * h        if max|c| >= rho             (a code saturated: grow)
+              s' = s / h        if max|c| * h**2 < rho       (two growth steps unused: shrink)
+              s' = s            otherwise
+    dynamic:  s' = h * max|c| * s / rho                      (absmax every step, with headroom h)
+
+Because ``s'`` depends only on what is stored, :func:`eco_optax.apply_updates` can
+recompute it bit for bit without access to the optimizer state, and an update
+cannot feed back into its own scale within a step (the instability of recomputing
+a tensor-wise absmax from each step's target, which ECO's injected momentum then
+pushes past the absmax). With ``h = 2`` a sticky float format only ever rescales by
+a power of two, which is exact for every normal code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+Scaling = Literal["tensor", "channel", "block"]
+ScalePolicy = Literal["fixed", "sticky", "dynamic"]
+Rounding = Literal["nearest", "stochastic"]
+
+SCALINGS = ("tensor", "channel", "block")
+SCALE_POLICIES = ("fixed", "sticky", "dynamic")
+ROUNDINGS = ("nearest", "stochastic")
+
+# Scales below this are treated as "no scale yet": dividing by an FP32 subnormal
+# overflows (and XLA flushes subnormals to zero on CPU and GPU).
+_MIN_SCALE = float(np.finfo(np.float32).tiny)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantFormat:
+  """How a tensor is stored: dtype, scale granularity and scale policy.
+
+  Attributes:
+    name: short name, e.g. ``"fp8_e4m3"``.
+    dtype: storage dtype (an ml_dtypes / numpy dtype).
+    scaling: ``"tensor"`` (one scale), ``"channel"`` (one scale per index of
+      ``axis``: row-wise scaling of the paper, per output channel of a Flax
+      ``(in, out)`` kernel with the default ``axis=-1``) or ``"block"`` (one
+      scale per ``block_size`` consecutive elements along ``axis``).
+    axis: the channel axis, or the axis cut into blocks.
+    block_size: elements per block for ``scaling="block"``.
+    scale_policy: ``"fixed"``, ``"sticky"`` or ``"dynamic"`` (module docstring).
+    headroom: ``h`` above: initial scale ``h * absmax / rho`` and growth factor.
+  """
+
+  name: str
+  dtype: np.dtype
+  scaling: Scaling = "tensor"
+  axis: int = -1
+  block_size: int = 32
+  scale_policy: ScalePolicy = "sticky"
+  headroom: float = 2.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", np.dtype(self.dtype))
+    if self.scaling not in SCALINGS:
+      raise ValueError(
+          f"{self.name}: scaling must be one of {SCALINGS}, got {self.scaling!r}")
+    if self.scale_policy not in SCALE_POLICIES:
+      raise ValueError(f"{self.name}: scale_policy must be one of "
+                       f"{SCALE_POLICIES}, got {self.scale_policy!r}")
+    if self.scaling == "block" and self.block_size < 1:
+      raise ValueError(f"{self.name}: block_size must be >= 1, got {self.block_size}")
+    if not self.headroom >= 1.0:
+      raise ValueError(f"{self.name}: headroom must be >= 1, got {self.headroom}")
+
+  @property
+  def lossless(self) -> bool:
+    """True for the float32 reference format: no scale, no rounding."""
+    return self.dtype == np.dtype(np.float32)
+
+  @property
+  def is_integer(self) -> bool:
+    try:
+      ml_dtypes.iinfo(self.dtype)
+    except ValueError:
+      return False
+    return True
+
+  @property
+  def max_value(self) -> float:
+    """``rho``: the largest finite magnitude used by the absmax scale."""
+    if self.lossless:
+      return 1.0
+    if self.is_integer:
+      return float(ml_dtypes.iinfo(self.dtype).max)
+    return float(ml_dtypes.finfo(self.dtype).max)
+
+  @property
+  def bits(self) -> int:
+    """Bits per stored element (int4 counts as 4, packed)."""
+    if self.is_integer:
+      return int(ml_dtypes.iinfo(self.dtype).bits)
+    return int(ml_dtypes.finfo(self.dtype).bits)
+
+  def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the FP32 scale array of a tensor of ``shape``."""
+    if self.lossless or self.scaling == "tensor":
+      return ()
+    axis = _normalize_axis(self.axis, len(shape), self.name)
+    if self.scaling == "channel":
+      return tuple(n if i == axis else 1 for i, n in enumerate(shape))
+    if shape[axis] % self.block_size:
+      raise ValueError(
+          f"{self.name}: block scaling needs axis {self.axis} of shape {shape} "
+          f"to be a multiple of block_size={self.block_size}")
+    return tuple(
+        n // self.block_size if i == axis else n for i, n in enumerate(shape))
+
+  def check_shape(self, shape: tuple[int, ...], where: str = "") -> None:
+    """Raises a ``ValueError`` (prefixed by ``where``) if ``shape`` can't be stored."""
+    prefix = f"{where}: " if where else ""
+    if not shape or 0 in shape:
+      raise ValueError(f"{prefix}cannot quantize a tensor of shape {shape} "
+                       f"(scalars and zero-size tensors have no scale)")
+    try:
+      self.scale_shape(tuple(shape))
+    except ValueError as err:
+      raise ValueError(f"{prefix}{err}") from None
+
+
+def _normalize_axis(axis: int, ndim: int, name: str) -> int:
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{name}: axis {axis} is out of range for a {ndim}-d tensor")
+  return axis % ndim
+
+
+def _make(name, dtype, scaling, block_size, scale_policy, headroom, axis):
+  return QuantFormat(name=name, dtype=dtype, scaling=scaling, axis=axis,
+                     block_size=block_size, scale_policy=scale_policy,
+                     headroom=headroom)
+
+
+def fp8_e4m3(scaling: Scaling = "channel", *, block_size: int = 32,
+             scale_policy: ScalePolicy = "sticky", headroom: float = 2.0,
+             axis: int = -1) -> QuantFormat:
+  """FP8 E4M3 (``float8_e4m3fn``, max 448, no inf); the paper's row-wise default.
+
+  Example:
+    >>> import eco_optax as eco
+    >>> eco.fp8_e4m3().max_value
+    448.0
+  """
+  return _make("fp8_e4m3", ml_dtypes.float8_e4m3fn, scaling, block_size,
+               scale_policy, headroom, axis)
+
+
+def fp8_e5m2(scaling: Scaling = "channel", *, block_size: int = 32,
+             scale_policy: ScalePolicy = "sticky", headroom: float = 2.0,
+             axis: int = -1) -> QuantFormat:
+  """FP8 E5M2 (``float8_e5m2``, max 57344): more range, one mantissa bit less."""
+  return _make("fp8_e5m2", ml_dtypes.float8_e5m2, scaling, block_size,
+               scale_policy, headroom, axis)
+
+
+def int8(scaling: Scaling = "channel", *, block_size: int = 32,
+         scale_policy: ScalePolicy = "sticky", headroom: float = 1.0,
+         axis: int = -1) -> QuantFormat:
+  """INT8, symmetric codes in ``[-127, 127]``."""
+  return _make("int8", np.int8, scaling, block_size, scale_policy, headroom, axis)
+
+
+def int4(scaling: Scaling = "tensor", *, block_size: int = 32,
+         scale_policy: ScalePolicy = "fixed", headroom: float = 1.0,
+         axis: int = -1) -> QuantFormat:
+  """INT4 (ml_dtypes ``int4``), symmetric codes in ``[-7, 7]``; tensor-wise as in the paper.
+
+  Example:
+    >>> import eco_optax as eco
+    >>> fmt = eco.int4(scaling="block", block_size=32)
+    >>> fmt.scale_shape((64, 128))
+    (64, 4)
+  """
+  return _make("int4", ml_dtypes.int4, scaling, block_size, scale_policy,
+               headroom, axis)
+
+
+def lossless() -> QuantFormat:
+  """Float32 storage with no scale and no rounding: ECO reduces to the plain optimizer."""
+  return QuantFormat(name="lossless", dtype=np.float32, scale_policy="fixed",
+                     headroom=1.0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+  """A tensor stored as ``values * scale`` in a low-precision format.
+
+  ``values`` has the tensor's shape and the format's dtype; ``scale`` is FP32 with
+  :meth:`QuantFormat.scale_shape`. ``fmt`` is static pytree metadata, so a tree of
+  ``QuantizedArray`` goes through ``jit``, ``jax.device_put`` and sharding as-is.
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  fmt: QuantFormat = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.values.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """``Q(x) = s * c`` in ``dtype`` (float32 by default)."""
+    return dequantize(self, dtype)
+
+
+def _blocked(x: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """Views ``x`` so that its scale broadcasts: splits the block axis in two."""
+  if fmt.scaling != "block":
+    return x
+  axis = _normalize_axis(fmt.axis, x.ndim, fmt.name)
+  n = x.shape[axis]
+  return x.reshape(x.shape[:axis] + (n // fmt.block_size, fmt.block_size)
+                   + x.shape[axis + 1:])
+
+
+def _unblocked(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  return x.reshape(shape)
+
+
+def _expand_scale(scale: jax.Array, fmt: QuantFormat, ndim: int) -> jax.Array:
+  """Scale shaped to broadcast against :func:`_blocked` values."""
+  if fmt.scaling != "block":
+    return scale
+  axis = _normalize_axis(fmt.axis, ndim, fmt.name)
+  return jnp.expand_dims(scale, axis + 1)
+
+
+def _group_absmax(x: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """``max|x|`` over each scale group, shaped like the scale."""
+  ax = jnp.abs(x)
+  if fmt.scaling == "tensor":
+    return jnp.max(ax)
+  axis = _normalize_axis(fmt.axis, x.ndim, fmt.name)
+  if fmt.scaling == "channel":
+    others = tuple(i for i in range(x.ndim) if i != axis)
+    return jnp.max(ax, axis=others, keepdims=True)
+  return jnp.max(_blocked(ax, fmt), axis=axis + 1)
+
+
+def initial_scale(x: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """``s_0 = h * max|x| / rho`` per group; an all-zero group gets ``1 / rho``.
+
+  A zero scale would freeze a group at zero forever (nothing stored to rescale
+  from), so an all-zero group starts with the range ``[-1, 1]``.
+  """
+  if fmt.lossless:
+    return jnp.ones((), jnp.float32)
+  amax = _group_absmax(x.astype(jnp.float32), fmt)
+  scale = fmt.headroom * amax / fmt.max_value
+  return jnp.where(scale >= _MIN_SCALE, scale, 1.0 / fmt.max_value).astype(
+      jnp.float32)
+
+
+def next_scale(q: QuantizedArray) -> jax.Array:
+  """The scale ``s'`` of the next stored weights: a function of ``q`` alone.
+
+  Implements the ``fixed`` / ``sticky`` / ``dynamic`` policies of the module
+  docstring. Groups whose codes are all zero keep their scale.
+  """
+  fmt, scale = q.fmt, q.scale
+  if fmt.lossless or fmt.scale_policy == "fixed":
+    return scale
+  rho, h = fmt.max_value, fmt.headroom
+  code_max = _group_absmax(q.values.astype(jnp.float32), fmt)
+  if fmt.scale_policy == "sticky":
+    grown = jnp.where(code_max >= rho, scale * h, scale)
+    return jnp.where(code_max * h * h < rho, scale / h, grown).astype(jnp.float32)
+  new = h * code_max * scale / rho
+  return jnp.where(new >= _MIN_SCALE, new, scale).astype(jnp.float32)
+
+
+def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
+                   key: jax.Array | None) -> jax.Array:
+  """Rounds ``y`` (in code units, already clipped to ``[-rho, rho]``) to codes.
+
+  Nearest: round-half-to-even (``jnp.round`` for integers, the cast itself for
+  floats). Stochastic: between the neighbouring grid points ``lo <= y <= hi`` pick
+  ``hi`` with probability ``(y - lo) / (hi - lo)``, so ``E[R(y)] = y``.
+  """
+  if fmt.is_integer:
+    if rounding == "nearest":
+      return jnp.round(y).astype(fmt.dtype)
+    lo = jnp.floor(y)
+    u = jax.random.uniform(key, y.shape, jnp.float32)
+    return (lo + (u < y - lo)).astype(fmt.dtype)
+  nearest = y.astype(fmt.dtype)
+  if rounding == "nearest":
+    return nearest
+  near32 = nearest.astype(jnp.float32)
+  top = jnp.asarray(fmt.max_value, fmt.dtype)
+  above = near32 > y
+  other = jnp.where(above, jnp.nextafter(nearest, -top),
+                    jnp.nextafter(nearest, top))
+  other32 = other.astype(jnp.float32)
+  # Probability of moving from `nearest` to its other neighbour.
+  gap = jnp.abs(other32 - near32)
+  p_other = jnp.where(gap > 0, jnp.abs(y - near32) / jnp.where(gap > 0, gap, 1.0), 0.0)
+  u = jax.random.uniform(key, y.shape, jnp.float32)
+  return jnp.where(u < p_other, other, nearest)
+
+
+def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: QuantFormat,
+                        rounding: Rounding = "nearest",
+                        key: jax.Array | None = None) -> QuantizedArray:
+  """Stores ``x`` with a given scale: ``c = R(clip(x / s, -rho, rho))``.
+
+  Non-finite entries of ``x`` become code 0; callers that must not lose weights
+  (:func:`eco_optax.apply_updates`, the optimizers) replace them beforehand.
+  """
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+  if rounding == "stochastic" and key is None and not fmt.lossless:
+    raise ValueError("stochastic rounding needs a PRNG key")
+  x = jnp.asarray(x, jnp.float32)
+  if fmt.lossless:
+    return QuantizedArray(x, jnp.ones((), jnp.float32), fmt)
+  rho = fmt.max_value
+  s = _expand_scale(scale, fmt, x.ndim)
+  xb = _blocked(x, fmt)
+  y = jnp.clip(xb / s, -rho, rho)
+  y = jnp.where(jnp.isfinite(y), y, 0.0)
+  codes = _round_to_grid(y, fmt, rounding, key)
+  return QuantizedArray(_unblocked(codes, x.shape), scale.astype(jnp.float32), fmt)
+
+
+def quantize(x: jax.Array, fmt: QuantFormat, rounding: Rounding = "nearest",
+             key: jax.Array | None = None) -> QuantizedArray:
+  """Stores ``x`` in ``fmt`` with the initial absmax scale ``h * max|x| / rho``.
+
+  Example:
+    >>> import jax.numpy as jnp, eco_optax as eco
+    >>> q = eco.quantize(jnp.array([[1000.0, -0.5]]), eco.fp8_e4m3("tensor", headroom=1.0))
+    >>> float(q.dequantize()[0, 0])
+    1000.0
+  """
+  fmt.check_shape(tuple(jnp.shape(x)))
+  return quantize_with_scale(x, initial_scale(jnp.asarray(x), fmt), fmt,
+                             rounding, key)
+
+
+def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
+  """``Q(x) = s * c`` (computed in FP32, returned in ``dtype``)."""
+  if q.fmt.lossless:
+    return q.values.astype(dtype)
+  shape = q.values.shape
+  codes = _blocked(q.values.astype(jnp.float32), q.fmt)
+  x = codes * _expand_scale(q.scale, q.fmt, len(shape))
+  return _unblocked(x, shape).astype(dtype)
+
+
+def requantize(q: QuantizedArray, target: jax.Array,
+               rounding: Rounding = "nearest",
+               key: jax.Array | None = None) -> QuantizedArray:
+  """Stores ``target`` as the successor of ``q``: scale :func:`next_scale` of ``q``.
+
+  Entries of ``target`` that are not finite keep their stored value, so a bad
+  gradient can never write NaN or inf into the weights.
+  """
+  target = jnp.where(jnp.isfinite(target), target, dequantize(q))
+  return quantize_with_scale(target, next_scale(q), q.fmt, rounding, key)

@@ -1,0 +1,195 @@
+r"""The error feedback: update quantized weights without a master copy.
+
+:func:`error_feedback` turns a :class:`~eco_optax.rules.MomentumRule` into an
+``optax.GradientTransformation`` that steps quantized weights directly. Per
+quantized leaf, in FP32::
+
+    target = Q(w) - eta * (d + lambda * Q(w))          (the optimizer's step)
+    w'     = Q(target)                                 (stored weights, RTN or SR)
+    e      = target - Q(w')                            (quantization error)
+    m      = m~ + alpha * e,   alpha = ((1 - eta*lambda) / eta) * (1 - 1/beta) * D
+
+Derivation (paper, Algorithms 2-3). Ask the stored weights to trail the master
+weights by exactly the current error, ``w_t = w_t^MW - e_t``, and the momentum to
+carry the matching debt, ``m_t = m_t^MW + delta_t``. The next step gives
+``w~ = w^MW_{t+1} - (1 - eta*lambda) e_t - (eta/D) * beta * delta_t``, which is the
+master-weight iterate exactly when ``delta_t = -(1 - eta*lambda) D e_t / (eta*beta)``.
+Keeping that invariant across the momentum decay ``m <- beta*m + ...`` needs the
+injection ``delta_{t+1} - beta*delta_t``; with consecutive errors aligned,
+``e_t ~ e_{t+1}`` (the paper's Figure 3), it is ``alpha * e`` above, and it costs no
+memory. For SGDM (``D = 1``, no decay) the virtual iterate
+``z = w - eta*beta/(1-beta) * m`` then follows ``z <- z - eta*grad`` exactly: the
+master-weight path.
+
+The same transformation provides the paper's baselines through ``mode``:
+
+* ``"eco"``: the rule above.
+* ``"naive"``: ``w' = Q(target)``, the error is dropped (``w/o MW``; with
+  ``rounding="stochastic"``, the ``w/o MW + SR`` baseline).
+* ``"master_weights"``: an FP32 master copy ``w_MW`` lives in the state, steps as
+  in full precision, and ``w' = Q(w_MW)`` every step (``w/ MW``).
+
+Leaves that are not quantized follow the plain optimizer in every mode. The
+returned update of a quantized leaf is ``Q(w') - Q(w)`` in FP32; apply it with
+:func:`eco_optax.apply_updates`, which reproduces ``w'`` exactly.
+
+Guards. ``eta = 0`` (warm-up from zero, annealing to zero) makes the update zero
+and ``alpha`` undefined: no error is injected on such steps. Non-finite
+gradient entries leave their stored weights unchanged (the momentum takes the NaN
+as in optax: wrap the optimizer in :func:`optax.apply_if_finite` to skip such
+steps). ``beta`` must be in ``(0, 1)`` for ``"eco"``: without momentum there is
+nowhere to store the debt.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eco_optax import quantize as qz
+from eco_optax import rules
+from eco_optax import tree as qtree
+
+Mode = Literal["eco", "master_weights", "naive"]
+MODES = ("eco", "master_weights", "naive")
+
+
+class ErrorFeedbackState(NamedTuple):
+  """State of :func:`error_feedback`.
+
+  Attributes:
+    count: steps taken (int32).
+    moments: the rule's moments (``mu`` receives the injected error).
+    master: FP32 master weights in ``"master_weights"`` mode, else ``None``.
+    key: PRNG key for stochastic rounding (advanced every step).
+  """
+  count: jax.Array
+  moments: Any
+  master: Optional[Any]
+  key: jax.Array
+
+
+def _split_key(key: jax.Array, n: int) -> tuple[jax.Array, list[jax.Array]]:
+  keys = jax.random.split(key, n + 1)
+  return keys[0], list(keys[1:])
+
+
+def error_feedback(
+    rule: rules.MomentumRule,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float = 0.0,
+    mode: Mode = "eco",
+    rounding: qz.Rounding = "nearest",
+    seed: int = 0,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformation:
+  r"""Steps quantized weights with ``rule``, paying rounding errors back via momentum.
+
+  Args:
+    rule: the optimizer's momentum rule, e.g. :func:`eco_optax.rules.adam_rule`.
+    learning_rate: ``eta``: a float or an optax schedule of the step count.
+    weight_decay: ``lambda`` of decoupled weight decay ``w <- (1 - eta*lambda) w``.
+    mode: ``"eco"``, ``"naive"`` or ``"master_weights"`` (module docstring).
+    rounding: ``"nearest"`` (round half to even) or ``"stochastic"`` (unbiased).
+    seed: seed of the PRNG key kept in the state for stochastic rounding.
+    weight_decay_mask: optional tree of Python booleans with the structure of the
+      dequantized params, or a callable of the dequantized params returning one,
+      as ``mask`` in :func:`optax.adamw`: decay only where True.
+
+  Returns:
+    An ``optax.GradientTransformation``; ``update(grads, state, params)`` needs the
+    quantized ``params`` and returns updates for :func:`eco_optax.apply_updates`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, eco_optax as eco
+    >>> from eco_optax import rules, transform
+    >>> q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.fp8_e4m3())
+    >>> tx = transform.error_feedback(rules.sgdm_rule(0.9), learning_rate=0.1)
+    >>> state = tx.init(q)
+    >>> grads = {"w": jnp.full((4, 4), 0.01)}
+    >>> updates, state = jax.jit(tx.update)(grads, state, q)
+    >>> q = eco.apply_updates(q, updates)
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if rounding not in qz.ROUNDINGS:
+    raise ValueError(f"rounding must be one of {qz.ROUNDINGS}, got {rounding!r}")
+  if mode == "eco" and not 0.0 < rule.beta < 1.0:
+    raise ValueError(
+        f"mode='eco' needs a momentum (beta / b1) in (0, 1), got {rule.beta}: the "
+        "error is paid back through the momentum, alpha = (1/eta)(1 - 1/beta). "
+        "Use mode='naive' or 'master_weights' for momentum-free training.")
+  schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+  def init(params):
+    dense = qtree.dequantize_params(params)
+    master = None
+    if mode == "master_weights":  # FP32 copies of the quantized leaves only
+      master = jax.tree.map(lambda p: qz.dequantize(p) if qtree.is_quantized(p) else None,
+                            params, is_leaf=qtree.is_quantized)
+    return ErrorFeedbackState(
+        count=jnp.zeros([], jnp.int32),
+        moments=rule.init(dense),
+        master=master,
+        key=jax.random.key(seed),
+    )
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("eco_optax optimizers need params: tx.update(grads, state, params)")
+    qtree.check_updates_match(params, updates, "grads")
+    count = optax.safe_increment(state.count)
+    eta = jnp.asarray(schedule(state.count), jnp.float32)
+    moments, direction, denom = rule.step(updates, state.moments, count)
+
+    stored = qtree.dequantize_params(params)
+    p_leaves, treedef = jax.tree.flatten(params, is_leaf=qtree.is_quantized)
+    if state.master is None:
+      base = stored
+    else:  # the master copy where there is one, the stored plain leaves elsewhere
+      base = treedef.unflatten([
+          w if m is None else m for w, m in
+          zip(treedef.flatten_up_to(stored), treedef.flatten_up_to(state.master))])
+    if weight_decay_mask is None:
+      mask = jax.tree.map(lambda _: True, stored)
+    elif callable(weight_decay_mask):
+      mask = weight_decay_mask(stored)
+    else:
+      mask = weight_decay_mask
+    decay = jax.tree.map(lambda m: weight_decay if m else 0.0, mask)
+    # The FP32 step of the optimizer, as optax computes it: -eta * (d + lambda * w).
+    steps = jax.tree.map(lambda d, w, lam: -eta * (d + lam * w), direction, base, decay)
+
+    n_quantized = sum(map(qtree.is_quantized, p_leaves))
+    key, leaf_keys = _split_key(state.key, n_quantized)
+    leaf_keys = iter(leaf_keys)
+
+    def leaf_update(p, w, base_w, step, mu, den, lam):
+      """Returns (update, new mu, new master) for one leaf."""
+      target = base_w + step
+      if not qtree.is_quantized(p):
+        return step, mu, None
+      if p.fmt.lossless:
+        return step, mu, target
+      new = qz.requantize(p, target, rounding, next(leaf_keys))
+      new_w = qz.dequantize(new)
+      if mode == "eco":
+        beta = rule.beta
+        safe_eta = jnp.where(eta > 0, eta, 1.0)
+        alpha = jnp.where(eta > 0, (1 - eta * lam) / safe_eta * (1 - 1 / beta), 0.0)
+        error = jnp.where(jnp.isfinite(target), target - new_w, 0.0)
+        mu = mu + alpha * den * error
+      return new_w - w, mu, target
+
+    leaves = [treedef.flatten_up_to(t) for t in
+              (stored, base, steps, moments.mu, denom, decay)]
+    out = [leaf_update(p, *rest) for p, *rest in zip(p_leaves, *leaves)]
+    new_updates, new_mu, new_master = (treedef.unflatten(x) for x in zip(*out))
+    moments = moments._replace(mu=new_mu)
+    master = new_master if mode == "master_weights" else None
+    return new_updates, ErrorFeedbackState(count, moments, master, key)
+
+  return optax.GradientTransformation(init, update)
