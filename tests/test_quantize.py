@@ -1,0 +1,201 @@
+"""Formats, scales, rounding: round trip, saturation, zeros, int4 rounding, SR."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import eco_optax as eco
+from eco_optax import quantize as qz
+
+ALL_FORMATS = {
+    "fp8_e4m3/tensor": eco.fp8_e4m3("tensor"),
+    "fp8_e4m3/channel": eco.fp8_e4m3("channel"),
+    "fp8_e4m3/block": eco.fp8_e4m3("block", block_size=16),
+    "fp8_e5m2/channel": eco.fp8_e5m2(),
+    "int8/channel": eco.int8(),
+    "int8/block": eco.int8("block", block_size=8),
+    "int4/tensor": eco.int4(),
+    "int4/channel": eco.int4("channel"),
+    "int4/block": eco.int4("block", block_size=32),
+}
+# Largest relative round-trip error (half a grid step at the top of the range,
+# with the format's headroom): e4m3 has 3 mantissa bits, e5m2 2.
+REL_TOL = {"fp8_e4m3": 2**-4, "fp8_e5m2": 2**-3, "int8": 0.5 / 127, "int4": 0.5 / 7}
+
+
+@pytest.fixture(params=list(ALL_FORMATS), ids=list(ALL_FORMATS))
+def fmt(request):
+  return ALL_FORMATS[request.param]
+
+
+def test_default_formats_follow_the_paper():
+  assert eco.fp8_e4m3().dtype == ml_dtypes.float8_e4m3fn
+  assert eco.fp8_e4m3().scaling == "channel"       # row-wise scales
+  assert eco.int4().scaling == "tensor"            # tensor-wise
+  assert eco.int4().dtype == ml_dtypes.int4
+  assert [f.max_value for f in (eco.fp8_e4m3(), eco.fp8_e5m2(), eco.int8(), eco.int4())] \
+      == [448.0, 57344.0, 127.0, 7.0]
+
+
+def test_round_trip_error_is_within_half_a_grid_step(fmt):
+  x = jax.random.normal(jax.random.key(0), (32, 64)) * 3.0
+  q = eco.quantize_array(x, fmt)
+  assert q.values.dtype == fmt.dtype and q.values.shape == x.shape
+  assert q.scale.shape == fmt.scale_shape(x.shape) and q.scale.dtype == jnp.float32
+  err = jnp.abs(q.dequantize() - x)
+  # Per-element bound: half a step at the element's group absmax (times headroom).
+  bound = REL_TOL[fmt.name] * fmt.headroom * jnp.max(jnp.abs(x)) * 1.0001
+  assert float(jnp.max(err)) <= float(bound)
+  # Requantizing stored weights with their own scale is the identity.
+  again = qz.quantize_with_scale(q.dequantize(), q.scale, fmt)
+  np.testing.assert_array_equal(np.asarray(again.values, np.float32),
+                                np.asarray(q.values, np.float32))
+
+
+def test_channel_scales_are_per_output_channel():
+  x = jnp.stack([jnp.full(8, 1.0), jnp.full(8, 100.0)], axis=1)  # (8, 2): column 1 large
+  q = eco.quantize_array(x, eco.int8("channel", headroom=1.0))
+  np.testing.assert_allclose(np.asarray(q.scale), [[1 / 127, 100 / 127]], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(x), rtol=1e-6)
+
+
+def test_block_scales_cover_blocks_of_the_last_axis():
+  x = jnp.concatenate([jnp.full((2, 4), 1.0), jnp.full((2, 4), 7.0)], axis=1)
+  q = eco.quantize_array(x, eco.int4("block", block_size=4))
+  np.testing.assert_allclose(np.asarray(q.scale), [[1 / 7, 1.0]] * 2, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(x))
+
+
+@pytest.mark.parametrize("name,fmt_fn,huge", [
+    ("e4m3", eco.fp8_e4m3, 1e6), ("e5m2", eco.fp8_e5m2, 1e9),
+    ("int8", eco.int8, 1e6), ("int4", eco.int4, 1e6)])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_values_beyond_the_range_saturate_and_never_become_nan(name, fmt_fn, huge, rounding):
+  fmt = fmt_fn("tensor", headroom=1.0)
+  scale = jnp.asarray(1.0)  # range [-rho, rho]; 1e6 is far beyond 448 / 57344 / 127 / 7
+  x = jnp.array([[huge, -huge, 500.0, -70000.0, 1.0, 0.0]])
+  q = qz.quantize_with_scale(x, scale, fmt, rounding, jax.random.key(0))
+  out = np.asarray(q.dequantize())
+  assert np.all(np.isfinite(out)), out
+  assert out[0, 0] == fmt.max_value and out[0, 1] == -fmt.max_value
+  assert out[0, 4] == 1.0 and out[0, 5] == 0.0
+
+
+def test_e4m3_cast_alone_would_overflow_to_nan():
+  """Why saturation matters: the raw cast of 500 to e4m3fn is NaN."""
+  assert np.isnan(np.asarray(jnp.asarray(500.0).astype(jnp.float8_e4m3fn), np.float32))
+  q = qz.quantize_with_scale(jnp.array([[500.0]]), jnp.asarray(1.0), eco.fp8_e4m3("tensor"))
+  assert float(q.dequantize()[0, 0]) == 448.0
+
+
+def test_all_zero_tensor_has_a_finite_scale_and_stays_zero(fmt):
+  x = jnp.zeros((16, 64))
+  q = eco.quantize_array(x, fmt)
+  assert np.all(np.isfinite(np.asarray(q.scale))) and np.all(np.asarray(q.scale) > 0)
+  np.testing.assert_array_equal(np.asarray(q.dequantize()), 0.0)
+  assert np.all(np.asarray(qz.next_scale(q)) > 0)
+
+
+def test_tiny_tensor_does_not_divide_by_a_subnormal_scale():
+  x = jnp.full((4, 4), 1e-42)  # FP32 subnormal: absmax / rho underflows
+  q = eco.quantize_array(x, eco.fp8_e4m3("tensor"))
+  assert np.all(np.isfinite(np.asarray(q.dequantize())))
+
+
+def test_int4_rounds_to_nearest_instead_of_truncating():
+  fmt = eco.int4("tensor", headroom=1.0)
+  x = jnp.array([[3.7, -3.7, 2.5, 3.5, -2.5, 0.49, 7.0]])
+  q = qz.quantize_with_scale(x, jnp.asarray(1.0), fmt)
+  # Round half to even: 2.5 -> 2, 3.5 -> 4; truncation would give 3, -3, 2, 3.
+  np.testing.assert_array_equal(np.asarray(q.values, np.int32), [[4, -4, 2, 4, -2, 0, 7]])
+
+
+def test_int4_clips_instead_of_wrapping():
+  q = qz.quantize_with_scale(jnp.array([[20.0, -20.0]]), jnp.asarray(1.0), eco.int4())
+  np.testing.assert_array_equal(np.asarray(q.values, np.int32), [[7, -7]])
+
+
+@pytest.mark.parametrize("fmt", [eco.fp8_e4m3("tensor", headroom=1.0),
+                                 eco.fp8_e5m2("tensor", headroom=1.0),
+                                 eco.int8("tensor"), eco.int4("tensor")],
+                         ids=["e4m3", "e5m2", "int8", "int4"])
+def test_stochastic_rounding_is_unbiased(fmt):
+  """E[SR(x)] = x: the mean of 20000 draws is within 5 standard errors of x."""
+  n = 20000
+  values = np.array([0.3, 1.37, -2.71, 5.5, 0.013, 6.9], np.float32)
+  x = jnp.broadcast_to(jnp.asarray(values)[:, None], (len(values), n))
+  q = qz.quantize_with_scale(x, jnp.asarray(1.0), fmt, "stochastic", jax.random.key(42))
+  draws = np.asarray(q.dequantize())
+  for v, row in zip(values, draws):
+    lo, hi = row.min(), row.max()
+    assert lo <= v <= hi and len(np.unique(row)) <= 2  # only the two neighbours
+    stderr = max(row.std() / np.sqrt(n), 1e-7)
+    assert abs(row.mean() - v) < 5 * stderr, (v, row.mean(), stderr)
+  # And it is not round-to-nearest in disguise.
+  nearest = np.asarray(qz.quantize_with_scale(x, jnp.asarray(1.0), fmt).dequantize())
+  assert not np.array_equal(draws, nearest)
+
+
+def test_stochastic_rounding_is_deterministic_given_the_key():
+  x = jax.random.normal(jax.random.key(0), (64, 64))
+  a = eco.quantize_array(x, eco.fp8_e4m3(), "stochastic", jax.random.key(7))
+  b = eco.quantize_array(x, eco.fp8_e4m3(), "stochastic", jax.random.key(7))
+  np.testing.assert_array_equal(np.asarray(a.values, np.float32),
+                                np.asarray(b.values, np.float32))
+
+
+@pytest.mark.parametrize("policy", ["fixed", "sticky", "dynamic"])
+def test_scale_policies(policy):
+  fmt = eco.int8("tensor", scale_policy=policy, headroom=2.0)
+  x = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)
+  q = eco.quantize_array(x, fmt)
+  s0 = float(q.scale)
+  np.testing.assert_allclose(s0, 2.0 / 127, rtol=1e-6)
+  saturated = qz.quantize_with_scale(x * 10, q.scale, fmt)   # codes hit 127
+  shrunk = qz.quantize_with_scale(x / 10, q.scale, fmt)      # codes <= 6
+  grow, shrink = float(qz.next_scale(saturated)), float(qz.next_scale(shrunk))
+  if policy == "fixed":
+    assert grow == s0 and shrink == s0
+  elif policy == "sticky":
+    assert grow == 2 * s0 and shrink == s0 / 2
+    assert float(qz.next_scale(q)) == s0   # codes up to 64: no reason to move
+  else:
+    np.testing.assert_allclose(grow, 2 * 127 * s0 / 127, rtol=1e-6)
+    np.testing.assert_allclose(shrink, 2 * 6 * s0 / 127, rtol=1e-6)
+
+
+def test_sticky_float_rescale_by_headroom_is_exact():
+  fmt = eco.fp8_e4m3("tensor", scale_policy="sticky", headroom=2.0)
+  x = jax.random.normal(jax.random.key(3), (16, 16))
+  q = qz.quantize_with_scale(x, jnp.asarray(jnp.max(jnp.abs(x)) / 448), fmt)  # saturating
+  grown = qz.requantize(q, q.dequantize())
+  np.testing.assert_array_equal(np.asarray(grown.dequantize()), np.asarray(q.dequantize()))
+  assert float(grown.scale) == 2 * float(q.scale)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(scaling="row"), "scaling must be one of"),
+    (dict(scale_policy="amax"), "scale_policy must be one of"),
+    (dict(headroom=0.5), "headroom must be"),
+])
+def test_bad_format_arguments_raise(bad, match):
+  with pytest.raises(ValueError, match=match):
+    eco.fp8_e4m3(**bad)
+
+
+def test_block_size_must_divide_the_axis():
+  with pytest.raises(ValueError, match="multiple of block_size=32"):
+    eco.quantize_array(jnp.ones((4, 48)), eco.int4("block", block_size=32))
+
+
+def test_stochastic_rounding_needs_a_key():
+  with pytest.raises(ValueError, match="PRNG key"):
+    qz.quantize_with_scale(jnp.ones((2, 2)), jnp.asarray(1.0), eco.int8(), "stochastic")
+
+
+def test_quantize_jits():
+  f = jax.jit(lambda x: eco.quantize_array(x, eco.fp8_e4m3()).dequantize())
+  x = jax.random.normal(jax.random.key(0), (8, 8))
+  np.testing.assert_array_equal(np.asarray(f(x)),
+                                np.asarray(eco.quantize_array(x, eco.fp8_e4m3()).dequantize()))
