@@ -1,0 +1,180 @@
+"""Flax NNX models whose weights are stored quantized.
+
+An NNX ``Variable`` can hold any pytree, so a model can keep its selected
+``nnx.Param`` values as :class:`~eco_optax.QuantizedArray` (codes + FP32 scales)
+and nothing else: no FP32 copy of those weights stays resident. Four pieces make
+that trainable with the usual NNX idioms:
+
+* :func:`quantize_model` replaces the chosen parameters in place;
+* :func:`dequantized` gives a plain model (same graph, ``Q(w)`` as float arrays)
+  for the forward pass, evaluation or export;
+* :func:`value_and_grad` / :func:`grad` differentiate a loss of the model with
+  respect to the dequantized weights (``nnx.value_and_grad`` on
+  :func:`dequantized`), writing any other state the loss changes (batch
+  statistics, RNG counters) back into the quantized model;
+* :class:`Optimizer` is :class:`flax.nnx.Optimizer` with
+  :func:`eco_optax.apply_updates` in place of ``optax.apply_updates``, which
+  cannot add FP32 updates to float8/int4 leaves.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import nnx
+  >>> import eco_optax as eco
+  >>> from eco_optax import nnx as eco_nnx
+  >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+  >>> eco_nnx.quantize_model(model, eco.fp8_e4m3())
+  >>> optimizer = eco_nnx.Optimizer(model, eco.adamw(1e-2), wrt=nnx.Param)
+  >>> x, y = jnp.ones((2, 8)), jnp.zeros((2, 4))
+  >>> @nnx.jit
+  ... def train_step(model, optimizer):
+  ...   loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+  ...   loss, grads = eco_nnx.value_and_grad(loss_fn)(model)
+  ...   optimizer.update(model, grads)
+  ...   return loss
+  >>> loss = train_step(model, optimizer)
+  >>> model.kernel.get_value().values.dtype
+  dtype(float8_e4m3fn)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from eco_optax import tree as qtree
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+def quantize_model(model: nnx.Module, fmt_or_policy: qtree.FormatOrPolicy,
+                   wrt: Any = nnx.Param) -> None:
+  """Stores the ``wrt`` variables of ``model`` quantized, in place.
+
+  Args:
+    model: an NNX module with float parameters.
+    fmt_or_policy: a format (quantizes leaves with ``ndim >= 2``) or a policy
+      ``(path, leaf) -> QuantFormat | None``, as :func:`eco_optax.quantize_params`;
+      paths are those of ``nnx.state(model, wrt).to_pure_dict()``, e.g.
+      ``('layers', 0, 'kernel')``.
+    wrt: NNX filter of the variables to consider (default ``nnx.Param``).
+
+  Example:
+    >>> from flax import nnx
+    >>> import eco_optax as eco
+    >>> from eco_optax import nnx as eco_nnx
+    >>> model = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+    >>> eco_nnx.quantize_model(model, eco.int4())
+    >>> model.kernel.get_value().values.dtype, model.bias.get_value().dtype
+    (dtype(int4), dtype('float32'))
+  """
+  pure = nnx.state(model, wrt).to_pure_dict()
+  nnx.update(model, qtree.quantize_params(pure, fmt_or_policy))
+
+
+def dequantized(model: M, dtype=jnp.float32) -> M:
+  """A new model with the same graph and ``Q(w)`` in ``dtype`` for every quantized weight.
+
+  ``model`` itself is not modified; plain variables are shared by value. Works
+  inside ``jit`` (the copy is what the loss should see) and outside it (for
+  evaluation or export with ``nnx.state(...)``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import eco_optax as eco
+    >>> from eco_optax import nnx as eco_nnx
+    >>> model = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+    >>> eco_nnx.quantize_model(model, eco.fp8_e4m3())
+    >>> eco_nnx.dequantized(model)(jnp.ones((1, 4))).shape
+    (1, 8)
+  """
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, qtree.dequantize_params(state, dtype))
+
+
+def value_and_grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param,
+                   has_aux: bool = False) -> Callable[..., tuple[Any, nnx.State]]:
+  """``nnx.value_and_grad`` of ``fun(model, *args)`` w.r.t. the dequantized weights.
+
+  The returned function takes the quantized model first. ``fun`` sees
+  :func:`dequantized` ``(model)``; gradients are an ``nnx.State`` of float arrays
+  for the ``wrt`` variables, the structure :meth:`Optimizer.update` expects.
+  Variables outside ``wrt`` that ``fun`` modifies are written back to ``model``.
+
+  Args:
+    fun: ``fun(model, *args, **kwargs) -> loss`` (or ``(loss, aux)``).
+    wrt: NNX filter of the differentiated variables, as in ``nnx.value_and_grad``.
+    has_aux: as in ``jax.value_and_grad``.
+
+  Returns:
+    ``f(model, *args, **kwargs) -> (value, grads)``.
+  """
+  inner = nnx.value_and_grad(fun, argnums=nnx.DiffState(0, wrt),
+                             has_aux=has_aux)
+
+  def wrapper(model, *args, **kwargs):
+    dense = dequantized(model)
+    out = inner(dense, *args, **kwargs)
+    nnx.update(model, nnx.state(dense, nnx.Not(wrt)))
+    return out
+
+  return wrapper
+
+
+def grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param,
+         has_aux: bool = False) -> Callable[..., Any]:
+  """Like :func:`value_and_grad` but returns only the gradients (and aux)."""
+  vg = value_and_grad(fun, wrt=wrt, has_aux=has_aux)
+
+  def wrapper(model, *args, **kwargs):
+    value, grads = vg(model, *args, **kwargs)
+    return (grads, value[1]) if has_aux else grads
+
+  return wrapper
+
+
+class Optimizer(nnx.Optimizer):
+  """:class:`flax.nnx.Optimizer` for models with quantized weights.
+
+  Same interface and attributes (``step``, ``tx``, ``opt_state``, ``wrt``).
+  The optimizer state is initialized from the *pure* quantized state of the
+  model (plain dicts with :class:`~eco_optax.QuantizedArray` leaves), and
+  :meth:`update` applies the updates with :func:`eco_optax.apply_updates`, which
+  re-stores each quantized weight exactly as the eco_optax optimizer computed it.
+  Plain optax transformations still work for models without quantized leaves.
+  """
+
+  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, *,
+               wrt: Any):
+    """Builds the state of ``tx`` for the ``wrt`` variables of ``model``.
+
+    Args:
+      model: an NNX module, usually after :func:`quantize_model`.
+      tx: an eco_optax optimizer (optionally chained with optax transforms).
+      wrt: NNX filter of the trained variables; must match the gradients'.
+    """
+    self.graph = None
+    self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
+    self.tx = tx
+    self.opt_state = nnx.data(nnx.training.optimizer.to_opt_state(
+        tx.init(nnx.state(model, wrt).to_pure_dict())))
+    self.wrt = wrt
+
+  def update(self, model: nnx.Module, grads: nnx.State, /, **kwargs) -> optax.Updates:
+    """Steps ``model``'s ``wrt`` variables with ``grads`` (from :func:`value_and_grad`).
+
+    Returns:
+      The updates (dequantized structure) that were applied.
+    """
+    params = nnx.state(model, self.wrt).to_pure_dict()
+    grads = nnx.state(grads, self.wrt).to_pure_dict()
+    updates, opt_state = self.tx.update(grads, nnx.as_pure(self.opt_state),
+                                        params, **nnx.as_pure(kwargs))
+    nnx.update(model, qtree.apply_updates(params, updates))
+    nnx.update(self.opt_state, nnx.state(opt_state))
+    self.step[...] += 1
+    return updates
