@@ -28,8 +28,8 @@ from eco_optax import rules
 from eco_optax import transform
 
 
-def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
-         weight_decay: float = 0.0, *, mode: transform.Mode = "eco",
+def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, *,
+         weight_decay: float = 0.0, mode: transform.Mode = "eco",
          rounding: qz.Rounding = "nearest", seed: int = 0,
          mask: Any = None) -> optax.GradientTransformation:
   r"""EMA-momentum SGD on quantized weights (paper, Algorithm 2).
@@ -51,7 +51,7 @@ def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
-          b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-4, *,
+          b2: float = 0.999, eps: float = 1e-8, *, weight_decay: float = 1e-4,
           eps_root: float = 0.0, mode: transform.Mode = "eco",
           rounding: qz.Rounding = "nearest", seed: int = 0,
           mask: Any = None) -> optax.GradientTransformation:
@@ -84,5 +84,5 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
          mode: transform.Mode = "eco", rounding: qz.Rounding = "nearest",
          seed: int = 0) -> optax.GradientTransformation:
   """Adam on quantized weights: :func:`adamw` without weight decay."""
-  return adamw(learning_rate, b1, b2, eps, 0.0, eps_root=eps_root, mode=mode,
+  return adamw(learning_rate, b1, b2, eps, weight_decay=0.0, eps_root=eps_root, mode=mode,
                rounding=rounding, seed=seed)

@@ -1,0 +1,82 @@
+"""Conformance: with the lossless format the ECO optimizers are the plain optimizers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eco_optax as eco
+
+
+def _problem():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"w": jax.random.normal(k1, (16, 8)), "b": jnp.zeros(8)}
+  x = jax.random.normal(k2, (64, 16))
+  y = jax.random.normal(k3, (64, 8))
+
+  def loss(p):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+  return params, loss
+
+
+def _train(params, loss, tx, steps, quantized):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, state):
+    dense = eco.dequantize_params(p) if quantized else p
+    updates, state = tx.update(jax.grad(loss)(dense), state, p)
+    return (eco.apply_updates(p, updates) if quantized
+            else optax.apply_updates(p, updates)), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return eco.dequantize_params(params) if quantized else params
+
+
+SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, 100, 1e-3)
+
+
+@pytest.mark.parametrize("mode", ["eco", "naive", "master_weights"])
+def test_adamw_equals_optax_adamw_with_lossless_format(mode):
+  params, loss = _problem()
+  q = eco.quantize_params(params, eco.lossless())
+  ours = _train(q, loss, eco.adamw(SCHEDULE, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, mode=mode), 100, True)
+  ref = _train(params, loss, optax.adamw(SCHEDULE, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1), 100, False)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_adam_equals_optax_adam_with_lossless_format():
+  params, loss = _problem()
+  q = eco.quantize_params(params, eco.lossless())
+  ours = _train(q, loss, eco.adam(SCHEDULE, rounding="stochastic"), 100, True)
+  ref = _train(params, loss, optax.adam(SCHEDULE), 100, False)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_weight_decay_mask_matches_optax():
+  params, loss = _problem()
+  mask = {"w": True, "b": False}
+  q = eco.quantize_params(params, eco.lossless())
+  ours = _train(q, loss, eco.adamw(1e-2, weight_decay=0.5, mask=mask), 30, True)
+  ref = _train(params, loss, optax.adamw(1e-2, weight_decay=0.5, mask=mask), 30, False)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_sgdm_equals_reference_ema_momentum_sgd():
+  params, loss = _problem()
+  lr, beta, wd = 0.05, 0.9, 0.01
+  q = eco.quantize_params(params, eco.lossless())
+  ours = _train(q, loss, eco.sgdm(lr, beta, weight_decay=wd), 100, True)
+
+  ref, m = params, jax.tree.map(jnp.zeros_like, params)
+  for _ in range(100):
+    g = jax.grad(loss)(ref)
+    m = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g, m, g)
+    ref = jax.tree.map(lambda w, m: w - lr * (m + wd * w), ref, m)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)

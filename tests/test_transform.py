@@ -1,0 +1,211 @@
+"""The error feedback: modes, injection coefficient, guards, optax composition, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eco_optax as eco
+from eco_optax import quantize as qz
+
+
+def _regression(n_in=32, n_out=16, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  w_true = jax.random.normal(k1, (n_in, n_out)) * 0.3
+  x = jax.random.normal(k2, (256, n_in))
+  y = x @ w_true + 0.01 * jax.random.normal(k3, (256, n_out))
+  params = {"w": jax.random.normal(k1, (n_in, n_out)) * 0.05, "b": jnp.zeros(n_out)}
+
+  def loss(p):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+  return params, loss
+
+
+def _train(tx, q, loss, steps):
+  state = tx.init(q)
+
+  def body(carry, _):
+    q, state = carry
+    l, g = jax.value_and_grad(loss)(eco.dequantize_params(q))
+    updates, state = tx.update(g, state, q)
+    return (eco.apply_updates(q, updates), state), l
+
+  (q, state), losses = jax.jit(lambda c: jax.lax.scan(body, c, None, steps))((q, state))
+  return q, state, losses
+
+
+def test_eco_rtn_recovers_what_naive_rtn_loses():
+  params, loss = _regression()
+  fmt = eco.int8("tensor", scale_policy="fixed", headroom=4.0)
+  q = eco.quantize_params(params, fmt)
+  lr = optax.cosine_decay_schedule(3e-3, 400, 0.1)
+  final = {}
+  for mode in ("naive", "eco", "master_weights"):
+    _, _, losses = _train(eco.adamw(lr, weight_decay=0.0, mode=mode), q, loss, 400)
+    final[mode] = float(losses[-1])
+  assert final["eco"] < 0.5 * final["naive"], final
+  assert final["eco"] < 2.0 * final["master_weights"], final
+
+
+def test_injection_coefficient_with_weight_decay():
+  """m = m~ + ((1 - eta*lambda)/eta) (1 - 1/beta) e, with e = target - Q(target)."""
+  eta, beta, lam = 0.1, 0.9, 0.5
+  fmt = eco.int4("tensor", headroom=1.0)
+  q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, fmt)
+  g = {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
+  tx = eco.sgdm(eta, beta, weight_decay=lam)
+  state = tx.init(q)
+  updates, state = tx.update(g, state, q)
+  w = q["w"].dequantize()
+  m_tilde = (1 - beta) * g["w"]
+  target = (1 - eta * lam) * w - eta * m_tilde
+  new_w = qz.requantize(q["w"], target).dequantize()
+  np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(new_w - w), atol=1e-7)
+  expected = m_tilde + (1 - eta * lam) / eta * (1 - 1 / beta) * (target - new_w)
+  assert float(jnp.max(jnp.abs(target - new_w))) > 0.01   # the error is not trivial
+  np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(expected),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_adam_injection_uses_the_preconditioner():
+  """Adam: m += ((1-b1^t)(1-eta*lambda)/eta)(1 - 1/b1)(sqrt(v_hat)+eps) e."""
+  eta, b1, b2, eps, lam = 0.05, 0.9, 0.99, 1e-8, 0.1
+  fmt = eco.int8("tensor", headroom=1.0)
+  q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, fmt)
+  g = {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
+  tx = eco.adamw(eta, b1, b2, eps, weight_decay=lam)
+  updates, state = tx.update(g, tx.init(q), q)
+  w = q["w"].dequantize()
+  m_t, v_t = (1 - b1) * g["w"], (1 - b2) * g["w"] ** 2
+  denom = (1 - b1) * (jnp.sqrt(v_t / (1 - b2)) + eps)
+  target = w - eta * (m_t / denom + lam * w)
+  e = target - (w + updates["w"])
+  expected = m_t + (1 - eta * lam) / eta * (1 - 1 / b1) * denom * e
+  np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(expected),
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_naive_mode_drops_the_error():
+  q = eco.quantize_params({"w": jnp.ones((8, 8))}, eco.int4("tensor"))
+  g = {"w": jnp.full((8, 8), 0.01)}
+  tx = eco.sgdm(0.1, 0.9, mode="naive")
+  updates, state = tx.update(g, tx.init(q), q)
+  np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)    # the update vanished
+  np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), 0.001, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_master_weights_mode_stores_the_quantized_master(rounding):
+  params, loss = _regression()
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  tx = eco.adamw(1e-2, mode="master_weights", rounding=rounding)
+  state = tx.init(q)
+  assert state.master["b"] is None and state.master["w"].dtype == jnp.float32
+  for _ in range(5):
+    prev = q
+    updates, state = tx.update(jax.grad(loss)(eco.dequantize_params(q)), state, q)
+    q = eco.apply_updates(q, updates)
+    if rounding == "nearest":
+      expected = qz.requantize(prev["w"], state.master["w"]).dequantize()
+      np.testing.assert_array_equal(np.asarray(q["w"].dequantize()), np.asarray(expected))
+  assert float(jnp.max(jnp.abs(state.master["w"] - q["w"].dequantize()))) > 0
+
+
+@pytest.mark.parametrize("mode", ["eco", "naive", "master_weights"])
+def test_learning_rate_zero_warmup_and_anneal_stay_finite(mode):
+  params, loss = _regression()
+  q0 = eco.quantize_params(params, eco.int4("tensor", scale_policy="sticky"))
+  sched = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40, end_value=0.0)
+  tx = eco.adamw(sched, mode=mode, rounding="stochastic")
+  state = tx.init(q0)
+  updates, state1 = tx.update(jax.grad(loss)(eco.dequantize_params(q0)), state, q0)
+  np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)     # eta = 0: no step
+  q, state, losses = _train(tx, q0, loss, 41)                       # ends at eta = 0
+  leaves = jax.tree.leaves((eco.dequantize_params(q), state.moments))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+  assert bool(jnp.all(jnp.isfinite(losses)))
+
+
+def test_eco_needs_momentum():
+  with pytest.raises(ValueError, match=r"momentum \(beta / b1\) in \(0, 1\)"):
+    eco.sgdm(0.1, momentum=0.0)
+  with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+    eco.adamw(0.1, b1=0.0)
+  eco.sgdm(0.1, momentum=0.0, mode="naive")   # fine without error feedback
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(mode="eco-sr"), "mode must be one of"),
+                                          (dict(rounding="floor"), "rounding must be one of")])
+def test_bad_mode_or_rounding(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    eco.adamw(1e-3, **kwargs)
+
+
+def test_update_needs_params():
+  q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.int8())
+  tx = eco.adamw(1e-3)
+  with pytest.raises(ValueError, match="need params"):
+    tx.update({"w": jnp.ones((4, 4))}, tx.init(q))
+
+
+def test_grads_with_wrong_tree_or_shape_are_clear_errors():
+  q = eco.quantize_params({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, eco.int8())
+  tx = eco.adamw(1e-3)
+  state = tx.init(q)
+  with pytest.raises(ValueError, match=r"grads do not have the structure.*missing \[\"\['b'\]\"\]"):
+    tx.update({"w": jnp.ones((4, 4))}, state, q)
+  with pytest.raises(ValueError, match=r"\['w'\]: grads leaf has shape \(4, 3\), expected \(4, 4\)"):
+    tx.update({"w": jnp.ones((4, 3)), "b": jnp.ones(4)}, state, q)
+  with pytest.raises(TypeError, match=r"\['b'\]: grads leaf has dtype int32"):
+    tx.update({"w": jnp.ones((4, 4)), "b": jnp.ones(4, jnp.int32)}, state, q)
+
+
+def test_non_finite_grads_never_reach_the_stored_weights():
+  """Documented: NaN/inf grads leave the stored weights as they are."""
+  q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.fp8_e4m3())
+  tx = eco.adamw(1e-2)
+  g = {"w": jnp.full((4, 4), 0.1).at[0, 0].set(jnp.nan).at[1, 2].set(jnp.inf)}
+  updates, _ = tx.update(g, tx.init(q), q)
+  out = eco.apply_updates(q, updates)["w"].dequantize()
+  assert bool(jnp.all(jnp.isfinite(out)))
+  assert float(out[0, 0]) == 1.0 and float(out[1, 2]) == 1.0
+
+
+def test_apply_if_finite_skips_the_step_and_keeps_the_state():
+  params, loss = _regression()
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  tx = optax.apply_if_finite(eco.adamw(1e-2, rounding="stochastic"), max_consecutive_errors=3)
+  state = tx.init(q)
+  step = jax.jit(lambda g, s, q: tx.update(g, s, q))
+  updates, state = step(jax.grad(loss)(eco.dequantize_params(q)), state, q)
+  q = eco.apply_updates(q, updates)
+  bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), eco.dequantize_params(q))
+  updates, new_state = step(bad, state, q)
+  q2 = eco.apply_updates(q, updates)
+  for a, b in zip(jax.tree.leaves(q2), jax.tree.leaves(q)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  assert int(new_state.notfinite_count) == 1
+  for a, b in zip(jax.tree.leaves(new_state.inner_state.moments),
+                  jax.tree.leaves(state.inner_state.moments)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_composes_in_optax_chain_under_jit():
+  params, loss = _regression()
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  tx = optax.chain(optax.clip_by_global_norm(0.1),
+                   eco.adamw(optax.linear_schedule(1e-2, 1e-3, 50), rounding="stochastic"))
+  q, state, losses = _train(tx, q, loss, 50)
+  assert float(losses[-1]) < float(losses[0])
+  assert int(state[1].count) == 50
+
+
+def test_stochastic_rounding_depends_on_the_seed_only():
+  params, loss = _regression()
+  q = eco.quantize_params(params, eco.int4("tensor"))
+  runs = [_train(eco.adamw(1e-2, rounding="stochastic", seed=s), q, loss, 5)[0]
+          for s in (0, 0, 1)]
+  w = [np.asarray(r["w"].values, np.float32) for r in runs]
+  np.testing.assert_array_equal(w[0], w[1])
+  assert not np.array_equal(w[0], w[2])
