@@ -1,0 +1,123 @@
+"""Orbax checkpoints: bit-identical resume of ECO-SR training in a fresh process.
+
+Run as a script (``python tests/test_checkpoint.py CKPT STEPS OUT``) it restores
+CKPT, trains STEPS more and writes the weights to OUT: the "fresh process" half
+of :func:`test_resume_in_fresh_process_is_bit_identical`.
+"""
+
+import doctest
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import eco_optax as eco
+from eco_optax import checkpoint
+
+N, M = 4, 3
+
+
+def policy(path, leaf):
+  name = jax.tree_util.keystr(path)
+  if "w2" in name:
+    return eco.int4()
+  return eco.fp8_e4m3() if leaf.ndim == 2 else None
+
+
+def fresh():
+  """Initial quantized params and optimizer state (also the restore template)."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  params = {"w1": jax.random.normal(k1, (16, 32)) * 0.3, "b1": jnp.zeros(32),
+            "w2": jax.random.normal(k2, (32, 16)) * 0.3}
+  q = eco.quantize_params(params, policy)
+  return q, TX.init(q)
+
+
+TX = optax.chain(optax.clip_by_global_norm(1.0),
+                 eco.adamw(1e-2, rounding="stochastic", seed=7))
+
+
+def loss_fn(p, x):
+  h = jnp.tanh(x @ p["w1"] + p["b1"])
+  return jnp.mean((h @ p["w2"] - jnp.cos(x)) ** 2)
+
+
+@jax.jit
+def step(q, state, i):
+  x = jax.random.normal(jax.random.fold_in(jax.random.key(1), i), (32, 16))
+  grads = jax.grad(loss_fn)(eco.dequantize_params(q), x)
+  updates, state = TX.update(grads, state, q)
+  return eco.apply_updates(q, updates), state
+
+
+def train(q, state, start, steps):
+  for i in range(start, start + steps):
+    q, state = step(q, state, i)
+  return q, state
+
+
+def as_bytes(tree):
+  """Every leaf (codes, scales, moments, key data) as raw bytes, for exact comparison."""
+  leaves = jax.tree.leaves(tree)
+  return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x).tobytes() for x in leaves]
+
+
+def test_docstrings():
+  assert doctest.testmod(checkpoint).failed == 0
+
+
+def test_resume_in_fresh_process_is_bit_identical(tmp_path):
+  q, state = train(*fresh(), 0, N)
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save(ckpt, {"params": q, "opt_state": state})
+
+  out = tmp_path / "resumed.npz"
+  subprocess.run([sys.executable, __file__, str(ckpt), str(M), str(out)],
+                 check=True, env=os.environ.copy(), timeout=300)
+
+  q_ref, state_ref = train(q, state, N, M)
+  resumed = np.load(out)
+  expected = as_bytes((q_ref, state_ref))
+  assert len(resumed.files) == len(expected)
+  for i, ref in enumerate(expected):
+    assert resumed[f"leaf{i}"].tobytes() == ref, f"leaf {i} differs"
+  assert q_ref["w1"].values.dtype == jnp.float8_e4m3fn
+  assert q_ref["w2"].values.dtype == jnp.int4
+
+
+def test_restore_refuses_another_format(tmp_path):
+  q, state = fresh()
+  checkpoint.save(tmp_path / "c", {"params": q, "opt_state": state})
+  other = eco.quantize_params(eco.dequantize_params(q), eco.int4("channel"))
+  try:
+    checkpoint.restore(tmp_path / "c", {"params": other, "opt_state": TX.init(other)})
+  except ValueError as err:
+    assert "params.w1.values" in str(err) and "float8_e4m3fn" in str(err)
+  else:
+    raise AssertionError("restoring FP8 codes into an INT4 template must fail")
+
+
+def test_restore_into_abstract_template(tmp_path):
+  q, state = train(*fresh(), 0, 2)
+  checkpoint.save(tmp_path / "c", (q, state))
+  abstract = jax.eval_shape(fresh)
+  got = checkpoint.restore(tmp_path / "c", abstract)
+  assert as_bytes(got) == as_bytes((q, state))
+
+
+def resume_main(ckpt, steps, out):
+  q, state = fresh()
+  restored = checkpoint.restore(ckpt, like={"params": q, "opt_state": state})
+  q, state = restored["params"], restored["opt_state"]
+  q, state = train(q, state, N, steps)
+  np.savez(out, **{f"leaf{i}": np.frombuffer(b, np.uint8)
+                   for i, b in enumerate(as_bytes((q, state)))})
+
+
+if __name__ == "__main__":
+  resume_main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
