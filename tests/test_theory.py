@@ -1,0 +1,70 @@
+"""The paper's theory at small scale, on f(w) = (L/2) ||w - w*||^2 with SGDM.
+
+Master-weight removal without feedback (naive RTN) freezes once ``eta * |grad|``
+falls below half a grid step, so its error grows as the learning rate shrinks;
+ECO keeps a radius set by the grid alone (paper: ``sigma_q^2 -> 4 L^2 sigma^2 /
+(1 - beta^2)``), as master weights do.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import eco_optax as eco
+
+L = 1.0
+W_STAR = jax.random.uniform(jax.random.key(0), (32, 32), minval=-1.0, maxval=1.0)
+FMT = eco.int8("tensor", scale_policy="fixed", headroom=1.0)
+
+
+def _rms_error(mode, lr, rounding="nearest"):
+  q = eco.quantize_params({"w": jnp.sign(W_STAR)}, FMT)   # range [-1, 1]
+  tx = eco.sgdm(lr, momentum=0.9, mode=mode, rounding=rounding)
+
+  def body(carry, _):
+    q, state = carry
+    g = {"w": L * (eco.dequantize_params(q)["w"] - W_STAR)}
+    updates, state = tx.update(g, state, q)
+    return (eco.apply_updates(q, updates), state), None
+
+  steps = int(20 / lr)
+  (q, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, None, steps))((q, tx.init(q)))
+  return float(jnp.sqrt(jnp.mean((eco.dequantize_params(q)["w"] - W_STAR) ** 2)))
+
+
+def test_naive_error_grows_as_lr_shrinks_while_eco_stays_in_a_constant_radius():
+  errors = {(m, lr): _rms_error(m, lr) for m in ("naive", "eco", "master_weights")
+            for lr in (0.05, 0.005)}
+  print("RMS distance to the optimum:", errors)
+  grid_rms = (1.0 / 127) / np.sqrt(12)   # RMS rounding error of the int8 grid
+  assert errors[("naive", 0.005)] > 3 * errors[("naive", 0.05)]     # grows as lr shrinks
+  assert errors[("naive", 0.005)] > 20 * errors[("eco", 0.005)]
+  assert errors[("eco", 0.005)] < 1.5 * errors[("eco", 0.05)]       # constant radius
+  for lr in (0.05, 0.005):
+    assert errors[("eco", lr)] < 2 * grid_rms
+    assert errors[("eco", lr)] < 1.5 * errors[("master_weights", lr)]
+
+
+def test_consecutive_quantization_errors_are_aligned():
+  """The approximation e_t ~ e_{t+1} behind ECO's memory-free rule (paper Fig. 3)."""
+  lr, beta = 0.02, 0.9
+  alpha = (1 / lr) * (1 - 1 / beta)
+  key = jax.random.key(1)
+  q = eco.quantize_params({"w": jnp.sign(W_STAR)}, FMT)   # range [-1, 1]
+  tx = eco.sgdm(lr, momentum=beta)
+  state = tx.init(q)
+  step = jax.jit(tx.update)
+  errors = []
+  for t in range(300):
+    key, sub = jax.random.split(key)
+    g = {"w": L * (eco.dequantize_params(q)["w"] - W_STAR)
+              + 0.05 * jax.random.normal(sub, W_STAR.shape)}
+    m_tilde = beta * state.moments.mu["w"] + (1 - beta) * g["w"]
+    updates, state = step(g, state, q)
+    q = eco.apply_updates(q, updates)
+    errors.append((state.moments.mu["w"] - m_tilde) / alpha)   # e_t, recovered from m
+  e = np.stack([np.asarray(x).ravel() for x in errors[100:]])
+  cos = np.sum(e[1:] * e[:-1], 1) / (np.linalg.norm(e[1:], axis=1) * np.linalg.norm(e[:-1], axis=1))
+  ratio = np.linalg.norm(e[1:], axis=1) / np.linalg.norm(e[:-1], axis=1)
+  print(f"consecutive-error cosine: mean {cos.mean():.3f}, min {cos.min():.3f}; "
+        f"norm ratio mean {ratio.mean():.3f}")
+  assert cos.mean() > 0.6 and 0.8 < ratio.mean() < 1.25
