@@ -26,6 +26,9 @@ of step ``t`` only (delayed scaling, as in FP8 training recipes)::
               s' = s            otherwise
     dynamic:  s' = h * max|c| * s / rho                      (absmax every step, with headroom h)
 
+Float formats round every absmax scale up to a power of two (no precision is
+lost: a float grid looks the same in every binade).
+
 Because ``s'`` depends only on what is stored, :func:`eco_optax.apply_updates` can
 recompute it bit for bit without access to the optimizer state, and an update
 cannot feed back into its own scale within a step (the instability of recomputing
@@ -273,16 +276,31 @@ def _group_absmax(x: jax.Array, fmt: QuantFormat) -> jax.Array:
   return jnp.max(_blocked(ax, fmt), axis=axis + 1)
 
 
+def _absmax_scale(amax: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """``h * amax / rho``, rounded up to a power of two for float formats.
+
+  A float grid is scale-invariant across binades, so a power-of-two scale costs
+  no precision, keeps round numbers exact, and makes every later power-of-two
+  rescale (the sticky policy with ``h = 2``) exact.
+  """
+  scale = fmt.headroom * amax / fmt.max_value
+  if fmt.is_integer:
+    return scale
+  mantissa, exponent = jnp.frexp(scale)          # scale = mantissa * 2**exponent
+  return jnp.ldexp(jnp.ones_like(scale),
+                   jnp.where(mantissa == 0.5, exponent - 1, exponent))
+
+
 def initial_scale(x: jax.Array, fmt: QuantFormat) -> jax.Array:
   """``s_0 = h * max|x| / rho`` per group; an all-zero group gets ``1 / rho``.
 
-  A zero scale would freeze a group at zero forever (nothing stored to rescale
-  from), so an all-zero group starts with the range ``[-1, 1]``.
+  Float formats round ``s_0`` up to a power of two. A zero scale would freeze a
+  group at zero forever (nothing stored to rescale from), so an all-zero group
+  starts with the range ``[-1, 1]``.
   """
   if fmt.lossless:
     return jnp.ones((), jnp.float32)
-  amax = _group_absmax(x.astype(jnp.float32), fmt)
-  scale = fmt.headroom * amax / fmt.max_value
+  scale = _absmax_scale(_group_absmax(x.astype(jnp.float32), fmt), fmt)
   return jnp.where(scale >= _MIN_SCALE, scale, 1.0 / fmt.max_value).astype(
       jnp.float32)
 
@@ -301,7 +319,7 @@ def next_scale(q: QuantizedArray) -> jax.Array:
   if fmt.scale_policy == "sticky":
     grown = jnp.where(code_max >= rho, scale * h, scale)
     return jnp.where(code_max * h * h < rho, scale / h, grown).astype(jnp.float32)
-  new = h * code_max * scale / rho
+  new = _absmax_scale(code_max * scale, fmt)
   return jnp.where(new >= _MIN_SCALE, new, scale).astype(jnp.float32)
 
 
@@ -365,9 +383,11 @@ def quantize(x: jax.Array, fmt: QuantFormat, rounding: Rounding = "nearest",
 
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
-    >>> q = eco.quantize(jnp.array([[1000.0, -0.5]]), eco.fp8_e4m3("tensor", headroom=1.0))
-    >>> float(q.dequantize()[0, 0])
-    1000.0
+    >>> q = eco.quantize_array(jnp.array([[1024.0, -0.5, 3.0]]), eco.fp8_e4m3("tensor"))
+    >>> q.values.dtype, float(q.scale)      # 2 * 1024 / 448 rounded up to a power of two
+    (dtype(float8_e4m3fn), 8.0)
+    >>> q.dequantize().tolist()
+    [[1024.0, -0.5, 3.0]]
   """
   fmt.check_shape(tuple(jnp.shape(x)))
   return quantize_with_scale(x, initial_scale(jnp.asarray(x), fmt), fmt,
