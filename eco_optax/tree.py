@@ -56,7 +56,7 @@ def _check_float_leaf(where: str, leaf: Any) -> None:
 def _check_finite(where: str, leaf: jax.Array) -> None:
   if isinstance(leaf, jax.core.Tracer):
     return  # values are unknown under jit; checked when called eagerly
-  if not bool(np.all(np.isfinite(np.asarray(leaf, np.float32)))):
+  if not bool(jnp.all(jnp.isfinite(leaf))):
     raise ValueError(f"{where}: cannot quantize non-finite values (NaN or inf)")
 
 

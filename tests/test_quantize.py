@@ -199,3 +199,26 @@ def test_quantize_jits():
   x = jax.random.normal(jax.random.key(0), (8, 8))
   np.testing.assert_array_equal(np.asarray(f(x)),
                                 np.asarray(eco.quantize_array(x, eco.fp8_e4m3()).dequantize()))
+
+
+def test_stochastic_uniform_is_uniform_and_independent():
+  u = np.asarray(qz.stochastic_uniform(jax.random.key(0), (512, 512))).ravel()
+  v = np.asarray(qz.stochastic_uniform(jax.random.key(1), (512, 512))).ravel()
+  assert u.min() >= 0.0 and u.max() < 1.0
+  hist = np.histogram(u, bins=16, range=(0, 1))[0] / u.size
+  np.testing.assert_allclose(hist, 1 / 16, atol=0.002)
+  assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.01      # neighbours
+  assert abs(np.corrcoef(u[:-512], u[512:])[0, 1]) < 0.01  # rows
+  assert abs(np.corrcoef(u, v)[0, 1]) < 0.01              # keys
+
+
+def test_stochastic_rounding_of_negative_values_and_binade_edges_is_unbiased():
+  fmt = eco.fp8_e4m3("tensor")
+  values = np.array([-1.03, -0.999, -2.0 ** -7, 255.0, -300.0, 2.0 ** -10], np.float32)
+  n = 20000
+  x = jnp.broadcast_to(jnp.asarray(values)[:, None], (len(values), n))
+  draws = np.asarray(qz.quantize_with_scale(x, jnp.asarray(1.0), fmt, "stochastic",
+                                            jax.random.key(3)).dequantize())
+  for v, row in zip(values, draws):
+    assert len(np.unique(row)) <= 2
+    assert abs(row.mean() - v) < 5 * max(row.std() / np.sqrt(n), 1e-9), (v, row.mean())
