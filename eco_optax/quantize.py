@@ -47,11 +47,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-Scaling = Literal["tensor", "channel", "block"]
+Scaling = Literal["tensor", "channel", "block", "none"]
 ScalePolicy = Literal["fixed", "sticky", "dynamic"]
 Rounding = Literal["nearest", "stochastic"]
 
-SCALINGS = ("tensor", "channel", "block")
+SCALINGS = ("tensor", "channel", "block", "none")
 SCALE_POLICIES = ("fixed", "sticky", "dynamic")
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -69,8 +69,9 @@ class QuantFormat:
     dtype: storage dtype (an ml_dtypes / numpy dtype).
     scaling: ``"tensor"`` (one scale), ``"channel"`` (one scale per index of
       ``axis``: row-wise scaling of the paper, per output channel of a Flax
-      ``(in, out)`` kernel with the default ``axis=-1``) or ``"block"`` (one
-      scale per ``block_size`` consecutive elements along ``axis``).
+      ``(in, out)`` kernel with the default ``axis=-1``), ``"block"`` (one
+      scale per ``block_size`` consecutive elements along ``axis``) or ``"none"``
+      (scale fixed at 1: formats with an 8-bit exponent, bfloat16).
     axis: the channel axis, or the axis cut into blocks.
     block_size: elements per block for ``scaling="block"``.
     scale_policy: ``"fixed"``, ``"sticky"`` or ``"dynamic"`` (module docstring).
@@ -129,7 +130,7 @@ class QuantFormat:
 
   def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the FP32 scale array of a tensor of ``shape``."""
-    if self.lossless or self.scaling == "tensor":
+    if self.lossless or self.scaling in ("tensor", "none"):
       return ()
     axis = _normalize_axis(self.axis, len(shape), self.name)
     if self.scaling == "channel":
@@ -207,6 +208,19 @@ def int4(scaling: Scaling = "tensor", *, block_size: int = 32,
   """
   return _make("int4", ml_dtypes.int4, scaling, block_size, scale_policy,
                headroom, axis)
+
+
+def bf16() -> QuantFormat:
+  """bfloat16 storage, unscaled: BF16 training, with or without a master copy.
+
+  Example:
+    >>> import jax.numpy as jnp, eco_optax as eco
+    >>> q = eco.quantize_array(jnp.array([[1.0, 1.0 + 2.0**-9]]), eco.bf16())
+    >>> q.values.dtype, q.dequantize().tolist()      # the small increment vanishes
+    (dtype(bfloat16), [[1.0, 1.0]])
+  """
+  return QuantFormat(name="bf16", dtype=jnp.bfloat16, scaling="none",
+                     scale_policy="fixed", headroom=1.0)
 
 
 def lossless() -> QuantFormat:
@@ -298,7 +312,7 @@ def initial_scale(x: jax.Array, fmt: QuantFormat) -> jax.Array:
   group at zero forever (nothing stored to rescale from), so an all-zero group
   starts with the range ``[-1, 1]``.
   """
-  if fmt.lossless:
+  if fmt.lossless or fmt.scaling == "none":
     return jnp.ones((), jnp.float32)
   scale = _absmax_scale(_group_absmax(x.astype(jnp.float32), fmt), fmt)
   return jnp.where(scale >= _MIN_SCALE, scale, 1.0 / fmt.max_value).astype(
@@ -312,7 +326,7 @@ def next_scale(q: QuantizedArray) -> jax.Array:
   docstring. Groups whose codes are all zero keep their scale.
   """
   fmt, scale = q.fmt, q.scale
-  if fmt.lossless or fmt.scale_policy == "fixed":
+  if fmt.lossless or fmt.scale_policy == "fixed" or fmt.scaling == "none":
     return scale
   rho, h = fmt.max_value, fmt.headroom
   code_max = _group_absmax(q.values.astype(jnp.float32), fmt)

@@ -222,3 +222,14 @@ def test_stochastic_rounding_of_negative_values_and_binade_edges_is_unbiased():
   for v, row in zip(values, draws):
     assert len(np.unique(row)) <= 2
     assert abs(row.mean() - v) < 5 * max(row.std() / np.sqrt(n), 1e-9), (v, row.mean())
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_bf16_format_is_unscaled_bfloat16(rounding):
+  x = jax.random.normal(jax.random.key(0), (16, 16)) * 1e3
+  q = eco.quantize_array(x, eco.bf16(), rounding, jax.random.key(1))
+  assert q.values.dtype == jnp.bfloat16 and float(q.scale) == 1.0 and q.scale.shape == ()
+  np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(x), rtol=2**-8)
+  assert float(qz.next_scale(q)) == 1.0
+  if rounding == "nearest":
+    np.testing.assert_array_equal(np.asarray(q.values), np.asarray(x.astype(jnp.bfloat16)))
