@@ -229,7 +229,9 @@ def test_bf16_format_is_unscaled_bfloat16(rounding):
   x = jax.random.normal(jax.random.key(0), (16, 16)) * 1e3
   q = eco.quantize_array(x, eco.bf16(), rounding, jax.random.key(1))
   assert q.values.dtype == jnp.bfloat16 and float(q.scale) == 1.0 and q.scale.shape == ()
-  np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(x), rtol=2**-8)
+  # half a step (7 mantissa bits) for nearest, a whole step for stochastic rounding
+  np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(x),
+                             rtol=2**-8 if rounding == "nearest" else 2**-7)
   assert float(qz.next_scale(q)) == 1.0
   if rounding == "nearest":
     np.testing.assert_array_equal(np.asarray(q.values), np.asarray(x.astype(jnp.bfloat16)))
