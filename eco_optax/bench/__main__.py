@@ -1,0 +1,425 @@
+"""Quality benchmark: ECO against master weights and naive quantized training.
+
+Trains the byte-level transformer of :mod:`eco_optax.bench.model` on the
+standard-library corpus of :mod:`eco_optax.bench.data` once per method, with
+identical initialisation, batches and hyper-parameters: AdamW, linear warm-up
+from 0.01x peak over 10% of the steps then cosine decay to 0.1x peak (the
+paper's recipe), global-norm clipping at 1.0. The methods are the paper's
+Table 1 set for FP8 E4M3 (row-wise scales) and INT4 (tensor-wise by default):
+
+=================  ========================================================
+``fp32``           ``optax.adamw`` on FP32 parameters
+``<fmt>-mw``       FP32 master weights in the state, stored ``Q(w_MW)`` (RTN)
+``<fmt>-naive-rtn`` no master weights, round to nearest (error dropped)
+``<fmt>-naive-sr``  no master weights, stochastic rounding
+``<fmt>-eco-rtn``   ECO: error injected into the momentum, round to nearest
+``<fmt>-eco-sr``    ECO with stochastic rounding
+=================  ========================================================
+
+Only the linear kernels inside the transformer blocks are quantized. Outputs
+in ``--out``: ``results.json`` (every number), ``curves.png`` (train and
+validation loss) and the table printed to stdout, followed by PASS/MISS lines
+for the targets of the issue.
+
+Run: ``python -m eco_optax.bench [--quick] [--methods fp32,fp8-eco-sr,...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import platform
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import eco_optax as eco
+from eco_optax.bench import data as bdata
+from eco_optax.bench import model as bmodel
+from eco_optax.bench import step as bstep
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row of the benchmark. ``fmt`` is ``None`` for plain FP32 training."""
+
+  name: str
+  fmt: str | None = None
+  mode: str = "fp32"
+  rounding: str = "nearest"
+
+
+# variant suffix -> (eco mode, rounding)
+VARIANTS = {
+    "mw": ("master_weights", "nearest"),
+    "naive-rtn": ("naive", "nearest"),
+    "naive-sr": ("naive", "stochastic"),
+    "eco-rtn": ("eco", "nearest"),
+    "eco-sr": ("eco", "stochastic"),
+}
+FORMATS = ("fp8", "int4")
+METHODS = {"fp32": Method("fp32")} | {
+    f"{f}-{v}": Method(f"{f}-{v}", f, *VARIANTS[v]) for f in FORMATS for v in VARIANTS}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """Training recipe shared by every method (AdamW betas/eps/decay as in the paper)."""
+
+  model: bmodel.ModelConfig = bmodel.ModelConfig()
+  steps: int = 300
+  batch_size: int = 16
+  learning_rate: float = 3e-3
+  warmup_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.98
+  eps: float = 1e-9
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  eval_every: int = 30
+  eval_batches: int = 8
+  timing_repeats: int = 30
+  seed: int = 0
+
+
+DEFAULT = BenchConfig()
+QUICK = BenchConfig(
+    model=bmodel.ModelConfig(seq_len=32, width=32, depth=1, heads=2),
+    steps=120, batch_size=8, learning_rate=1e-2, eval_every=20, eval_batches=4,
+    timing_repeats=10)
+
+
+class Setup(NamedTuple):
+  """How one method stores its parameters and steps them."""
+
+  tx: optax.GradientTransformation
+  params: Any
+  to_f32: Callable[[Any], Any]
+  apply_updates: Callable[[Any, Any], Any]
+
+
+def schedule(cfg: BenchConfig) -> optax.Schedule:
+  """Warm-up from ``0.01 * peak`` over ``warmup_fraction``, cosine to ``0.1 * peak``."""
+  peak = cfg.learning_rate
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.01 * peak, peak_value=peak,
+      warmup_steps=max(1, int(cfg.warmup_fraction * cfg.steps)),
+      decay_steps=cfg.steps, end_value=0.1 * peak)
+
+
+def make_setup(method: Method, params_f32: Any, formats: dict[str, eco.QuantFormat],
+               cfg: BenchConfig, quantize_embedding: bool = False) -> Setup:
+  """Optimizer and parameter storage of ``method``, clipped as in the paper."""
+  hyper = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  clip = optax.clip_by_global_norm(cfg.clip_norm)
+  if method.fmt is None:
+    tx = optax.adamw(schedule(cfg), **hyper)
+    return Setup(optax.chain(clip, tx), params_f32, lambda p: p, optax.apply_updates)
+  tx = eco.adamw(schedule(cfg), **hyper, mode=method.mode, rounding=method.rounding,
+                 seed=cfg.seed)
+  policy = bmodel.block_linear_policy(formats[method.fmt], quantize_embedding)
+  return Setup(optax.chain(clip, tx), eco.quantize_params(params_f32, policy),
+               dequantize, eco.apply_updates)
+
+
+# Shared by every quantized method; jit caches one executable per format.
+dequantize = jax.jit(eco.dequantize_params)
+
+
+def make_grad_fn(loss_fn: Callable) -> Callable:
+  """``jit((params_f32, batch) -> (loss, grads))``.
+
+  It sees plain FP32 weights (the dequantized ``Q(w)`` of a quantized method),
+  so one executable serves every method; only the optimizer step differs.
+  """
+  return jax.jit(jax.value_and_grad(loss_fn))
+
+
+def make_eval(loss_fn: Callable) -> Callable:
+  """``jit((params_f32, batches) -> mean loss)`` over a stack of batches."""
+
+  @jax.jit
+  def evaluate(params, batches):
+    return jnp.mean(jax.lax.map(functools.partial(loss_fn, params), batches))
+
+  return evaluate
+
+
+def train(method: Method, setup: Setup, opt_step: Callable, grad_fn: Callable,
+          evaluate: Callable, corpus: bdata.Corpus, starts: np.ndarray,
+          val_batches: jax.Array, cfg: BenchConfig) -> dict:
+  """Trains one method; returns its loss curves, wall time and static memory.
+
+  Each step takes the gradient at the stored weights ``Q(w)`` and then runs the
+  method's jitted ``opt_step`` (``tx.update`` + ``apply_updates``), the same
+  executable that :func:`time_step` times.
+  """
+  params = jax.tree.map(jnp.copy, setup.params)  # donated to opt_step
+  state = setup.tx.init(params)
+  train_loss, val_loss, diverged = [], [], False
+  start = time.perf_counter()
+  bar = tqdm(range(cfg.steps), desc=f"{method.name:<14}", dynamic_ncols=True)
+  for i in bar:
+    batch = bdata.get_batch(corpus.train, starts[i], cfg.model.seq_len)
+    loss, grads = grad_fn(setup.to_f32(params), batch)
+    params, state = opt_step(grads, params, state)
+    train_loss.append(float(loss))
+    if not math.isfinite(train_loss[-1]):
+      diverged = True
+      break
+    if (i + 1) % cfg.eval_every == 0 or i + 1 == cfg.steps:
+      val_loss.append((i + 1, float(evaluate(setup.to_f32(params), val_batches))))
+      bar.set_postfix(train=f"{train_loss[-1]:.3f}", val=f"{val_loss[-1][1]:.3f}")
+  bar.close()
+  return dict(train_loss=train_loss, val_loss=val_loss, diverged=diverged,
+              final_val_loss=val_loss[-1][1] if val_loss and not diverged else math.nan,
+              train_seconds=time.perf_counter() - start,
+              bytes_per_param=eco.memory_report(params, state).bytes_per_param)
+
+
+def time_step(setup: Setup, opt_step: Callable, grads: Any, repeats: int) -> float:
+  """Median seconds of the jitted ``tx.update`` + ``apply_updates`` alone."""
+  params = jax.tree.map(jnp.copy, setup.params)
+  seconds, _ = bstep.median_time(functools.partial(opt_step, grads),
+                                 (params, setup.tx.init(params)), repeats=repeats)
+  return seconds
+
+
+def target_checks(results: dict[str, dict]) -> list[tuple[str, str, str]]:
+  """The issue's quality targets as ``(verdict, claim, figures)``.
+
+  Verdict is ``PASS``, ``MISS``, or ``SKIP`` when a needed method was not run.
+  Deltas are relative to the same format with master weights.
+  """
+  def delta(name):
+    return results[name]["delta_vs_mw_pct"] if name in results else None
+
+  def loss(name):
+    return results[name]["final_val_loss"] if name in results else None
+
+  def check(claim, names, passed, figures):
+    values = [loss(n) for n in names]
+    if any(v is None for v in values):
+      return ("SKIP", claim, "needs " + ", ".join(names))
+    return ("PASS" if passed() else "MISS", claim, figures())
+
+  def delta_check(name, limit):
+    return check(f"{name} within +{limit}% of {name.split('-')[0]}-mw",
+                 [name, f"{name.split('-')[0]}-mw"],
+                 lambda: delta(name) <= limit, lambda: f"{delta(name):+.3f}%")
+
+  checks = [delta_check("fp8-eco-sr", 0.2), delta_check("fp8-eco-rtn", 1.0),
+            delta_check("int4-eco-sr", 2.0)]
+  for f in FORMATS:
+    naive, eco_rtn = f"{f}-naive-rtn", f"{f}-eco-rtn"
+    checks.append(check(
+        f"{naive} visibly worse than {f}-mw (> +1%)", [naive, f"{f}-mw"],
+        lambda n=naive: not delta(n) <= 1.0,   # NaN (diverged) counts as worse
+        lambda n=naive: f"{delta(n):+.3f}%"))
+    checks.append(check(
+        f"{eco_rtn} never worse than {naive}", [eco_rtn, naive],
+        lambda e=eco_rtn, n=naive: not loss(e) > loss(n) and math.isfinite(loss(e)),
+        lambda e=eco_rtn, n=naive: f"{loss(e):.4f} vs {loss(n):.4f}"))
+  return checks
+
+
+def plot(results: dict[str, dict], path: pathlib.Path, smooth: int = 10) -> None:
+  """Train loss (moving average over ``smooth`` steps) and val loss per method."""
+  fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+  colors = dict(zip(["fp32", *VARIANTS], plt.get_cmap("tab10").colors))
+  finals = [r["final_val_loss"] for r in results.values()
+            if math.isfinite(r["final_val_loss"])]
+  for name, r in results.items():
+    variant = name.split("-", 1)[-1]
+    style = dict(color=colors[variant], lw=1.2, label=name,
+                 ls="--" if name.startswith("int4") else "-")
+    y = np.asarray(r["train_loss"])
+    k = min(smooth, len(y))
+    ax_train.plot(np.arange(k, len(y) + 1), np.convolve(y, np.ones(k) / k, "valid"), **style)
+    if r["val_loss"]:
+      steps, vals = zip(*r["val_loss"])
+      ax_val.plot(steps, vals, marker="o", ms=3, **style)
+  if finals:
+    ax_train.set_ylim(min(finals) - 0.3, max(finals) + 0.5)
+  ax_train.set(title=f"train loss ({smooth}-step mean)", xlabel="step", ylabel="nats/byte")
+  ax_val.set(title="validation loss", xlabel="step")
+  ax_val.legend(fontsize=8, ncol=2)
+  for ax in (ax_train, ax_val):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def format_table(results: dict[str, dict]) -> str:
+  """The results table as text."""
+  head = (f"{'method':<15} {'format':<34} {'val loss':>9} {'vs MW':>9} "
+          f"{'B/param':>8} {'step ms':>9} {'vs adamw':>9}")
+  lines = [head, "-" * len(head)]
+  for name, r in results.items():
+    delta = r["delta_vs_mw_pct"]
+    lines.append(
+        f"{name:<15} {r['format']:<34} "
+        f"{r['final_val_loss']:9.4f} "
+        f"{'' if delta is None else f'{delta:+8.3f}%':>9} "
+        f"{r['bytes_per_param']:8.3f} {r['step_seconds'] * 1e3:9.3f} "
+        f"{r['step_ratio']:8.2f}x" + ("  DIVERGED" if r["diverged"] else ""))
+  return "\n".join(lines)
+
+
+def describe(fmt: eco.QuantFormat) -> str:
+  scaling = fmt.scaling + (f"/{fmt.block_size}" if fmt.scaling == "block" else "")
+  return f"{fmt.name} {scaling} scales, {fmt.scale_policy}"
+
+
+def finite_or_none(x: Any) -> Any:
+  """JSON has no NaN: non-finite floats become ``null`` (recursively)."""
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, dict):
+    return {k: finite_or_none(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [finite_or_none(v) for v in x]
+  return x
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true", help="tiny model, few steps (< 3 min)")
+  p.add_argument("--methods", default="all",
+                 help=f"comma list from: {', '.join(METHODS)} (default all)")
+  p.add_argument("--out", default="results/bench", help="output folder")
+  p.add_argument("--data", default=None, help="text file to use instead of the stdlib source")
+  for f, scaling in (("fp8", "channel"), ("int4", "tensor")):
+    p.add_argument(f"--{f}-scaling", default=scaling, choices=["tensor", "channel", "block"])
+    p.add_argument(f"--{f}-scale-policy", default=None, choices=["fixed", "sticky", "dynamic"],
+                   help="default: the format's own")
+  p.add_argument("--block-size", type=int, default=32, help="for --*-scaling block")
+  p.add_argument("--quantize-embedding", action="store_true",
+                 help="also store the tied embedding quantized")
+  for field in ("steps", "batch_size", "learning_rate", "eval_every", "seed"):
+    p.add_argument("--" + field.replace("_", "-"), type=type(getattr(DEFAULT, field)))
+  for field in ("width", "depth", "heads", "seq_len"):
+    p.add_argument("--" + field.replace("_", "-"), type=int)
+  p.add_argument("--mlp", choices=["gelu", "swiglu"])
+  return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+  """The ``--quick`` or default config with command-line overrides."""
+  base = QUICK if args.quick else DEFAULT
+  pick = lambda obj: {k: v for k, v in vars(args).items()  # noqa: E731
+                      if k in {f.name for f in dataclasses.fields(obj)} and v is not None}
+  return dataclasses.replace(base, model=dataclasses.replace(base.model, **pick(base.model)),
+                             **pick(base))
+
+
+def formats_from_args(args: argparse.Namespace) -> dict[str, eco.QuantFormat]:
+  def kwargs(f):
+    kw = dict(block_size=args.block_size)
+    if getattr(args, f"{f}_scale_policy"):
+      kw["scale_policy"] = getattr(args, f"{f}_scale_policy")
+    return kw
+  return {"fp8": eco.fp8_e4m3(args.fp8_scaling, **kwargs("fp8")),
+          "int4": eco.int4(args.int4_scaling, **kwargs("int4"))}
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  cfg = config_from_args(args)
+  formats = formats_from_args(args)
+  names = list(METHODS) if args.methods == "all" else args.methods.split(",")
+  unknown = [n for n in names if n not in METHODS]
+  if unknown:
+    raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  wall_start = time.perf_counter()
+
+  corpus = bdata.load_corpus(args.data)
+  seq = cfg.model.seq_len
+  starts = bdata.batch_starts(len(corpus.train), cfg.steps, cfg.batch_size, seq, cfg.seed)
+  val_starts = bdata.batch_starts(len(corpus.valid), cfg.eval_batches, cfg.batch_size,
+                                  seq, cfg.seed + 1)
+  val_batches = jnp.stack([bdata.get_batch(corpus.valid, s, seq) for s in val_starts])
+  graphdef, params_f32 = bmodel.init(cfg.model, cfg.seed)
+  loss_fn = bmodel.make_loss_fn(graphdef)
+  num_params = sum(x.size for x in jax.tree.leaves(params_f32))
+  print(f"data: {corpus.source}: {len(corpus.train):,} train / {len(corpus.valid):,} "
+        f"val bytes")
+  print(f"model: {num_params:,} params {cfg.model}; {cfg.steps} steps x "
+        f"{cfg.batch_size} x {seq} bytes; device {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs")
+
+  grad_fn, evaluate = make_grad_fn(loss_fn), make_eval(loss_fn)
+  # One fixed gradient for the optimizer-step timings (same for every method).
+  _, grads = grad_fn(params_f32, bdata.get_batch(corpus.train, starts[0], seq))
+
+  def setup_and_step(name):
+    setup = make_setup(METHODS[name], params_f32, formats, cfg, args.quantize_embedding)
+    return setup, bstep.make_opt_step(setup.tx, setup.apply_updates)
+
+  # The reference: optax.adamw on FP32 params (also the fp32 row's own timing).
+  baseline_seconds = time_step(*setup_and_step("fp32"), grads, cfg.timing_repeats)
+
+  results = {}
+  for name in names:
+    method, (setup, opt_step) = METHODS[name], setup_and_step(name)
+    r = train(method, setup, opt_step, grad_fn, evaluate, corpus, starts, val_batches, cfg)
+    r["step_seconds"] = (baseline_seconds if method.fmt is None else
+                         time_step(setup, opt_step, grads, cfg.timing_repeats))
+    r["step_ratio"] = r["step_seconds"] / baseline_seconds
+    r["format"] = "fp32" if method.fmt is None else describe(formats[method.fmt])
+    r.update(mode=method.mode, rounding=method.rounding)
+    results[name] = r
+  for name, r in results.items():
+    mw = results.get(f"{METHODS[name].fmt}-mw")
+    r["delta_vs_mw_pct"] = (None if mw is None or METHODS[name].fmt is None else
+                            100 * (r["final_val_loss"] / mw["final_val_loss"] - 1))
+
+  table = format_table(results)
+  checks = target_checks(results)
+  wall = time.perf_counter() - wall_start
+  print()
+  print(table)
+  print(f"\nstep time: jitted tx.update + apply_updates, median of {cfg.timing_repeats}; "
+        f"optax.adamw on FP32 params: {baseline_seconds * 1e3:.3f} ms")
+  print("targets (val loss vs the same format with master weights):")
+  for verdict, claim, figures in checks:
+    print(f"  {verdict} {claim}: {figures}")
+  print(f"wall time {wall:.1f} s")
+
+  plot(results, out / "curves.png")
+  report = dict(
+      config=dataclasses.asdict(cfg), formats={k: describe(v) for k, v in formats.items()},
+      quantize_embedding=args.quantize_embedding, num_params=num_params,
+      data=dict(source=corpus.source, train_bytes=len(corpus.train),
+                valid_bytes=len(corpus.valid)),
+      environment=dict(jax=jax.__version__, optax=optax.__version__,
+                       eco_optax=eco.__version__, device=jax.devices()[0].device_kind,
+                       cpus=os.cpu_count(), python=platform.python_version()),
+      baseline_step_seconds=baseline_seconds, wall_seconds=wall, results=results,
+      checks=[dict(verdict=v, claim=c, figures=f) for v, c, f in checks])
+  (out / "results.json").write_text(json.dumps(finite_or_none(report), indent=1,
+                                               allow_nan=False))
+  (out / "table.txt").write_text(table + "\n")
+  print(f"wrote {out / 'results.json'}, {out / 'curves.png'}, {out / 'table.txt'}")
+  return report
+
+
+if __name__ == "__main__":
+  main()
