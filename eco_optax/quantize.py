@@ -332,7 +332,8 @@ def next_scale(q: QuantizedArray) -> jax.Array:
   code_max = _group_absmax(q.values.astype(jnp.float32), fmt)
   if fmt.scale_policy == "sticky":
     grown = jnp.where(code_max >= rho, scale * h, scale)
-    return jnp.where(code_max * h * h < rho, scale / h, grown).astype(jnp.float32)
+    shrink = (code_max > 0) & (code_max * h * h < rho) & (scale / h >= _MIN_SCALE)
+    return jnp.where(shrink, scale / h, grown).astype(jnp.float32)
   new = _absmax_scale(code_max * scale, fmt)
   return jnp.where(new >= _MIN_SCALE, new, scale).astype(jnp.float32)
 
@@ -416,7 +417,7 @@ def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: QuantFormat,
   rho = fmt.max_value
   s = _expand_scale(scale, fmt, x.ndim)
   xb = _blocked(x, fmt)
-  y = jnp.clip(xb / s, -rho, rho)
+  y = jnp.clip(xb * (1.0 / s), -rho, rho)   # one division per scale, not per element
   y = jnp.where(jnp.isfinite(y), y, 0.0)
   codes = _round_to_grid(y, fmt, rounding, key)
   return QuantizedArray(_unblocked(codes, x.shape), scale.astype(jnp.float32), fmt)
