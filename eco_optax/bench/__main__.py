@@ -283,7 +283,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 def describe(fmt: eco.QuantFormat) -> str:
   scaling = fmt.scaling + (f"/{fmt.block_size}" if fmt.scaling == "block" else "")
-  return f"{fmt.name} {scaling} scales, {fmt.scale_policy}"
+  return f"{fmt.name} {scaling} scales, {fmt.scale_policy} h={fmt.headroom:g}"
 
 
 def finite_or_none(x: Any) -> Any:
@@ -308,6 +308,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(f"--{f}-scaling", default=scaling, choices=["tensor", "channel", "block"])
     p.add_argument(f"--{f}-scale-policy", default=None, choices=["fixed", "sticky", "dynamic"],
                    help="default: the format's own")
+    p.add_argument(f"--{f}-headroom", type=float, default=None,
+                   help="initial scale and growth factor h; default: the format's own")
   p.add_argument("--block-size", type=int, default=32, help="for --*-scaling block")
   p.add_argument("--quantize-embedding", action="store_true",
                  help="also store the tied embedding quantized")
@@ -331,8 +333,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def formats_from_args(args: argparse.Namespace) -> dict[str, eco.QuantFormat]:
   def kwargs(f):
     kw = dict(block_size=args.block_size)
-    if getattr(args, f"{f}_scale_policy"):
-      kw["scale_policy"] = getattr(args, f"{f}_scale_policy")
+    for option in ("scale_policy", "headroom"):
+      if getattr(args, f"{f}_{option}") is not None:
+        kw[option] = getattr(args, f"{f}_{option}")
     return kw
   return {"fp8": eco.fp8_e4m3(args.fp8_scaling, **kwargs("fp8")),
           "int4": eco.int4(args.int4_scaling, **kwargs("int4"))}
