@@ -32,7 +32,7 @@ class ModelConfig:
   vocab_size: int = 256
   seq_len: int = 128
   width: int = 128
-  depth: int = 4
+  depth: int = 3
   heads: int = 4
   mlp: str = "gelu"
   mlp_ratio: float = 4.0

@@ -1,0 +1,98 @@
+"""The benchmarks: data, model policy, quick quality run and step timing."""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import eco_optax as eco
+from eco_optax.bench import __main__ as bench
+from eco_optax.bench import data as bdata
+from eco_optax.bench import model as bmodel
+from eco_optax.bench import step as bstep
+
+
+def test_stdlib_corpus_split_and_batches_are_deterministic():
+  corpus = bdata.load_corpus()
+  n = len(corpus.train) + len(corpus.valid)
+  assert n == sum(f.stat().st_size for f in bdata.stdlib_files())
+  assert len(corpus.valid) == n - int(0.95 * n)
+  a = bdata.batch_starts(len(corpus.train), 3, 4, 16, seed=7)
+  assert np.array_equal(a, bdata.batch_starts(len(corpus.train), 3, 4, 16, seed=7))
+  batch = bdata.get_batch(corpus.train, a[0], 16)
+  assert batch.shape == (4, 17) and batch.min() >= 0 and batch.max() < 256
+
+
+def test_policy_quantizes_only_block_linear_kernels():
+  cfg = bmodel.ModelConfig(width=32, depth=2, heads=2, mlp="swiglu")
+  params = jax.eval_shape(lambda: bmodel.init(cfg)[1])  # shapes only: fast
+
+  def quantize(policy):
+    return jax.eval_shape(lambda p: eco.quantize_params(p, policy), params)
+
+  q = quantize(bmodel.block_linear_policy(eco.fp8_e4m3()))
+  paths = jax.tree_util.tree_flatten_with_path(q, is_leaf=eco.is_quantized)[0]
+  quantized = {bmodel.path_names(p) for p, leaf in paths if eco.is_quantized(leaf)}
+  assert len(quantized) == 2 * 5  # qkv, out, up, gate, down per block
+  assert all(p[0] == "blocks" and p[-1] == "kernel" for p in quantized)
+  q = quantize(bmodel.block_linear_policy(eco.fp8_e4m3(), quantize_embedding=True))
+  assert eco.is_quantized(q["embed"]["embedding"])
+
+
+def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
+  bench.main(["--quick", "--out", str(tmp_path)])
+  report = json.loads((tmp_path / "results.json").read_text())
+  results = report["results"]
+  assert list(results) == list(bench.METHODS)
+  for name, r in results.items():
+    assert not r["diverged"], name
+    for key in ("final_val_loss", "bytes_per_param", "step_seconds", "step_ratio"):
+      assert r[key] is not None and math.isfinite(r[key]) and r[key] > 0, (name, key)
+    assert len(r["train_loss"]) == bench.QUICK.steps
+    assert all(math.isfinite(x) for x in r["train_loss"])
+    assert r["val_loss"][-1][0] == bench.QUICK.steps
+    assert (r["delta_vs_mw_pct"] is None) == (name == "fp32")
+  assert results["fp32"]["bytes_per_param"] == pytest.approx(12.0, abs=0.01)
+  assert results["fp8-eco-sr"]["bytes_per_param"] < results["fp8-mw"]["bytes_per_param"]
+  assert {c["verdict"] for c in report["checks"]} <= {"PASS", "MISS"}
+  assert len(report["checks"]) == 7
+  assert (tmp_path / "curves.png").stat().st_size > 10_000
+  out = capsys.readouterr().out
+  assert all(name in out for name in bench.METHODS)
+  assert out.count("PASS") + out.count("MISS") >= 7
+
+
+def test_target_checks_report_misses_and_skips():
+  def row(loss, delta):
+    return {"final_val_loss": loss, "delta_vs_mw_pct": delta}
+  results = {"fp8-mw": row(2.0, 0.0), "fp8-eco-sr": row(2.01, 0.5),
+             "fp8-eco-rtn": row(2.01, 0.5), "fp8-naive-rtn": row(2.1, 5.0)}
+  verdicts = {claim: v for v, claim, _ in bench.target_checks(results)}
+  assert verdicts == {
+      "fp8-eco-sr within +0.2% of fp8-mw": "MISS",
+      "fp8-eco-rtn within +1.0% of fp8-mw": "PASS",
+      "int4-eco-sr within +2.0% of int4-mw": "SKIP",
+      "fp8-naive-rtn visibly worse than fp8-mw (> +1%)": "PASS",
+      "fp8-eco-rtn never worse than fp8-naive-rtn": "PASS",
+      "int4-naive-rtn visibly worse than int4-mw (> +1%)": "SKIP",
+      "int4-eco-rtn never worse than int4-naive-rtn": "SKIP"}
+
+
+def test_command_line_overrides_the_chosen_config():
+  cfg = bench.config_from_args(bench.parse_args(["--quick", "--steps", "7", "--width", "48"]))
+  assert cfg.steps == 7 and cfg.model.width == 48
+  assert cfg.batch_size == bench.QUICK.batch_size and cfg.model.depth == bench.QUICK.model.depth
+  fmts = bench.formats_from_args(bench.parse_args(["--int4-scaling", "block",
+                                                   "--fp8-scale-policy", "dynamic"]))
+  assert fmts["int4"].scaling == "block" and fmts["fp8"].scale_policy == "dynamic"
+  assert fmts["fp8"].scaling == "channel" and fmts["int4"].scale_policy == "fixed"
+
+
+def test_step_benchmark_small_size():
+  timings = bstep.main(["--sizes", "20k", "--repeats", "2", "--warmup", "1"])
+  assert [t.method for t in timings] == ["optax.adamw (fp32)", "eco-rtn", "eco-sr",
+                                         "master-weights"]
+  assert timings[0].ratio == 1.0
+  assert all(t.seconds > 0 and t.bandwidth > 0 and t.num_params > 16_000 for t in timings)
+  assert bstep.parse_size("50M") == 50_000_000 and bstep.parse_size("250k") == 250_000
