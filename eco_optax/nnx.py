@@ -157,7 +157,6 @@ class Optimizer(nnx.Optimizer):
       tx: an eco_optax optimizer (optionally chained with optax transforms).
       wrt: NNX filter of the trained variables; must match the gradients'.
     """
-    self.graph = None
     self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
     self.tx = tx
     self.opt_state = nnx.data(nnx.training.optimizer.to_opt_state(
