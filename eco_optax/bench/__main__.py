@@ -288,7 +288,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def describe(fmt: eco.QuantFormat) -> str:
-  """E.g. ``"fp8_e4m3 channel scales, sticky"``."""
+  """E.g. ``"fp8_e4m3 channel scales, sticky h=2"``."""
   scaling = fmt.scaling + (f"/{fmt.block_size}" if fmt.scaling == "block" else "")
   return f"{fmt.name} {scaling} scales, {fmt.scale_policy} h={fmt.headroom:g}"
 
