@@ -1,15 +1,17 @@
 """Momentum rules: the optimizer-specific part of an ECO optimizer.
 
-A :class:`MomentumRule` describes a diagonally preconditioned EMA-momentum method,
-whose step (before the learning rate) is::
+A :class:`MomentumRule` describes an EMA-momentum method whose step (before the
+learning rate) is a preconditioned momentum::
 
     m~ = beta * m + (1 - beta) * g            (first moment, the "momentum")
-    d  = m~ / D                               (D > 0: per-element denominator)
+    d  = P^-1(m~)                             (the step direction)
     w~ = w - eta * (d + lambda * w)
 
-SGDM has ``D = 1``; Adam has ``D = (1 - beta1^t) * (sqrt(v_hat) + eps)``. The error
-feedback of :mod:`eco_optax.transform` needs exactly ``beta`` and ``D``: it pays a
-quantization error ``e`` back through ``m += ((1 - eta*lambda) / eta) * (1 - 1/beta) * D * e``.
+SGDM has ``P = identity``; Adam has the diagonal ``P(x) = D * x`` with
+``D = (1 - beta1^t) * (sqrt(v_hat) + eps)``. The error feedback of
+:mod:`eco_optax.transform` needs exactly ``beta`` and ``P``: to first order it
+pays a quantization error ``e`` back through
+``m += ((1 - eta*lambda) / eta) * (1 - 1/beta) * P(e)``.
 """
 
 from __future__ import annotations
@@ -32,19 +34,27 @@ class AdamMoments(NamedTuple):
   nu: Any
 
 
+def diagonal_preconditioner(denominator: jax.Array, error: jax.Array) -> jax.Array:
+  """``P(e) = D * e``: the preconditioner of SGDM (``D = 1``) and Adam."""
+  return denominator * error
+
+
 class MomentumRule(NamedTuple):
   """An EMA-momentum optimizer in the form the error feedback needs.
 
   Attributes:
     beta: decay of the first moment ``mu`` (the momentum ECO writes into).
     init: ``params_f32 -> moments`` (a NamedTuple with a ``mu`` field).
-    step: ``(grads, moments, count) -> (moments, direction, denominator)`` with
-      ``count`` the 1-based step number, ``moments.mu`` the updated ``m~`` and
-      ``direction = m~ / denominator`` (trees like ``grads``).
+    step: ``(grads, moments, count) -> (moments, direction, preconditioner)``
+      with ``count`` the 1-based step number, ``moments.mu`` the updated ``m~``,
+      ``direction = P^-1(m~)`` and ``preconditioner`` a tree (like ``grads``) of
+      whatever ``precondition`` needs per leaf.
+    precondition: ``(preconditioner_leaf, error_leaf) -> P(error_leaf)``.
   """
   beta: float
   init: Callable[[Any], Any]
   step: Callable[[Any, Any, jax.Array], tuple[Any, Any, Any]]
+  precondition: Callable[[Any, jax.Array], jax.Array] = diagonal_preconditioner
 
 
 def _zeros(params: Any) -> Any:

@@ -7,17 +7,20 @@ quantized leaf, in FP32::
     target = Q(w) - eta * (d + lambda * Q(w))          (the optimizer's step)
     w'     = Q(target)                                 (stored weights, RTN or SR)
     e      = target - Q(w')                            (quantization error)
-    m      = m~ + alpha * e,   alpha = ((1 - eta*lambda) / eta) * (1 - 1/beta) * D
+    m      = m~ + alpha * P(e),   alpha = ((1 - eta*lambda) / eta) * (1 - 1/beta)
+
+where ``d = P^-1(m~)`` is the rule's direction (``P(e) = e`` for SGDM,
+``D * e`` with ``D = (1 - beta1^t)(sqrt(v_hat) + eps)`` for Adam).
 
 Derivation (paper, Algorithms 2-3). Ask the stored weights to trail the master
 weights by exactly the current error, ``w_t = w_t^MW - e_t``, and the momentum to
 carry the matching debt, ``m_t = m_t^MW + delta_t``. The next step gives
-``w~ = w^MW_{t+1} - (1 - eta*lambda) e_t - (eta/D) * beta * delta_t``, which is the
-master-weight iterate exactly when ``delta_t = -(1 - eta*lambda) D e_t / (eta*beta)``.
-Keeping that invariant across the momentum decay ``m <- beta*m + ...`` needs the
-injection ``delta_{t+1} - beta*delta_t``; with consecutive errors aligned,
-``e_t ~ e_{t+1}`` (the paper's Figure 3), it is ``alpha * e`` above, and it costs no
-memory. For SGDM (``D = 1``, no decay) the virtual iterate
+``w~ = w^MW_{t+1} - (1 - eta*lambda) e_t - eta * beta * P^-1(delta_t)`` (to first
+order when ``P`` depends on ``m``), which is the master-weight iterate exactly
+when ``delta_t = -(1 - eta*lambda) P(e_t) / (eta*beta)``. Keeping that invariant
+across the momentum decay ``m <- beta*m + ...`` needs the injection
+``delta_{t+1} - beta*delta_t``; with consecutive errors aligned, ``e_t ~ e_{t+1}``
+(the paper's Figure 3), it is ``alpha * P(e)`` above, and it costs no memory. For SGDM (``D = 1``, no decay) the virtual iterate
 ``z = w - eta*beta/(1-beta) * m`` then follows ``z <- z - eta*grad`` exactly: the
 master-weight path.
 
@@ -143,7 +146,7 @@ def error_feedback(
     qtree.check_updates_match(params, updates, "grads")
     count = optax.safe_increment(state.count)
     eta = jnp.asarray(schedule(state.count), jnp.float32)
-    moments, direction, denom = rule.step(updates, state.moments, count)
+    moments, direction, precond = rule.step(updates, state.moments, count)
 
     stored = qtree.dequantize_params(params)
     p_leaves, treedef = jax.tree.flatten(params, is_leaf=qtree.is_quantized)
@@ -167,7 +170,7 @@ def error_feedback(
     key, leaf_keys = _split_key(state.key, n_quantized)
     leaf_keys = iter(leaf_keys)
 
-    def leaf_update(p, w, base_w, step, mu, den, lam):
+    def leaf_update(p, w, base_w, step, mu, pre, lam):
       """Returns (update, new mu, new master) for one leaf."""
       target = base_w + step
       if not qtree.is_quantized(p):
@@ -181,11 +184,11 @@ def error_feedback(
         safe_eta = jnp.where(eta > 0, eta, 1.0)
         alpha = jnp.where(eta > 0, (1 - eta * lam) / safe_eta * (1 - 1 / beta), 0.0)
         error = jnp.where(jnp.isfinite(target), target - new_w, 0.0)
-        mu = mu + alpha * den * error
+        mu = mu + alpha * rule.precondition(pre, error)
       return new_w - w, mu, target
 
     leaves = [treedef.flatten_up_to(t) for t in
-              (stored, base, steps, moments.mu, denom, decay)]
+              (stored, base, steps, moments.mu, precond, decay)]
     out = [leaf_update(p, *rest) for p, *rest in zip(p_leaves, *leaves)]
     new_updates, new_mu, new_master = (treedef.unflatten(x) for x in zip(*out))
     moments = moments._replace(mu=new_mu)
