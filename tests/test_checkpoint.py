@@ -5,7 +5,6 @@ CKPT, trains STEPS more and writes the weights to OUT: the "fresh process" half
 of :func:`test_resume_in_fresh_process_is_bit_identical`.
 """
 
-import doctest
 import os
 import subprocess
 import sys
@@ -65,10 +64,6 @@ def as_bytes(tree):
   leaves = jax.tree.leaves(tree)
   return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
       x.dtype, jax.dtypes.prng_key) else x).tobytes() for x in leaves]
-
-
-def test_docstrings():
-  assert doctest.testmod(checkpoint).failed == 0
 
 
 def test_resume_in_fresh_process_is_bit_identical(tmp_path):

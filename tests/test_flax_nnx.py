@@ -1,6 +1,5 @@
 """Flax NNX integration: quantized models trained with eco_optax.nnx."""
 
-import doctest
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +40,6 @@ def nnx_step(model, optimizer):
   loss, grads = eco_nnx.value_and_grad(mse)(model)
   optimizer.update(model, grads)
   return loss
-
-
-def test_docstrings():
-  assert doctest.testmod(eco_nnx).failed == 0
 
 
 def test_quantize_model_stores_only_codes_and_scales():
