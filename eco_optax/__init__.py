@@ -20,7 +20,7 @@ Example:
 from eco_optax import quantize
 from eco_optax import rules
 from eco_optax import transform
-from eco_optax.alias import adam, adamw, sgdm
+from eco_optax.alias import adam, adamw, lion, muon, sgdm
 from eco_optax.memory import MemoryReport, memory_report
 from eco_optax.quantize import (QuantFormat, QuantizedArray, bf16, dequantize,
                                 fp8_e4m3, fp8_e5m2, int4, int8, lossless)
@@ -35,6 +35,6 @@ __all__ = [
     "MemoryReport", "QuantFormat", "QuantizedArray", "ErrorFeedbackState",
     "adam", "adamw", "apply_updates", "bf16", "default_policy", "dequantize",
     "dequantize_params", "error_feedback", "fp8_e4m3", "fp8_e5m2", "int4",
-    "int8", "is_quantized", "lossless", "memory_report", "quantize_array",
-    "quantize_params", "rules", "sgdm", "transform",
+    "int8", "is_quantized", "lion", "lossless", "memory_report", "muon",
+    "quantize_array", "quantize_params", "rules", "sgdm", "transform",
 ]

@@ -46,7 +46,7 @@ nowhere to store the debt.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -80,10 +80,15 @@ def _split_key(key: jax.Array, n: int) -> tuple[jax.Array, list[jax.Array]]:
   return keys[0], list(keys[1:])
 
 
+def _per_leaf(value: Any, tree: Any) -> Any:
+  """``value(tree)`` for a callable (a tree of per-leaf floats), else ``value`` at every leaf."""
+  return value(tree) if callable(value) else jax.tree.map(lambda _: value, tree)
+
+
 def error_feedback(
     rule: rules.MomentumRule,
     learning_rate: optax.ScalarOrSchedule,
-    weight_decay: float = 0.0,
+    weight_decay: Union[float, Callable[[Any], Any]] = 0.0,
     mode: Mode = "eco",
     rounding: qz.Rounding = "nearest",
     seed: int = 0,
@@ -94,7 +99,8 @@ def error_feedback(
   Args:
     rule: the optimizer's momentum rule, e.g. :func:`eco_optax.rules.adam_rule`.
     learning_rate: ``eta``: a float or an optax schedule of the step count.
-    weight_decay: ``lambda`` of decoupled weight decay ``w <- (1 - eta*lambda) w``.
+    weight_decay: ``lambda`` of decoupled weight decay ``w <- (1 - eta*lambda) w``;
+      or a callable of the dequantized params returning per-leaf floats.
     mode: ``"eco"``, ``"naive"`` or ``"master_weights"`` (module docstring).
     rounding: ``"nearest"`` (round half to even) or ``"stochastic"`` (unbiased).
     seed: seed of the PRNG key kept in the state for stochastic rounding.
@@ -120,15 +126,21 @@ def error_feedback(
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   if rounding not in qz.ROUNDINGS:
     raise ValueError(f"rounding must be one of {qz.ROUNDINGS}, got {rounding!r}")
-  if mode == "eco" and not 0.0 < rule.beta < 1.0:
-    raise ValueError(
-        f"mode='eco' needs a momentum (beta / b1) in (0, 1), got {rule.beta}: the "
-        "error is paid back through the momentum, alpha = (1/eta)(1 - 1/beta). "
-        "Use mode='naive' or 'master_weights' for momentum-free training.")
+
+  def check_betas(betas):
+    if mode == "eco" and not all(0.0 < b < 1.0 for b in betas):
+      raise ValueError(
+          f"mode='eco' needs a momentum (beta / b1) in (0, 1), got {sorted(set(betas))}: "
+          "the error is paid back through the momentum, alpha = (1/eta)(1 - 1/beta). "
+          "Use mode='naive' or 'master_weights' for momentum-free training.")
+
+  if not callable(rule.beta):
+    check_betas([rule.beta])
   schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def init(params):
     dense = qtree.dequantize_params(params)
+    check_betas(jax.tree.leaves(_per_leaf(rule.beta, dense)))
     master = None
     if mode == "master_weights":  # FP32 copies of the quantized leaves only
       master = jax.tree.map(lambda p: qz.dequantize(p) if qtree.is_quantized(p) else None,
@@ -162,7 +174,8 @@ def error_feedback(
       mask = weight_decay_mask(stored)
     else:
       mask = weight_decay_mask
-    decay = jax.tree.map(lambda m: weight_decay if m else 0.0, mask)
+    decay = jax.tree.map(lambda m, lam: lam if m else 0.0, mask,
+                         _per_leaf(weight_decay, stored))
     # The FP32 step of the optimizer, as optax computes it: -eta * (d + lambda * w).
     steps = jax.tree.map(lambda d, w, lam: -eta * (d + lam * w), direction, base, decay)
 
@@ -170,7 +183,7 @@ def error_feedback(
     key, leaf_keys = _split_key(state.key, n_quantized)
     leaf_keys = iter(leaf_keys)
 
-    def leaf_update(p, w, base_w, step, mu, pre, lam):
+    def leaf_update(p, w, base_w, step, mu, pre, lam, beta):
       """Returns (update, new mu, new master) for one leaf."""
       target = base_w + step
       if not qtree.is_quantized(p):
@@ -180,7 +193,6 @@ def error_feedback(
       new = qz.requantize(p, target, rounding, next(leaf_keys))
       new_w = qz.dequantize(new)
       if mode == "eco":
-        beta = rule.beta
         safe_eta = jnp.where(eta > 0, eta, 1.0)
         alpha = jnp.where(eta > 0, (1 - eta * lam) / safe_eta * (1 - 1 / beta), 0.0)
         error = jnp.where(jnp.isfinite(target), target - new_w, 0.0)
@@ -188,7 +200,8 @@ def error_feedback(
       return new_w - w, mu, target
 
     leaves = [treedef.flatten_up_to(t) for t in
-              (stored, base, steps, moments.mu, precond, decay)]
+              (stored, base, steps, moments.mu, precond, decay,
+               _per_leaf(rule.beta, stored))]
     out = [leaf_update(p, *rest) for p, *rest in zip(p_leaves, *leaves)]
     new_updates, new_mu, new_master = (treedef.unflatten(x) for x in zip(*out))
     moments = moments._replace(mu=new_mu)

@@ -27,7 +27,11 @@ in ``--out``: ``results.json`` (every number), ``curves.png`` (train and
 validation loss) and the table printed to stdout, followed by PASS/MISS lines
 for the targets of the issue.
 
-Run: ``python -m eco_optax.bench [--quick] [--methods fp32,fp8-eco-sr,...]``.
+``--optimizer muon`` or ``lion`` runs every row with that optimizer instead
+(:func:`optax.contrib.muon` / :func:`optax.lion` for ``fp32``, :func:`eco_optax.muon`
+/ :func:`eco_optax.lion` otherwise; Muon's AdamW leaves take ``b1``, ``b2``, ``eps``).
+
+Run: ``python -m eco_optax.bench [--quick] [--optimizer adamw] [--methods fp32,fp8-eco-sr,...]``.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class BenchConfig:
   eval_batches: int = 8
   timing_repeats: int = 30
   seed: int = 0
+  optimizer: str = "adamw"
 
 
 DEFAULT = BenchConfig()
@@ -131,16 +136,30 @@ def schedule(cfg: BenchConfig) -> optax.Schedule:
       decay_steps=cfg.steps, end_value=0.1 * peak)
 
 
+OPTIMIZERS = ("adamw", "muon", "lion")
+
+
+def make_optimizer(method: Method, cfg: BenchConfig) -> optax.GradientTransformation:
+  """``cfg.optimizer`` from optax for ``fp32``, else from eco_optax in ``method``'s mode."""
+  lr, wd = schedule(cfg), cfg.weight_decay
+  plain, ours, hyper = {
+      "adamw": (optax.adamw, eco.adamw, dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd)),
+      "muon": (optax.contrib.muon, eco.muon, dict(eps=cfg.eps, weight_decay=wd, adam_b1=cfg.b1,
+                                                  adam_b2=cfg.b2, adam_weight_decay=wd)),
+      "lion": (optax.lion, eco.lion, dict(weight_decay=wd)),
+  }[cfg.optimizer]
+  if method.fmt is None:
+    return plain(lr, **hyper)
+  return ours(lr, **hyper, mode=method.mode, rounding=method.rounding, seed=cfg.seed)
+
+
 def make_setup(method: Method, params_f32: Any, formats: dict[str, eco.QuantFormat],
                cfg: BenchConfig, quantize_embedding: bool = False) -> Setup:
   """Optimizer and parameter storage of ``method``, clipped as in the paper."""
-  hyper = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
   clip = optax.clip_by_global_norm(cfg.clip_norm)
+  tx = make_optimizer(method, cfg)
   if method.fmt is None:
-    tx = optax.adamw(schedule(cfg), **hyper)
     return Setup(optax.chain(clip, tx), params_f32, lambda p: p, optax.apply_updates)
-  tx = eco.adamw(schedule(cfg), **hyper, mode=method.mode, rounding=method.rounding,
-                 seed=cfg.seed)
   policy = bmodel.block_linear_policy(formats[method.fmt], quantize_embedding)
   return Setup(optax.chain(clip, tx), eco.quantize_params(params_f32, policy),
                dequantize, eco.apply_updates)
@@ -318,9 +337,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(f"--{f}-headroom", type=float, default=None,
                    help="initial scale and growth factor h; default: the format's own")
   p.add_argument("--block-size", type=int, default=32, help="for --*-scaling block")
+  p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw")
   p.add_argument("--quantize-embedding", action="store_true",
                  help="also store the tied embedding quantized")
-  for field in ("steps", "batch_size", "learning_rate", "eval_every", "seed"):
+  for field in ("steps", "batch_size", "learning_rate", "eval_every", "seed", "weight_decay"):
     p.add_argument("--" + field.replace("_", "-"), type=type(getattr(DEFAULT, field)))
   for field in ("width", "depth", "heads", "seq_len"):
     p.add_argument("--" + field.replace("_", "-"), type=int)
@@ -376,6 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(params_f32))
   print(f"data: {corpus.source}: {len(corpus.train):,} train / {len(corpus.valid):,} "
         f"val bytes")
+  print(f"optimizer: {cfg.optimizer}, peak lr {cfg.learning_rate:g}, weight decay "
+        f"{cfg.weight_decay:g}")
   print(f"model: {num_params:,} params {cfg.model}; {cfg.steps} steps x "
         f"{cfg.batch_size} x {seq} bytes; device {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs")
@@ -388,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup = make_setup(METHODS[name], params_f32, formats, cfg, args.quantize_embedding)
     return setup, bstep.make_opt_step(setup.tx, setup.apply_updates)
 
-  # The reference: optax.adamw on FP32 params (also the fp32 row's own timing).
+  # The reference: the optax optimizer on FP32 params (also the fp32 row's own timing).
   baseline_seconds = time_step(*setup_and_step("fp32"), grads, cfg.timing_repeats)
 
   results = {}
@@ -412,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
   print()
   print(table)
   print(f"\nstep time: jitted tx.update + apply_updates, median of {cfg.timing_repeats}; "
-        f"optax.adamw on FP32 params: {baseline_seconds * 1e3:.3f} ms")
+        f"optax {cfg.optimizer} on FP32 params: {baseline_seconds * 1e3:.3f} ms")
   print("targets (val loss vs the same format with master weights):")
   for verdict, claim, figures in checks:
     print(f"  {verdict} {claim}: {figures}")
