@@ -292,13 +292,13 @@ def plot(results: dict[str, dict], path: pathlib.Path, smooth: int = 10) -> None
 
 def format_table(results: dict[str, dict]) -> str:
   """The results table as text."""
-  head = (f"{'method':<15} {'format':<34} {'val loss':>9} {'vs MW':>9} "
+  head = (f"{'method':<15} {'format':<38} {'val loss':>9} {'vs MW':>9} "
           f"{'B/param':>8} {'step ms':>9} {'vs adamw':>9}")
   lines = [head, "-" * len(head)]
   for name, r in results.items():
     delta = r["delta_vs_mw_pct"]
     lines.append(
-        f"{name:<15} {r['format']:<34} "
+        f"{name:<15} {r['format']:<38} "
         f"{r['final_val_loss']:9.4f} "
         f"{'' if delta is None else f'{delta:+8.3f}%':>9} "
         f"{r['bytes_per_param']:8.3f} {r['step_seconds'] * 1e3:9.3f} "
