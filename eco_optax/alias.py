@@ -14,6 +14,7 @@ w/o MW, round to nearest (naive)       ``mode="naive", rounding="nearest"``
 w/o MW + SR                            ``mode="naive", rounding="stochastic"``
 ECO + RTN                              ``mode="eco", rounding="nearest"``
 ECO + SR                               ``mode="eco", rounding="stochastic"``
+ECO's exact rule (+2 bytes/param)      ``mode="eco_exact"``
 =====================================  ==========================================
 """
 

@@ -450,6 +450,27 @@ def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
   return _unblocked(x, shape).astype(dtype)
 
 
+def encode_residual(residual: jax.Array, like: QuantizedArray,
+                    key: jax.Array) -> jax.Array:
+  """Stores a quantization residual ``e`` compactly: ``e / s`` in ``bfloat16``.
+
+  In the code units of ``like`` (``s`` its scale), a residual is at most about a
+  grid step, and bfloat16 keeps it to 8 significant bits whatever its size (FP8
+  would lose the small residuals of weights that sit still to its subnormals).
+  It is rounded stochastically: the residuals of a weight that sits still grow
+  step after step, and round-to-nearest would bias every one the same way.
+  """
+  fmt = like.fmt
+  codes = _blocked(residual.astype(jnp.float32), fmt) * (
+      1.0 / _expand_scale(like.scale, fmt, residual.ndim))
+  return _round_to_grid(_unblocked(codes, residual.shape), bf16(), "stochastic", key)
+
+
+def decode_residual(codes: jax.Array, like: QuantizedArray) -> jax.Array:
+  """The FP32 residual stored by :func:`encode_residual` with the scale of ``like``."""
+  return dequantize(QuantizedArray(codes, like.scale, like.fmt))
+
+
 def requantize(q: QuantizedArray, target: jax.Array,
                rounding: Rounding = "nearest",
                key: jax.Array | None = None) -> QuantizedArray:

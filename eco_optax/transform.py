@@ -27,6 +27,13 @@ master-weight path.
 The same transformation provides the paper's baselines through ``mode``:
 
 * ``"eco"``: the rule above.
+* ``"eco_exact"``: the paper's exact rule, ``m = m~ - ((1 - eta*lambda)/eta) *
+  P(e_{t+1}/beta - e_t)``, with the previous error ``e_t`` kept in the state at two
+  bytes per parameter (bfloat16, in the weights' code units). Under round-to-nearest
+  the errors of a weight that does not move for several steps drift
+  (``e_{t+1} - e_t`` is the step that vanished), and the memory-free rule then
+  lets the stored weights trail the master path by about ``beta/(1-beta)`` half
+  grid steps; the exact rule keeps them within half a step (``tests/test_transform.py``).
 * ``"naive"``: ``w' = Q(target)``, the error is dropped (``w/o MW``; with
   ``rounding="stochastic"``, the ``w/o MW + SR`` baseline).
 * ``"master_weights"``: an FP32 master copy ``w_MW`` lives in the state, steps as
@@ -56,8 +63,9 @@ from eco_optax import quantize as qz
 from eco_optax import rules
 from eco_optax import tree as qtree
 
-Mode = Literal["eco", "master_weights", "naive"]
-MODES = ("eco", "master_weights", "naive")
+Mode = Literal["eco", "eco_exact", "master_weights", "naive"]
+MODES = ("eco", "eco_exact", "master_weights", "naive")
+_ECO_MODES = ("eco", "eco_exact")
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -68,11 +76,15 @@ class ErrorFeedbackState(NamedTuple):
     moments: the rule's moments (``mu`` receives the injected error).
     master: FP32 master weights in ``"master_weights"`` mode, else ``None``.
     key: PRNG key for stochastic rounding (advanced every step).
+    previous_error: in ``"eco_exact"`` mode, the last quantization error of each
+      quantized leaf in its code units (:func:`eco_optax.quantize.encode_residual`,
+      bfloat16: 2 bytes per parameter), else ``None``.
   """
   count: jax.Array
   moments: Any
   master: Optional[Any]
   key: jax.Array
+  previous_error: Optional[Any] = None
 
 
 def _split_key(key: jax.Array, n: int) -> tuple[jax.Array, list[jax.Array]]:
@@ -101,7 +113,8 @@ def error_feedback(
     learning_rate: ``eta``: a float or an optax schedule of the step count.
     weight_decay: ``lambda`` of decoupled weight decay ``w <- (1 - eta*lambda) w``;
       or a callable of the dequantized params returning per-leaf floats.
-    mode: ``"eco"``, ``"naive"`` or ``"master_weights"`` (module docstring).
+    mode: ``"eco"``, ``"eco_exact"``, ``"naive"`` or ``"master_weights"``
+      (module docstring).
     rounding: ``"nearest"`` (round half to even) or ``"stochastic"`` (unbiased).
     seed: seed of the PRNG key kept in the state for stochastic rounding.
     weight_decay_mask: optional tree of Python booleans with the structure of the
@@ -128,9 +141,9 @@ def error_feedback(
     raise ValueError(f"rounding must be one of {qz.ROUNDINGS}, got {rounding!r}")
 
   def check_betas(betas):
-    if mode == "eco" and not all(0.0 < b < 1.0 for b in betas):
+    if mode in _ECO_MODES and not all(0.0 < b < 1.0 for b in betas):
       raise ValueError(
-          f"mode='eco' needs a momentum (beta / b1) in (0, 1), got {sorted(set(betas))}: "
+          f"mode={mode!r} needs a momentum (beta / b1) in (0, 1), got {sorted(set(betas))}: "
           "the error is paid back through the momentum, alpha = (1/eta)(1 - 1/beta). "
           "Use mode='naive' or 'master_weights' for momentum-free training.")
 
@@ -145,11 +158,18 @@ def error_feedback(
     if mode == "master_weights":  # FP32 copies of the quantized leaves only
       master = jax.tree.map(lambda p: qz.dequantize(p) if qtree.is_quantized(p) else None,
                             params, is_leaf=qtree.is_quantized)
+    previous_error = None
+    if mode == "eco_exact":  # e_0 = 0: the initial rounding error is dropped
+      previous_error = jax.tree.map(
+          lambda p: jnp.zeros(p.shape, jnp.bfloat16)
+          if qtree.is_quantized(p) and not p.fmt.lossless else None,
+          params, is_leaf=qtree.is_quantized)
     return ErrorFeedbackState(
         count=jnp.zeros([], jnp.int32),
         moments=rule.init(dense),
         master=master,
         key=jax.random.key(seed),
+        previous_error=previous_error,
     )
 
   def update(updates, state, params=None):
@@ -183,29 +203,42 @@ def error_feedback(
     key, leaf_keys = _split_key(state.key, n_quantized)
     leaf_keys = iter(leaf_keys)
 
-    def leaf_update(p, w, base_w, step, mu, pre, lam, beta):
-      """Returns (update, new mu, new master) for one leaf."""
+    safe_eta = jnp.where(eta > 0, eta, 1.0)
+
+    def leaf_update(p, w, base_w, step, mu, pre, lam, beta, prev):
+      """Returns (update, new mu, new master, error to keep) for one leaf."""
       target = base_w + step
       if not qtree.is_quantized(p):
-        return step, mu, None
+        return step, mu, None, None
       if p.fmt.lossless:
-        return step, mu, target
-      new = qz.requantize(p, target, rounding, next(leaf_keys))
+        return step, mu, target, None
+      leaf_key = next(leaf_keys)
+      new = qz.requantize(p, target, rounding, leaf_key)
       new_w = qz.dequantize(new)
-      if mode == "eco":
-        safe_eta = jnp.where(eta > 0, eta, 1.0)
-        alpha = jnp.where(eta > 0, (1 - eta * lam) / safe_eta * (1 - 1 / beta), 0.0)
-        error = jnp.where(jnp.isfinite(target), target - new_w, 0.0)
-        mu = mu + alpha * rule.precondition(pre, error)
-      return new_w - w, mu, target
+      error = jnp.where((eta > 0) & jnp.isfinite(target), target - new_w, 0.0)
+      # (1 - eta*lambda) / eta, zero on eta = 0 steps: no debt can be expressed.
+      coef = jnp.where(eta > 0, (1 - eta * lam) / safe_eta, 0.0)
+      if mode == "eco":       # e_t ~ e_{t+1}: alpha * P(e)
+        mu = mu + coef * (1 - 1 / beta) * rule.precondition(pre, error)
+      elif mode == "eco_exact":  # delta_{t+1} - beta * delta_t with the stored e_t
+        # Use the error as it will be stored (bfloat16), so that the debt added now and
+        # the debt paid at the next step cancel exactly.
+        stored_error = qz.encode_residual(error, new, jax.random.fold_in(leaf_key, 1))
+        debt = qz.decode_residual(stored_error, new) / beta - qz.decode_residual(prev, p)
+        mu = mu - coef * rule.precondition(pre, debt)
+        prev = stored_error
+      return new_w - w, mu, target, prev
 
-    leaves = [treedef.flatten_up_to(t) for t in
-              (stored, base, steps, moments.mu, precond, decay,
-               _per_leaf(rule.beta, stored))]
-    out = [leaf_update(p, *rest) for p, *rest in zip(p_leaves, *leaves)]
-    new_updates, new_mu, new_master = (treedef.unflatten(x) for x in zip(*out))
+    per_leaf = [treedef.flatten_up_to(t) for t in
+                (stored, base, steps, moments.mu, precond, decay,
+                 _per_leaf(rule.beta, stored))]
+    previous = (treedef.flatten_up_to(state.previous_error)
+                if state.previous_error is not None else [None] * len(p_leaves))
+    out = [leaf_update(p, *rest) for p, *rest in zip(p_leaves, *per_leaf, previous)]
+    new_updates, new_mu, new_master, new_error = (treedef.unflatten(x) for x in zip(*out))
     moments = moments._replace(mu=new_mu)
-    master = new_master if mode == "master_weights" else None
-    return new_updates, ErrorFeedbackState(count, moments, master, key)
+    return new_updates, ErrorFeedbackState(
+        count, moments, new_master if mode == "master_weights" else None, key,
+        new_error if mode == "eco_exact" else None)
 
   return optax.GradientTransformation(init, update)

@@ -209,3 +209,68 @@ def test_stochastic_rounding_depends_on_the_seed_only():
   w = [np.asarray(r["w"].values, np.float32) for r in runs]
   np.testing.assert_array_equal(w[0], w[1])
   assert not np.array_equal(w[0], w[2])
+
+
+def _constant_gradient_lag(mode, steps=1500):
+  """Distance (in grid steps) by which the stored weights trail the master path.
+
+  SGDM on a constant gradient, int8 grid of step 1/127: each step moves the master
+  by eta * g = 0.02 grid steps, so RTN weights sit still for many steps at a time.
+  """
+  fmt = eco.int8("tensor", scale_policy="fixed", headroom=1.0)
+  start = 64 / 127                      # on the grid: no initial rounding error
+  q = eco.quantize_params({"w": jnp.full((4, 4), start).at[0, 0].set(1.0)}, fmt)
+  eta, g = 0.01, 2.0 / 127
+  tx = eco.sgdm(eta, 0.9, mode=mode)
+
+  def body(carry, _):
+    q, state = carry
+    updates, state = tx.update({"w": jnp.full((4, 4), g)}, state, q)
+    return (eco.apply_updates(q, updates), state), eco.dequantize_params(q)["w"][1, 1]
+
+  (q, _), path = jax.jit(lambda c: jax.lax.scan(body, c, None, steps))((q, tx.init(q)))
+  master = start - eta * g * (np.arange(steps) - 0.9 * (1 - 0.9 ** np.arange(steps)) / 0.1)
+  return np.abs(np.asarray(path) - master)[steps // 2:].max() * 127
+
+
+def test_exact_rule_keeps_rtn_weights_within_half_a_step_of_the_master_path():
+  lag = {m: _constant_gradient_lag(m) for m in ("naive", "eco", "eco_exact")}
+  print("lag in grid steps:", lag)
+  assert lag["eco_exact"] <= 0.55        # half a step, plus the bfloat16-stored errors
+  assert 3.0 < lag["eco"] < 6.0          # ~ beta/(1-beta) half steps
+  assert lag["naive"] > 25               # never moves: the master went 30 steps away
+
+
+def test_exact_rule_injection_on_two_steps():
+  """m = m~ - ((1 - eta*lambda)/eta) P(e_{t+1}/beta - e_t), e_t from the state.
+
+  The errors enter exactly as they are stored (bfloat16, stochastically rounded),
+  so that the debt added at one step is the debt paid at the next.
+  """
+  eta, beta, lam = 0.1, 0.9, 0.1
+  fmt = eco.int4("tensor", headroom=1.0)
+  q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, fmt)
+  g = {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
+  tx = eco.sgdm(eta, beta, weight_decay=lam, mode="eco_exact")
+  state = tx.init(q)
+  stored, m = [jnp.zeros((8, 8))], jnp.zeros((8, 8))
+  for _ in range(2):
+    w = q["w"].dequantize()
+    m_tilde = beta * m + (1 - beta) * g["w"]
+    updates, state = tx.update(g, state, q)
+    target = (1 - eta * lam) * w - eta * m_tilde
+    q = eco.apply_updates(q, updates)
+    error = target - q["w"].dequantize()
+    stored.append(qz.decode_residual(state.previous_error["w"], q["w"]))
+    # bfloat16 code units, stochastically rounded: within one bf16 step (2^-7 relative).
+    np.testing.assert_allclose(np.asarray(stored[-1]), np.asarray(error), rtol=2**-7, atol=1e-7)
+    m = m_tilde - (1 - eta * lam) / eta * (stored[-1] / beta - stored[-2])
+    np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(m),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_exact_rule_costs_two_bytes_per_parameter():
+  q = eco.quantize_params({"w": jnp.ones((256, 256))}, eco.fp8_e4m3("tensor"))
+  rep = eco.memory_report(q, eco.adamw(1e-3, mode="eco_exact").init(q))
+  assert rep.components["previous error"] == 2 * 256 * 256
+  assert rep.bytes_per_param == pytest.approx(11.0, abs=0.01)
