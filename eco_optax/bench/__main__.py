@@ -14,7 +14,7 @@ Table 1 set for FP8 E4M3 (row-wise scales) and INT4 (tensor-wise by default):
 ``<fmt>-naive-sr``        no master weights, stochastic rounding
 ``<fmt>-eco-rtn``         ECO: error injected into the momentum, round to nearest
 ``<fmt>-eco-sr``          ECO with stochastic rounding
-``<fmt>-eco-exact-rtn     `` ECO's exact rule (previous error kept, +2 B/param), round to nearest
+``<fmt>-eco-exact-rtn``   ECO's exact rule (previous error kept, +2 B/param), RTN
 ========================  ====================================================
 
 Each step takes the gradient at the stored weights ``Q(w)`` with one jitted
