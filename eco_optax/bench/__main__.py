@@ -50,7 +50,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt  # a headless machine gets the Agg backend by itself
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -59,9 +59,6 @@ import eco_optax as eco
 from eco_optax.bench import data as bdata
 from eco_optax.bench import model as bmodel
 from eco_optax.bench import step as bstep
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
 @dataclasses.dataclass(frozen=True)
