@@ -319,6 +319,20 @@ def initial_scale(x: jax.Array, fmt: QuantFormat) -> jax.Array:
       jnp.float32)
 
 
+def _code_absmax(values: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """``max|c|`` per scale group, in FP32, without converting every code.
+
+  Float formats are sign-magnitude, so the magnitudes order like their bits with
+  the sign bit cleared: reduce the integers, then decode only the maxima.
+  """
+  if fmt.is_integer:
+    return _group_absmax(values.astype(jnp.int8), fmt).astype(jnp.float32)
+  bits = jnp.dtype(f"uint{fmt.bits}")
+  sign_cleared = bits.type((1 << (fmt.bits - 1)) - 1)
+  top = _group_absmax(jax.lax.bitcast_convert_type(values, bits) & sign_cleared, fmt)
+  return jax.lax.bitcast_convert_type(top, fmt.dtype).astype(jnp.float32)
+
+
 def next_scale(q: QuantizedArray) -> jax.Array:
   """The scale ``s'`` of the next stored weights: a function of ``q`` alone.
 
@@ -329,7 +343,7 @@ def next_scale(q: QuantizedArray) -> jax.Array:
   if fmt.lossless or fmt.scale_policy == "fixed" or fmt.scaling == "none":
     return scale
   rho, h = fmt.max_value, fmt.headroom
-  code_max = _group_absmax(q.values.astype(jnp.float32), fmt)
+  code_max = _code_absmax(q.values, fmt)
   if fmt.scale_policy == "sticky":
     grown = jnp.where(code_max >= rho, scale * h, scale)
     shrink = (code_max > 0) & (code_max * h * h < rho) & (scale / h >= _MIN_SCALE)
@@ -384,19 +398,45 @@ def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
                    key: jax.Array | None) -> jax.Array:
   """Rounds ``y`` (in code units, already clipped to ``[-rho, rho]``) to codes.
 
-  Nearest: round half to even (``jnp.round`` for integers, the cast itself for
-  floats). Stochastic: with ``lo <= y < lo + delta`` the neighbouring grid points,
-  ``R(y) = lo + delta * [u < (y - lo) / delta]`` for ``u ~ U[0, 1)``, so
-  ``E[R(y)] = y``. It is computed in FP32 on the grid (``delta`` from the exponent
-  bits for floats) and cast once, exactly.
+  Returns the codes as FP32 values on the format's grid (the cast to the storage
+  dtype is then exact). With ``delta`` the grid spacing at ``y`` (1 for integers,
+  read off the exponent bits for floats), nearest is ``delta * round(y / delta)``,
+  half to even, which is the IEEE cast; stochastic is
+  ``R(y) = lo + delta * [u < (y - lo) / delta]`` with ``lo = delta * floor(y / delta)``
+  and ``u ~ U[0, 1)``, so ``E[R(y)] = y``.
   """
-  if rounding == "nearest":
-    return (jnp.round(y) if fmt.is_integer else y).astype(fmt.dtype)
   delta = 1.0 if fmt.is_integer else _float_grid_spacing(y, fmt)
-  steps = y / delta
+  steps = y * (1.0 / delta)                 # exact: delta is a power of two
+  if rounding == "nearest":
+    return jnp.round(steps) * delta
   lo = jnp.floor(steps)
   up = stochastic_uniform(key, y.shape) < steps - lo
-  return ((lo + up) * delta).astype(fmt.dtype)
+  return (lo + up) * delta
+
+
+def _store(x: jax.Array, scale: jax.Array, fmt: QuantFormat, rounding: Rounding,
+           key: jax.Array | None) -> tuple[QuantizedArray, jax.Array]:
+  """:func:`quantize_with_scale` and the FP32 value ``Q(x)`` it stores.
+
+  The value comes from the FP32 codes before the cast, bit-identical to
+  ``dequantize`` of the result, without converting the codes back.
+  """
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+  if rounding == "stochastic" and key is None and not fmt.lossless:
+    raise ValueError("stochastic rounding needs a PRNG key")
+  x = jnp.asarray(x, jnp.float32)
+  if fmt.lossless:
+    return QuantizedArray(x, jnp.ones((), jnp.float32), fmt), x
+  rho = fmt.max_value
+  s = _expand_scale(scale, fmt, x.ndim)
+  xb = _blocked(x, fmt)
+  y = jnp.clip(xb * (1.0 / s), -rho, rho)   # one division per scale, not per element
+  y = jnp.where(jnp.isfinite(y), y, 0.0)
+  codes = _round_to_grid(y, fmt, rounding, key)
+  stored = QuantizedArray(_unblocked(codes.astype(fmt.dtype), x.shape),
+                          scale.astype(jnp.float32), fmt)
+  return stored, _unblocked(codes * s, x.shape)
 
 
 def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: QuantFormat,
@@ -407,20 +447,7 @@ def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: QuantFormat,
   Non-finite entries of ``x`` become code 0; callers that must not lose weights
   (:func:`eco_optax.apply_updates`, the optimizers) replace them beforehand.
   """
-  if rounding not in ROUNDINGS:
-    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-  if rounding == "stochastic" and key is None and not fmt.lossless:
-    raise ValueError("stochastic rounding needs a PRNG key")
-  x = jnp.asarray(x, jnp.float32)
-  if fmt.lossless:
-    return QuantizedArray(x, jnp.ones((), jnp.float32), fmt)
-  rho = fmt.max_value
-  s = _expand_scale(scale, fmt, x.ndim)
-  xb = _blocked(x, fmt)
-  y = jnp.clip(xb * (1.0 / s), -rho, rho)   # one division per scale, not per element
-  y = jnp.where(jnp.isfinite(y), y, 0.0)
-  codes = _round_to_grid(y, fmt, rounding, key)
-  return QuantizedArray(_unblocked(codes, x.shape), scale.astype(jnp.float32), fmt)
+  return _store(x, scale, fmt, rounding, key)[0]
 
 
 def quantize(x: jax.Array, fmt: QuantFormat, rounding: Rounding = "nearest",
@@ -463,7 +490,8 @@ def encode_residual(residual: jax.Array, like: QuantizedArray,
   fmt = like.fmt
   codes = _blocked(residual.astype(jnp.float32), fmt) * (
       1.0 / _expand_scale(like.scale, fmt, residual.ndim))
-  return _round_to_grid(_unblocked(codes, residual.shape), bf16(), "stochastic", key)
+  return _round_to_grid(_unblocked(codes, residual.shape), bf16(), "stochastic",
+                        key).astype(jnp.bfloat16)
 
 
 def decode_residual(codes: jax.Array, like: QuantizedArray) -> jax.Array:
@@ -479,5 +507,18 @@ def requantize(q: QuantizedArray, target: jax.Array,
   Entries of ``target`` that are not finite keep their stored value, so a bad
   gradient can never write NaN or inf into the weights.
   """
-  target = jnp.where(jnp.isfinite(target), target, dequantize(q))
-  return quantize_with_scale(target, next_scale(q), q.fmt, rounding, key)
+  return requantize_with_value(q, target, rounding, key)[0]
+
+
+def requantize_with_value(q: QuantizedArray, target: jax.Array,
+                          rounding: Rounding = "nearest",
+                          key: jax.Array | None = None,
+                          stored: jax.Array | None = None
+                          ) -> tuple[QuantizedArray, jax.Array]:
+  """:func:`requantize` and the FP32 value of the result (``dequantize`` of it).
+
+  ``stored``, the FP32 value of ``q``, may be passed when the caller has it.
+  """
+  stored = dequantize(q) if stored is None else stored
+  target = jnp.where(jnp.isfinite(target), target, stored)
+  return _store(target, next_scale(q), q.fmt, rounding, key)

@@ -213,8 +213,7 @@ def error_feedback(
       if p.fmt.lossless:
         return step, mu, target, None
       leaf_key = next(leaf_keys)
-      new = qz.requantize(p, target, rounding, leaf_key)
-      new_w = qz.dequantize(new)
+      new, new_w = qz.requantize_with_value(p, target, rounding, leaf_key, stored=w)
       error = jnp.where((eta > 0) & jnp.isfinite(target), target - new_w, 0.0)
       # (1 - eta*lambda) / eta, zero on eta = 0 steps: no debt can be expressed.
       coef = jnp.where(eta > 0, (1 - eta * lam) / safe_eta, 0.0)

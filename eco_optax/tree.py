@@ -174,7 +174,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
     if not is_quantized(p):
       return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
     old = qz.dequantize(p)
-    new = qz.requantize(p, old + u.astype(jnp.float32))
+    new, _ = qz.requantize_with_value(p, old + u.astype(jnp.float32), stored=old)
     unchanged = jnp.all(u == 0)
     return jax.tree.map(lambda a, b: jnp.where(unchanged, a, b), p, new)
 

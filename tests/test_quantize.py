@@ -237,3 +237,26 @@ def test_bf16_format_is_unscaled_bfloat16(rounding):
   assert float(qz.next_scale(q)) == 1.0
   if rounding == "nearest":
     np.testing.assert_array_equal(np.asarray(q.values), np.asarray(x.astype(jnp.bfloat16)))
+
+
+@pytest.mark.parametrize("fmt", [eco.fp8_e4m3("tensor", headroom=1.0),
+                                 eco.fp8_e5m2("tensor", headroom=1.0), eco.bf16()],
+                         ids=["e4m3", "e5m2", "bf16"])
+def test_nearest_rounding_on_the_fp32_grid_is_the_ieee_cast(fmt):
+  """Codes are rounded in FP32 then cast exactly: the same as the cast's own RNE."""
+  x = jnp.concatenate([jax.random.normal(jax.random.key(0), (4096,)) * 10.0 ** k
+                       for k in range(-6, 4)]).reshape(40, 1024)
+  y = jnp.clip(x, -fmt.max_value, fmt.max_value)
+  q = qz.quantize_with_scale(x, jnp.asarray(1.0), fmt)
+  np.testing.assert_array_equal(np.asarray(q.values.astype(jnp.float32)),
+                                np.asarray(y.astype(fmt.dtype).astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("fmt", [eco.fp8_e4m3("block", block_size=16), eco.fp8_e5m2(),
+                                 eco.int8(), eco.int4("channel")], ids=["e4m3", "e5m2", "int8", "int4"])
+def test_code_absmax_reads_the_bits_right(fmt):
+  q = eco.quantize_array(jax.random.normal(jax.random.key(1), (32, 64)), fmt)
+  np.testing.assert_array_equal(np.asarray(qz._code_absmax(q.values, fmt)),
+                                np.asarray(qz._group_absmax(q.values.astype(jnp.float32), fmt)))
+  value, stored = qz.requantize_with_value(q, q.dequantize() * 1.3)
+  np.testing.assert_array_equal(np.asarray(value.dequantize()), np.asarray(stored))
