@@ -56,11 +56,11 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
   assert results["fp32"]["bytes_per_param"] == pytest.approx(12.0, abs=0.01)
   assert results["fp8-eco-sr"]["bytes_per_param"] < results["fp8-mw"]["bytes_per_param"]
   assert {c["verdict"] for c in report["checks"]} <= {"PASS", "MISS"}
-  assert len(report["checks"]) == 7
+  assert len(report["checks"]) == 8
   assert (tmp_path / "curves.png").stat().st_size > 10_000
   out = capsys.readouterr().out
   assert all(name in out for name in bench.METHODS)
-  assert out.count("PASS") + out.count("MISS") >= 7
+  assert out.count("PASS") + out.count("MISS") >= 8
 
 
 def test_target_checks_report_misses_and_skips():
@@ -72,6 +72,7 @@ def test_target_checks_report_misses_and_skips():
   assert verdicts == {
       "fp8-eco-sr within +0.2% of fp8-mw": "MISS",
       "fp8-eco-rtn within +1.0% of fp8-mw": "PASS",
+      "fp8-eco-exact-rtn within +1.0% of fp8-mw": "SKIP",
       "int4-eco-sr within +2.0% of int4-mw": "SKIP",
       "fp8-naive-rtn visibly worse than fp8-mw (> +1%)": "PASS",
       "fp8-eco-rtn never worse than fp8-naive-rtn": "PASS",
