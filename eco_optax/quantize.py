@@ -414,6 +414,11 @@ def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
   return (lo + up) * delta
 
 
+def _code_units(x: jax.Array, scale: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """``x / s`` in the :func:`_blocked` view: one division per scale, not per element."""
+  return _blocked(x.astype(jnp.float32), fmt) * (1.0 / _expand_scale(scale, fmt, x.ndim))
+
+
 def _store(x: jax.Array, scale: jax.Array, fmt: QuantFormat, rounding: Rounding,
            key: jax.Array | None) -> tuple[QuantizedArray, jax.Array]:
   """:func:`quantize_with_scale` and the FP32 value ``Q(x)`` it stores.
@@ -429,14 +434,12 @@ def _store(x: jax.Array, scale: jax.Array, fmt: QuantFormat, rounding: Rounding,
   if fmt.lossless:
     return QuantizedArray(x, jnp.ones((), jnp.float32), fmt), x
   rho = fmt.max_value
-  s = _expand_scale(scale, fmt, x.ndim)
-  xb = _blocked(x, fmt)
-  y = jnp.clip(xb * (1.0 / s), -rho, rho)   # one division per scale, not per element
+  y = jnp.clip(_code_units(x, scale, fmt), -rho, rho)
   y = jnp.where(jnp.isfinite(y), y, 0.0)
   codes = _round_to_grid(y, fmt, rounding, key)
   stored = QuantizedArray(_unblocked(codes.astype(fmt.dtype), x.shape),
                           scale.astype(jnp.float32), fmt)
-  return stored, _unblocked(codes * s, x.shape)
+  return stored, _unblocked(codes * _expand_scale(scale, fmt, x.ndim), x.shape)
 
 
 def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: QuantFormat,
@@ -487,11 +490,8 @@ def encode_residual(residual: jax.Array, like: QuantizedArray,
   It is rounded stochastically: the residuals of a weight that sits still grow
   step after step, and round-to-nearest would bias every one the same way.
   """
-  fmt = like.fmt
-  codes = _blocked(residual.astype(jnp.float32), fmt) * (
-      1.0 / _expand_scale(like.scale, fmt, residual.ndim))
-  return _round_to_grid(_unblocked(codes, residual.shape), bf16(), "stochastic",
-                        key).astype(jnp.bfloat16)
+  codes = _unblocked(_code_units(residual, like.scale, like.fmt), residual.shape)
+  return _round_to_grid(codes, bf16(), "stochastic", key).astype(jnp.bfloat16)
 
 
 def decode_residual(codes: jax.Array, like: QuantizedArray) -> jax.Array:
