@@ -104,6 +104,7 @@ class BenchConfig:
   timing_repeats: int = 30
   seed: int = 0
   optimizer: str = "adamw"
+  muon_consistent_rms: float | None = None
 
 
 DEFAULT = BenchConfig()
@@ -144,7 +145,8 @@ def make_optimizer(method: Method, cfg: BenchConfig) -> optax.GradientTransforma
   plain, ours, hyper = {
       "adamw": (optax.adamw, eco.adamw, dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd)),
       "muon": (optax.contrib.muon, eco.muon, dict(eps=cfg.eps, weight_decay=wd, adam_b1=cfg.b1,
-                                                  adam_b2=cfg.b2, adam_weight_decay=wd)),
+                                                  adam_b2=cfg.b2, adam_weight_decay=wd,
+                                                  consistent_rms=cfg.muon_consistent_rms)),
       "lion": (optax.lion, eco.lion, dict(weight_decay=wd)),
   }[cfg.optimizer]
   if method.fmt is None:
@@ -337,6 +339,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="initial scale and growth factor h; default: the format's own")
   p.add_argument("--block-size", type=int, default=32, help="for --*-scaling block")
   p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw")
+  p.add_argument("--muon-consistent-rms", type=float,
+                 help="Muon's matrix steps scaled to this RMS (0.2: AdamW's, so that one "
+                      "learning rate suits both); default: optax's shape scaling")
   p.add_argument("--quantize-embedding", action="store_true",
                  help="also store the tied embedding quantized")
   for field in ("steps", "batch_size", "learning_rate", "eval_every", "seed", "weight_decay"):
