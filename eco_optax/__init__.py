@@ -23,7 +23,7 @@ from eco_optax import transform
 from eco_optax.alias import adam, adamw, lion, muon, sgdm
 from eco_optax.memory import MemoryReport, memory_report
 from eco_optax.quantize import (QuantFormat, QuantizedArray, bf16, dequantize,
-                                fp8_e4m3, fp8_e5m2, int4, int8, lossless)
+                                fp4_e2m1, fp8_e4m3, fp8_e5m2, int4, int8, lossless)
 from eco_optax.quantize import quantize as quantize_array
 from eco_optax.transform import ErrorFeedbackState, error_feedback
 from eco_optax.tree import (apply_updates, default_policy, dequantize_params,
@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MemoryReport", "QuantFormat", "QuantizedArray", "ErrorFeedbackState",
     "adam", "adamw", "apply_updates", "bf16", "default_policy", "dequantize",
-    "dequantize_params", "error_feedback", "fp8_e4m3", "fp8_e5m2", "int4",
+    "dequantize_params", "error_feedback", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "int4",
     "int8", "is_quantized", "lion", "lossless", "memory_report", "muon",
     "quantize_array", "quantize_params", "rules", "sgdm", "transform",
 ]

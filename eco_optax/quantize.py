@@ -1,9 +1,10 @@
 """Low-precision storage formats, scales and rounding.
 
 A :class:`QuantFormat` says how one tensor is stored: its ml_dtypes storage dtype
-(``float8_e4m3fn``, ``float8_e5m2``, ``int8``, ``int4``, or ``float32`` for the
-lossless reference format), the granularity of its FP32 scales, and the *scale
-policy* that decides how the scale moves as training changes the weights.
+(``float8_e4m3fn``, ``float8_e5m2``, ``int8``, ``int4``, ``float4_e2m1fn``, or
+``float32`` for the lossless reference format), the granularity of its scales and
+the dtype they are stored in, and the *scale policy* that decides how the scale
+moves as training changes the weights.
 
 A tensor ``x`` is stored as a :class:`QuantizedArray` of codes ``c`` and scales
 ``s`` with the symmetric absmax quantizer of the paper::
@@ -11,7 +12,7 @@ A tensor ``x`` is stored as a :class:`QuantizedArray` of codes ``c`` and scales
     s = headroom * max|x| / rho,      c = R(x / s) in the format's grid,   Q(x) = s * c
 
 where ``rho`` is the format's largest finite magnitude (448 for E4M3, 57344 for
-E5M2, 127 for INT8, 7 for INT4) and ``R`` rounds to nearest (even) or
+E5M2, 127 for INT8, 7 for INT4, 6 for E2M1) and ``R`` rounds to nearest (even) or
 stochastically (``E[R(y)] = y``). Values beyond ``rho * s`` saturate to
 ``+-rho`` *before* the cast: ``float8_e4m3fn`` has no infinity and a cast of an
 overflowing value gives NaN, and float-to-int casts truncate, so every cast here
@@ -26,8 +27,23 @@ of step ``t`` only (delayed scaling, as in FP8 training recipes)::
               s' = s            otherwise
     dynamic:  s' = h * max|c| * s / rho                      (absmax every step, with headroom h)
 
+then encoded in the scale dtype as above (a no-op for FP32 scales).
+
 Float formats round every absmax scale up to a power of two (no precision is
 lost: a float grid looks the same in every binade).
+
+Scale storage. Scales are FP32 unless the format says otherwise: the FP4 formats
+of :func:`fp4_e2m1` store one byte per block, MXFP4 a power of two in
+``float8_e8m0fnu``, NVFP4 an ``float8_e4m3fn`` code ``b`` times one FP32 tensor
+scale ``S`` per tensor (:attr:`QuantizedArray.tensor_scale`)::
+
+    s = b * S,     b = ceil_e4m3(s~ / S) in [2^-9, 448],     S = 2^ceil(log2(h * max s~ / 448))
+
+where ``s~`` is the FP32 scale the policy asks for, rounded *up* onto the scale
+grid so that no element saturates that would not have. ``S`` leaves the largest
+block scale a factor ``h`` below 448: room for one sticky growth step; the
+policies move ``S`` by the same rules as the block scales (below, with 448 in
+place of ``rho``), which keeps every block scale representable.
 
 Because ``s'`` depends only on what is stored, :func:`eco_optax.apply_updates` can
 recompute it bit for bit without access to the optimizer state, and an update
@@ -51,13 +67,23 @@ Scaling = Literal["tensor", "channel", "block", "none"]
 ScalePolicy = Literal["fixed", "sticky", "dynamic"]
 Rounding = Literal["nearest", "stochastic"]
 
+Fp4Style = Literal["mxfp4", "nvfp4"]
+
 SCALINGS = ("tensor", "channel", "block", "none")
 SCALE_POLICIES = ("fixed", "sticky", "dynamic")
 ROUNDINGS = ("nearest", "stochastic")
+# Scale storage: FP32, a power of two (E8M0, MXFP4), or E4M3 times an FP32 tensor scale (NVFP4).
+SCALE_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.float8_e8m0fnu),
+                np.dtype(ml_dtypes.float8_e4m3fn))
+FP4_STYLES = ("mxfp4", "nvfp4")
 
 # Scales below this are treated as "no scale yet": dividing by an FP32 subnormal
 # overflows (and XLA flushes subnormals to zero on CPU and GPU).
 _MIN_SCALE = float(np.finfo(np.float32).tiny)
+# E4M3 block scale codes of two-level (NVFP4) scales: the smallest positive one
+# (subnormal) and the largest. A block scale is never zero and never NaN.
+_E4M3_TINY = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).smallest_subnormal)
+_E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +102,9 @@ class QuantFormat:
     block_size: elements per block for ``scaling="block"``.
     scale_policy: ``"fixed"``, ``"sticky"`` or ``"dynamic"`` (module docstring).
     headroom: ``h`` above: initial scale ``h * absmax / rho`` and growth factor.
+    scale_dtype: storage dtype of the scales (:data:`SCALE_DTYPES`): ``float32``,
+      ``float8_e8m0fnu`` (powers of two) or ``float8_e4m3fn`` (block scale codes
+      times an FP32 tensor scale, :attr:`has_tensor_scale`).
   """
 
   name: str
@@ -85,9 +114,17 @@ class QuantFormat:
   block_size: int = 32
   scale_policy: ScalePolicy = "sticky"
   headroom: float = 2.0
+  scale_dtype: np.dtype = np.dtype(np.float32)
 
   def __post_init__(self):
     object.__setattr__(self, "dtype", np.dtype(self.dtype))
+    object.__setattr__(self, "scale_dtype", np.dtype(self.scale_dtype))
+    if self.scale_dtype not in SCALE_DTYPES:
+      raise ValueError(f"{self.name}: scale_dtype must be one of "
+                       f"{[d.name for d in SCALE_DTYPES]}, got {self.scale_dtype.name}")
+    if self.scale_dtype != np.float32 and (self.lossless or self.scaling == "none"):
+      raise ValueError(f"{self.name}: scale_dtype={self.scale_dtype.name} needs "
+                       f"scales, but the format is unscaled")
     if self.scaling not in SCALINGS:
       raise ValueError(
           f"{self.name}: scaling must be one of {SCALINGS}, got {self.scaling!r}")
@@ -103,6 +140,11 @@ class QuantFormat:
   def lossless(self) -> bool:
     """True for the float32 reference format: no scale, no rounding."""
     return self.dtype == np.dtype(np.float32)
+
+  @property
+  def has_tensor_scale(self) -> bool:
+    """True when E4M3 scale codes are multiplied by an FP32 tensor scale (NVFP4)."""
+    return self.scale_dtype == ml_dtypes.float8_e4m3fn
 
   @property
   def is_integer(self) -> bool:
@@ -129,7 +171,7 @@ class QuantFormat:
     return int(ml_dtypes.finfo(self.dtype).bits)
 
   def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the FP32 scale array of a tensor of ``shape``."""
+    """Shape of the scale array (``QuantizedArray.scale``) of a tensor of ``shape``."""
     if self.lossless or self.scaling in ("tensor", "none"):
       return ()
     axis = _normalize_axis(self.axis, len(shape), self.name)
@@ -210,6 +252,55 @@ def int4(scaling: Scaling = "tensor", *, block_size: int = 32,
                headroom, axis)
 
 
+def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
+             block_size: int | None = None, scale_policy: ScalePolicy = "sticky",
+             headroom: float = 2.0) -> QuantFormat:
+  """FP4 E2M1 weights with one-byte block scales: OCP MXFP4 or NVIDIA NVFP4.
+
+  Elements are ``float4_e2m1fn`` (magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6, so
+  ``rho = 6``; 4 bits, packed). ``style`` picks the block scales:
+
+  * ``"mxfp4"`` (OCP Microscaling): blocks of 32, each scale a power of two
+    stored in ``float8_e8m0fnu``: 4 + 8/32 = 4.25 bits per parameter.
+  * ``"nvfp4"``: blocks of 16, each scale ``s = b * S``, an ``float8_e4m3fn``
+    code ``b`` per block times one FP32 tensor scale ``S`` (module docstring):
+    4 + 8/16 = 4.5 bits per parameter, plus 4 bytes per tensor.
+
+  Blocks run along ``axis=0``, not ``-1`` as for :func:`int4` block scales: MX and
+  NVFP4 matmuls scale blocks along the contraction dimension, and for a Flax
+  ``(in, out)`` kernel (``y = x @ W``) that is axis 0, the input features. (INT4
+  here is a storage format only; its blocks follow the paper's row-wise scales.)
+  Pass ``axis=-1`` for ``(out, in)`` (PyTorch-style) weights. The axis must be a
+  multiple of ``block_size`` (32 or 16 unless given).
+
+  The default policy is ``sticky`` with ``h = 2``, as for FP8: with power-of-two
+  steps a rescale is exact for every normal code, and a scale computed from the
+  stored weights only cannot chase its own update. FP4 blocks are small, so a
+  block's absmax moves often and ``dynamic`` rescales (rounding every code
+  again) far more often than ``sticky``.
+
+  Example:
+    >>> import jax.numpy as jnp, eco_optax as eco
+    >>> fmt = eco.fp4_e2m1("nvfp4")
+    >>> fmt.block_size, fmt.scale_shape((64, 128))     # blocks of 16 along axis 0
+    (16, (4, 128))
+    >>> q = eco.quantize_array(jnp.array([[0.5, -6.0], [5.0, 2.5]] * 8), eco.fp4_e2m1(
+    ...     "mxfp4", headroom=1.0, block_size=16))
+    >>> q.values.dtype, q.scale.dtype, float(q.scale[0, 0])
+    (dtype(float4_e2m1fn), dtype(float8_e8m0fnu), 1.0)
+    >>> q.dequantize()[:2].tolist()                     # 5 -> 4: half to even on the grid
+    [[0.5, -6.0], [4.0, 2.0]]
+  """
+  if style not in FP4_STYLES:
+    raise ValueError(f"fp4_e2m1: style must be one of {FP4_STYLES}, got {style!r}")
+  mx = style == "mxfp4"
+  return QuantFormat(
+      name=style, dtype=ml_dtypes.float4_e2m1fn, scaling="block", axis=axis,
+      block_size=(32 if mx else 16) if block_size is None else block_size,
+      scale_policy=scale_policy, headroom=headroom,
+      scale_dtype=ml_dtypes.float8_e8m0fnu if mx else ml_dtypes.float8_e4m3fn)
+
+
 def bf16() -> QuantFormat:
   """bfloat16 storage, unscaled: BF16 training, with or without a master copy.
 
@@ -234,14 +325,20 @@ def lossless() -> QuantFormat:
 class QuantizedArray:
   """A tensor stored as ``values * scale`` in a low-precision format.
 
-  ``values`` has the tensor's shape and the format's dtype; ``scale`` is FP32 with
-  :meth:`QuantFormat.scale_shape`. ``fmt`` is static pytree metadata, so a tree of
-  ``QuantizedArray`` goes through ``jit``, ``jax.device_put`` and sharding as-is.
+  ``values`` has the tensor's shape and the format's dtype; ``scale`` has
+  :meth:`QuantFormat.scale_shape` and the format's ``scale_dtype`` (FP32 unless
+  the format stores its scales in 8 bits). ``tensor_scale`` is the FP32 scalar
+  ``S`` of two-level (NVFP4) scales and ``None`` otherwise; the FP32 scale is
+  then :attr:`effective_scale` ``= scale * S``. ``fmt`` is static pytree
+  metadata, so a tree of ``QuantizedArray`` goes through ``jit``,
+  ``jax.device_put`` and sharding as-is (copy one with ``dataclasses.replace``
+  to keep its ``tensor_scale``).
   """
 
   values: jax.Array
   scale: jax.Array
   fmt: QuantFormat = dataclasses.field(metadata=dict(static=True))
+  tensor_scale: jax.Array | None = None
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -251,9 +348,20 @@ class QuantizedArray:
   def size(self) -> int:
     return int(np.prod(self.shape))
 
+  @property
+  def effective_scale(self) -> jax.Array:
+    """The FP32 scale ``s`` of ``Q(x) = s * c``, shaped like ``scale``."""
+    return _decode_scale(self.scale, self.tensor_scale)
+
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """``Q(x) = s * c`` in ``dtype`` (float32 by default)."""
     return dequantize(self, dtype)
+
+
+def _decode_scale(scale: jax.Array, tensor_scale: jax.Array | None) -> jax.Array:
+  """FP32 scales from stored ones: ``b * S`` (exact: ``S`` is a power of two)."""
+  scale = scale.astype(jnp.float32)
+  return scale if tensor_scale is None else scale * tensor_scale
 
 
 def _blocked(x: jax.Array, fmt: QuantFormat) -> jax.Array:
@@ -290,33 +398,102 @@ def _group_absmax(x: jax.Array, fmt: QuantFormat) -> jax.Array:
   return jnp.max(_blocked(ax, fmt), axis=axis + 1)
 
 
+def _round_up_pow2(x: jax.Array) -> jax.Array:
+  """The smallest power of two ``>= x`` for FP32 ``x >= 0``; 0 stays 0.
+
+  Adding ``2^23 - 1`` to the bits carries any nonzero mantissa into the exponent.
+  Subnormals round up to ``2^-126``; inf stays inf.
+  """
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+  return jax.lax.bitcast_convert_type(
+      ((bits + jnp.uint32(0x7FFFFF)) >> 23) << 23, jnp.float32)
+
+
 def _absmax_scale(amax: jax.Array, fmt: QuantFormat) -> jax.Array:
   """``h * amax / rho``, rounded up to a power of two for float formats.
 
   A float grid is scale-invariant across binades, so a power-of-two scale costs
   no precision, keeps round numbers exact, and makes every later power-of-two
-  rescale (the sticky policy with ``h = 2``) exact.
+  rescale (the sticky policy with ``h = 2``) exact. Two-level (NVFP4) scales are
+  left as they are: their E4M3 codes have mantissa bits of their own, and
+  :func:`_encode_scale` rounds them up onto that finer grid.
   """
   scale = fmt.headroom * amax / fmt.max_value
-  if fmt.is_integer:
+  if fmt.is_integer or fmt.has_tensor_scale:
     return scale
-  mantissa, exponent = jnp.frexp(scale)          # scale = mantissa * 2**exponent
-  return jnp.ldexp(jnp.ones_like(scale),
-                   jnp.where(mantissa == 0.5, exponent - 1, exponent))
+  return _round_up_pow2(scale)
+
+
+def _largest_pow2_below(limit: float) -> float:
+  return float(2.0 ** np.floor(np.log2(limit)))
+
+
+def _grid_ceil(y: jax.Array, dtype: np.dtype) -> jax.Array:
+  """``y >= 0`` rounded up onto the grid of the float ``dtype`` (not clipped)."""
+  delta = _float_grid_spacing(y, dtype)
+  return jnp.ceil(y * (1.0 / delta)) * delta
+
+
+def _clip_tensor_scale(tensor_scale: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """A power of two with every ``b * S`` and ``rho * b * S`` a normal finite FP32."""
+  top = _largest_pow2_below(float(np.finfo(np.float32).max) / (_E4M3_MAX * fmt.max_value))
+  return jnp.clip(_round_up_pow2(tensor_scale), _MIN_SCALE / _E4M3_TINY, top)
+
+
+def _tensor_scale(scale: jax.Array, active: jax.Array | None,
+                  fmt: QuantFormat) -> jax.Array:
+  """``S = 2^ceil(log2(h * max s / 448))`` over the ``active`` groups (all if none is)."""
+  if active is not None:
+    scale = jnp.where(jnp.any(active) & ~active, 0.0, scale)
+  return _clip_tensor_scale(fmt.headroom * jnp.max(scale) / _E4M3_MAX, fmt)
+
+
+def _encode_scale(scale: jax.Array, fmt: QuantFormat,
+                  tensor_scale: jax.Array | None = None,
+                  active: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array | None]:
+  """FP32 scales as stored: ``(scale in fmt.scale_dtype, tensor scale or None)``.
+
+  Rounds *up* (a stored scale never makes an element saturate that the requested
+  one would not): E8M0 to a power of two with ``rho * s`` finite; E4M3 to
+  ``b = ceil_e4m3(s / S)`` in ``[2^-9, 448]`` with the given tensor scale ``S``,
+  or, when it is None, ``S`` chosen from the ``active`` groups by
+  :func:`_tensor_scale`. FP32 scales are returned as they are.
+  """
+  scale = jnp.asarray(scale, jnp.float32)
+  if fmt.scale_dtype == np.float32:
+    return scale, None
+  if not fmt.has_tensor_scale:
+    top = _largest_pow2_below(float(np.finfo(np.float32).max) / fmt.max_value)
+    return jnp.clip(_round_up_pow2(scale), _MIN_SCALE, top).astype(fmt.scale_dtype), None
+  if tensor_scale is None:
+    tensor_scale = _tensor_scale(scale, active, fmt)
+  codes = _grid_ceil(scale * (1.0 / tensor_scale), fmt.scale_dtype)
+  codes = jnp.clip(codes, _E4M3_TINY, _E4M3_MAX).astype(fmt.scale_dtype)
+  return codes, tensor_scale.astype(jnp.float32)
+
+
+def _initial_scales(x: jax.Array, fmt: QuantFormat
+                    ) -> tuple[jax.Array, jax.Array | None]:
+  """:func:`initial_scale` as stored: ``(scale, tensor scale or None)``."""
+  if fmt.lossless or fmt.scaling == "none":
+    return jnp.ones((), jnp.float32), None
+  scale = _absmax_scale(_group_absmax(x.astype(jnp.float32), fmt), fmt)
+  active = scale >= _MIN_SCALE
+  return _encode_scale(jnp.where(active, scale, 1.0 / fmt.max_value), fmt,
+                       active=active)
 
 
 def initial_scale(x: jax.Array, fmt: QuantFormat) -> jax.Array:
-  """``s_0 = h * max|x| / rho`` per group; an all-zero group gets ``1 / rho``.
+  """``s_0 = h * max|x| / rho`` per group (FP32); an all-zero group gets ``1 / rho``.
 
-  Float formats round ``s_0`` up to a power of two. A zero scale would freeze a
-  group at zero forever (nothing stored to rescale from), so an all-zero group
-  starts with the range ``[-1, 1]``.
+  Float formats round ``s_0`` up to a power of two, formats with 8-bit scales
+  round it up onto their scale grid (module docstring; NVFP4's tensor scale is
+  chosen from the nonzero groups). A zero scale would freeze a group at zero
+  forever (nothing stored to rescale from), so an all-zero group starts with the
+  range ``[-1, 1]`` (or the largest block scale NVFP4's tensor scale allows).
   """
-  if fmt.lossless or fmt.scaling == "none":
-    return jnp.ones((), jnp.float32)
-  scale = _absmax_scale(_group_absmax(x.astype(jnp.float32), fmt), fmt)
-  return jnp.where(scale >= _MIN_SCALE, scale, 1.0 / fmt.max_value).astype(
-      jnp.float32)
+  return _decode_scale(*_initial_scales(x, fmt))
 
 
 def _code_absmax(values: jax.Array, fmt: QuantFormat) -> jax.Array:
@@ -333,23 +510,42 @@ def _code_absmax(values: jax.Array, fmt: QuantFormat) -> jax.Array:
   return jax.lax.bitcast_convert_type(top, fmt.dtype).astype(jnp.float32)
 
 
-def next_scale(q: QuantizedArray) -> jax.Array:
-  """The scale ``s'`` of the next stored weights: a function of ``q`` alone.
+def _sticky(scale: jax.Array, grow: jax.Array, used: jax.Array, limit: float,
+            h: float, floor: float) -> jax.Array:
+  """``scale * h`` where ``grow``; ``scale / h`` where ``0 < used < limit / h**2``."""
+  shrink = (used > 0) & (used * h * h < limit) & (scale / h >= floor)
+  return jnp.where(shrink, scale / h, jnp.where(grow, scale * h, scale))
 
-  Implements the ``fixed`` / ``sticky`` / ``dynamic`` policies of the module
-  docstring. Groups whose codes are all zero keep their scale.
-  """
-  fmt, scale = q.fmt, q.scale
+
+def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
+  """:func:`next_scale` as stored: ``(scale, tensor scale or None)``."""
+  fmt = q.fmt
   if fmt.lossless or fmt.scale_policy == "fixed" or fmt.scaling == "none":
-    return scale
-  rho, h = fmt.max_value, fmt.headroom
+    return q.scale, q.tensor_scale
+  rho, h, scale = fmt.max_value, fmt.headroom, q.effective_scale
   code_max = _code_absmax(q.values, fmt)
   if fmt.scale_policy == "sticky":
-    grown = jnp.where(code_max >= rho, scale * h, scale)
-    shrink = (code_max > 0) & (code_max * h * h < rho) & (scale / h >= _MIN_SCALE)
-    return jnp.where(shrink, scale / h, grown).astype(jnp.float32)
-  new = _absmax_scale(code_max * scale, fmt)
-  return jnp.where(new >= _MIN_SCALE, new, scale).astype(jnp.float32)
+    new = _sticky(scale, code_max >= rho, code_max, rho, h, _MIN_SCALE)
+  else:
+    new = _absmax_scale(code_max * scale, fmt)
+    new = jnp.where(new >= _MIN_SCALE, new, scale)
+  tensor_scale = None                    # dynamic: chosen again from the new scales
+  if fmt.has_tensor_scale and fmt.scale_policy == "sticky":
+    old = q.tensor_scale
+    used = jnp.max(jnp.where(code_max > 0, new, 0.0)) / old   # largest block code
+    tensor_scale = _clip_tensor_scale(
+        _sticky(old, used > _E4M3_MAX, used, _E4M3_MAX, h, 0.0), fmt)
+  return _encode_scale(new, fmt, tensor_scale, active=code_max > 0)
+
+
+def next_scale(q: QuantizedArray) -> jax.Array:
+  """The FP32 scale ``s'`` of the next stored weights: a function of ``q`` alone.
+
+  Implements the ``fixed`` / ``sticky`` / ``dynamic`` policies of the module
+  docstring. Groups whose codes are all zero keep their scale (up to the
+  tensor scale of NVFP4, which moves with the other groups).
+  """
+  return _decode_scale(*_next_scales(q))
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -383,12 +579,12 @@ def stochastic_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
-def _float_grid_spacing(y: jax.Array, fmt: QuantFormat) -> jax.Array:
-  """Distance between the float-format grid points around ``|y|`` (code units).
+def _float_grid_spacing(y: jax.Array, dtype: np.dtype) -> jax.Array:
+  """Distance between the grid points of the float ``dtype`` around ``|y|``.
 
   ``2^(max(floor(log2|y|), minexp) - nmant)``, read off the FP32 exponent bits.
   """
-  info = ml_dtypes.finfo(fmt.dtype)
+  info = ml_dtypes.finfo(dtype)
   exponent = (jax.lax.bitcast_convert_type(jnp.abs(y), jnp.int32) >> 23) - 127
   exponent = jnp.maximum(exponent, info.minexp) - info.nmant
   return jax.lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32)
@@ -405,7 +601,7 @@ def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
   ``R(y) = lo + delta * [u < (y - lo) / delta]`` with ``lo = delta * floor(y / delta)``
   and ``u ~ U[0, 1)``, so ``E[R(y)] = y``.
   """
-  delta = 1.0 if fmt.is_integer else _float_grid_spacing(y, fmt)
+  delta = 1.0 if fmt.is_integer else _float_grid_spacing(y, fmt.dtype)
   steps = y * (1.0 / delta)                 # exact: delta is a power of two
   if rounding == "nearest":
     return jnp.round(steps) * delta
@@ -419,9 +615,10 @@ def _code_units(x: jax.Array, scale: jax.Array, fmt: QuantFormat) -> jax.Array:
   return _blocked(x.astype(jnp.float32), fmt) * (1.0 / _expand_scale(scale, fmt, x.ndim))
 
 
-def _store(x: jax.Array, scale: jax.Array, fmt: QuantFormat, rounding: Rounding,
+def _store(x: jax.Array, scale: jax.Array, tensor_scale: jax.Array | None,
+           fmt: QuantFormat, rounding: Rounding,
            key: jax.Array | None) -> tuple[QuantizedArray, jax.Array]:
-  """:func:`quantize_with_scale` and the FP32 value ``Q(x)`` it stores.
+  """Stores ``x`` with stored-form scales; returns it and the FP32 value ``Q(x)``.
 
   The value comes from the FP32 codes before the cast, bit-identical to
   ``dequantize`` of the result, without converting the codes back.
@@ -433,24 +630,26 @@ def _store(x: jax.Array, scale: jax.Array, fmt: QuantFormat, rounding: Rounding,
   x = jnp.asarray(x, jnp.float32)
   if fmt.lossless:
     return QuantizedArray(x, jnp.ones((), jnp.float32), fmt), x
-  rho = fmt.max_value
-  y = jnp.clip(_code_units(x, scale, fmt), -rho, rho)
+  rho, fp32_scale = fmt.max_value, _decode_scale(scale, tensor_scale)
+  y = jnp.clip(_code_units(x, fp32_scale, fmt), -rho, rho)
   y = jnp.where(jnp.isfinite(y), y, 0.0)
   codes = _round_to_grid(y, fmt, rounding, key)
-  stored = QuantizedArray(_unblocked(codes.astype(fmt.dtype), x.shape),
-                          scale.astype(jnp.float32), fmt)
-  return stored, _unblocked(codes * _expand_scale(scale, fmt, x.ndim), x.shape)
+  stored = QuantizedArray(_unblocked(codes.astype(fmt.dtype), x.shape), scale, fmt,
+                          tensor_scale)
+  return stored, _unblocked(codes * _expand_scale(fp32_scale, fmt, x.ndim), x.shape)
 
 
 def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: QuantFormat,
                         rounding: Rounding = "nearest",
                         key: jax.Array | None = None) -> QuantizedArray:
-  """Stores ``x`` with a given scale: ``c = R(clip(x / s, -rho, rho))``.
+  """Stores ``x`` with a given FP32 scale: ``c = R(clip(x / s, -rho, rho))``.
 
+  Formats with 8-bit scales store ``s`` rounded up onto their scale grid (NVFP4
+  with a tensor scale chosen from ``s`` as at initialization; module docstring).
   Non-finite entries of ``x`` become code 0; callers that must not lose weights
   (:func:`eco_optax.apply_updates`, the optimizers) replace them beforehand.
   """
-  return _store(x, scale, fmt, rounding, key)[0]
+  return _store(x, *_encode_scale(scale, fmt), fmt, rounding, key)[0]
 
 
 def quantize(x: jax.Array, fmt: QuantFormat, rounding: Rounding = "nearest",
@@ -466,8 +665,7 @@ def quantize(x: jax.Array, fmt: QuantFormat, rounding: Rounding = "nearest",
     [[1024.0, -0.5, 3.0]]
   """
   fmt.check_shape(tuple(jnp.shape(x)))
-  return quantize_with_scale(x, initial_scale(jnp.asarray(x), fmt), fmt,
-                             rounding, key)
+  return _store(x, *_initial_scales(jnp.asarray(x), fmt), fmt, rounding, key)[0]
 
 
 def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
@@ -476,7 +674,7 @@ def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
     return q.values.astype(dtype)
   shape = q.values.shape
   codes = _blocked(q.values.astype(jnp.float32), q.fmt)
-  x = codes * _expand_scale(q.scale, q.fmt, len(shape))
+  x = codes * _expand_scale(q.effective_scale, q.fmt, len(shape))
   return _unblocked(x, shape).astype(dtype)
 
 
@@ -490,13 +688,14 @@ def encode_residual(residual: jax.Array, like: QuantizedArray,
   It is rounded stochastically: the residuals of a weight that sits still grow
   step after step, and round-to-nearest would bias every one the same way.
   """
-  codes = _unblocked(_code_units(residual, like.scale, like.fmt), residual.shape)
+  codes = _unblocked(_code_units(residual, like.effective_scale, like.fmt),
+                     residual.shape)
   return _round_to_grid(codes, bf16(), "stochastic", key).astype(jnp.bfloat16)
 
 
 def decode_residual(codes: jax.Array, like: QuantizedArray) -> jax.Array:
   """The FP32 residual stored by :func:`encode_residual` with the scale of ``like``."""
-  return dequantize(QuantizedArray(codes, like.scale, like.fmt))
+  return dequantize(dataclasses.replace(like, values=codes))
 
 
 def requantize(q: QuantizedArray, target: jax.Array,
@@ -521,4 +720,4 @@ def requantize_with_value(q: QuantizedArray, target: jax.Array,
   """
   stored = dequantize(q) if stored is None else stored
   target = jnp.where(jnp.isfinite(target), target, stored)
-  return _store(target, next_scale(q), q.fmt, rounding, key)
+  return _store(target, *_next_scales(q), q.fmt, rounding, key)
