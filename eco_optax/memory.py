@@ -1,8 +1,10 @@
 """Static memory of a quantized model and its optimizer state, in bytes per parameter.
 
 Counts what stays resident between steps: stored weights (at the format's bit
-width, so int4 counts 0.5 byte as XLA packs it, although a host ``.nbytes`` shows
-1), their FP32 scales, plain (unquantized) parameters, and every array of the
+width, so int4 and FP4 count 0.5 byte as XLA packs them, although a host
+``.nbytes`` shows 1), their scales at their storage dtype (FP32, or one byte for
+the block scales of MXFP4 / NVFP4, plus NVFP4's FP32 tensor scale), plain
+(unquantized) parameters, and every array of the
 optimizer state, attributed to the master copy, the first and second moments, or
 "other state" (step counters, PRNG keys, ...). Activations and gradients are not
 static and are not counted.
@@ -15,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from eco_optax import tree as qtree
@@ -24,14 +27,28 @@ _STATE_COMPONENTS = {"master": "master weights", "mu": "first moment",
                      "nu": "second moment", "previous_error": "previous error"}
 
 
+def _bits(dtype: np.dtype) -> int:
+  """Bits per element as XLA stores it: 4 for int4 / float4, 8 * itemsize otherwise.
+
+  Older JAX has no ``jax.dtypes.itemsize_bits``; numpy keeps sub-byte dtypes one
+  per byte (``np.dtype(int4).itemsize == 1``), so their width comes from ml_dtypes.
+  """
+  if hasattr(jax.dtypes, "itemsize_bits"):
+    return int(jax.dtypes.itemsize_bits(dtype))
+  if dtype.itemsize == 1:
+    for info in (ml_dtypes.iinfo, ml_dtypes.finfo):
+      try:
+        return int(info(dtype).bits)
+      except ValueError:
+        pass
+  return dtype.itemsize * 8
+
+
 def _nbytes(x: Any) -> float:
-  """Bytes of one array at its dtype's bit width (int4 packed at 0.5 byte)."""
+  """Bytes of one array at its dtype's bit width (int4 / float4 packed at 0.5 byte)."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
-  dtype = np.dtype(x.dtype)
-  bits = jax.dtypes.itemsize_bits(dtype) if hasattr(jax.dtypes, "itemsize_bits") \
-      else dtype.itemsize * 8
-  return int(np.prod(x.shape)) * bits / 8
+  return int(np.prod(x.shape)) * _bits(np.dtype(x.dtype)) / 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +95,8 @@ def memory_report(params: Any, opt_state: Any = None) -> MemoryReport:
   for leaf in jax.tree.leaves(params, is_leaf=qtree.is_quantized):
     if qtree.is_quantized(leaf):
       components["weights"] += _nbytes(leaf.values)
-      components["scales"] += _nbytes(leaf.scale)
+      components["scales"] += sum(map(_nbytes, jax.tree.leaves(
+          (leaf.scale, leaf.tensor_scale))))
       num_params += leaf.size
     else:
       components["plain params"] += _nbytes(jnp.asarray(leaf))

@@ -40,3 +40,36 @@ def test_plain_fp32_adam_baseline_is_12_bytes_and_str_is_readable():
   assert rep.bytes_per_param == pytest.approx(12.0, abs=0.01)
   text = str(rep)
   assert "bytes/param" in text and "first moment" in text and "second moment" in text
+
+
+@pytest.mark.parametrize("style,per_param", [("mxfp4", 0.5 + 1 / 32), ("nvfp4", 0.5 + 1 / 16)])
+def test_fp4_counts_half_bytes_and_one_byte_block_scales(style, per_param):
+  """MXFP4 4.25 bits/param (E8M0 per 32), NVFP4 4.5 bits/param (E4M3 per 16) + 4 B/tensor."""
+  q = eco.quantize_params(_model(), eco.fp4_e2m1(style))
+  rep = eco.memory_report(q)
+  n = 512 * 768
+  tensor_scales = 4 * 2 if style == "nvfp4" else 0   # one FP32 scalar per tensor
+  assert rep.components["weights"] == n / 2
+  assert rep.components["scales"] == n * (per_param - 0.5) + tensor_scales
+  assert rep.bytes_per_param == pytest.approx(per_param + tensor_scales / n, rel=1e-12)
+  assert rep.bytes_per_param == pytest.approx(per_param, abs=1e-4)
+
+
+def test_fp4_adamw_total():
+  """ECO AdamW on MXFP4 weights: 0.53125 (weights + E8M0 scales) + 8 (FP32 moments)."""
+  q = eco.quantize_params(_model(), eco.fp4_e2m1("mxfp4"))
+  rep = eco.memory_report(q, eco.adamw(1e-3).init(q))
+  n = 512 * 768
+  assert rep.components["first moment"] == rep.components["second moment"] == 4 * n
+  assert rep.bytes_per_param == pytest.approx(8.53125, abs=1e-4)   # + step count, PRNG key
+
+
+def test_sub_byte_dtypes_are_counted_without_jax_itemsize_bits(monkeypatch):
+  """Older JAX: bit widths of int4 / float4 come from ml_dtypes, not numpy's itemsize 1."""
+  from eco_optax import memory
+  monkeypatch.delattr(memory.jax.dtypes, "itemsize_bits", raising=False)
+  for dtype, bits in [(jnp.int4, 4), (jnp.float4_e2m1fn, 4), (jnp.float8_e8m0fnu, 8),
+                      (jnp.bfloat16, 16), (jnp.bool_, 8), (jnp.int8, 8), (jnp.complex64, 64)]:
+    assert memory._bits(jnp.dtype(dtype)) == bits, dtype
+  q = eco.quantize_params(_model(), eco.fp4_e2m1("mxfp4"))
+  assert eco.memory_report(q).bytes_per_param == pytest.approx(0.53125)
