@@ -17,6 +17,7 @@ Example:
   >>> q = eco.apply_updates(q, updates)
 """
 
+from eco_optax import moments
 from eco_optax import quantize
 from eco_optax import rules
 from eco_optax import transform
@@ -35,6 +36,6 @@ __all__ = [
     "MemoryReport", "QuantFormat", "QuantizedArray", "ErrorFeedbackState",
     "adam", "adamw", "apply_updates", "bf16", "default_policy", "dequantize",
     "dequantize_params", "error_feedback", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "int4",
-    "int8", "is_quantized", "lion", "lossless", "memory_report", "muon",
+    "int8", "is_quantized", "lion", "lossless", "memory_report", "moments", "muon",
     "quantize_array", "quantize_params", "rules", "sgdm", "transform",
 ]

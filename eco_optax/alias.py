@@ -16,6 +16,13 @@ ECO + RTN                              ``mode="eco", rounding="nearest"``
 ECO + SR                               ``mode="eco", rounding="stochastic"``
 ECO's exact rule (+2 bytes/param)      ``mode="eco_exact"``
 =====================================  ==========================================
+
+``mu_dtype`` (every optimizer) and ``nu_dtype`` (Adam, AdamW, Muon) store the
+moments between steps in low precision (:mod:`eco_optax.moments`): ``jnp.bfloat16``
+or ``jnp.float16`` with stochastic rounding, or ``eco.moments.blockwise_8bit()``
+(bitsandbytes' block-wise 8-bit). ``None`` keeps FP32. AdamW on FP8 weights then
+takes 9 bytes per parameter with FP32 moments, 5 with bfloat16 and about 3.03 with
+8-bit moments (:func:`eco_optax.memory_report`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any, Literal, Sequence, Union
 import jax
 import optax
 
+from eco_optax import moments
 from eco_optax import quantize as qz
 from eco_optax import rules
 from eco_optax import transform
@@ -33,7 +41,7 @@ from eco_optax import transform
 def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, *,
          weight_decay: float = 0.0, mode: transform.Mode = "eco",
          rounding: qz.Rounding = "nearest", seed: int = 0,
-         mask: Any = None) -> optax.GradientTransformation:
+         mask: Any = None, mu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   r"""EMA-momentum SGD on quantized weights (paper, Algorithm 2).
 
   .. math::
@@ -49,14 +57,16 @@ def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, *,
     >>> q = eco.apply_updates(q, updates)
   """
   return transform.error_feedback(rules.sgdm_rule(momentum), learning_rate,
-                                  weight_decay, mode, rounding, seed, mask)
+                                  weight_decay, mode, rounding, seed, mask,
+                                  moment_formats={"mu": mu_dtype})
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
           b2: float = 0.999, eps: float = 1e-8, *, weight_decay: float = 1e-4,
           eps_root: float = 0.0, mode: transform.Mode = "eco",
           rounding: qz.Rounding = "nearest", seed: int = 0,
-          mask: Any = None) -> optax.GradientTransformation:
+          mask: Any = None, mu_dtype: moments.Spec = None,
+          nu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   r"""AdamW on quantized weights without a master copy (paper, Algorithm 3).
 
   With the lossless format it equals :func:`optax.adamw`. In ECO mode the error
@@ -75,19 +85,31 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     >>> grads = {"w": jnp.ones((8, 8)), "b": jnp.ones(8)}
     >>> updates, state = jax.jit(tx.update)(grads, state, q)
     >>> q = eco.apply_updates(q, updates)
+
+    Moments in bfloat16 (stochastic rounding) or 8 bits, as ``mu_dtype`` of
+    :func:`optax.adamw` (any spec of :func:`eco_optax.moments.as_format`):
+
+    >>> tx = eco.adamw(1e-3, rounding="stochastic", mu_dtype=jnp.bfloat16,
+    ...                nu_dtype=eco.moments.blockwise_8bit())
+    >>> state = tx.init(q)
+    >>> updates, state = jax.jit(tx.update)(grads, state, q)
+    >>> state.moments.mu["w"].dtype, state.moments.nu["w"].codes.dtype
+    (dtype(bfloat16), dtype('uint8'))
   """
   return transform.error_feedback(rules.adam_rule(b1, b2, eps, eps_root),
                                   learning_rate, weight_decay, mode, rounding,
-                                  seed, mask)
+                                  seed, mask,
+                                  moment_formats={"mu": mu_dtype, "nu": nu_dtype})
 
 
 def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
          b2: float = 0.999, eps: float = 1e-8, *, eps_root: float = 0.0,
          mode: transform.Mode = "eco", rounding: qz.Rounding = "nearest",
-         seed: int = 0) -> optax.GradientTransformation:
+         seed: int = 0, mu_dtype: moments.Spec = None,
+         nu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   """Adam on quantized weights: :func:`adamw` without weight decay."""
   return adamw(learning_rate, b1, b2, eps, weight_decay=0.0, eps_root=eps_root, mode=mode,
-               rounding=rounding, seed=seed)
+               rounding=rounding, seed=seed, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
 
 def muon(learning_rate: optax.ScalarOrSchedule,
@@ -98,15 +120,17 @@ def muon(learning_rate: optax.ScalarOrSchedule,
          preconditioning: Literal["frobenius", "spectral", "aol", "schatten"] = "frobenius",
          adam_b1: float = 0.9, adam_b2: float = 0.999, adam_eps_root: float = 0.0,
          adam_weight_decay: float = 0.0, consistent_rms: float | None = None,
-         injection: Literal["polar", "frozen"] = "polar", mode: transform.Mode = "eco", rounding: qz.Rounding = "nearest",
-         seed: int = 0) -> optax.GradientTransformation:
+         injection: Literal["polar", "frozen"] = "polar", mode: transform.Mode = "eco",
+         rounding: qz.Rounding = "nearest", seed: int = 0, mu_dtype: moments.Spec = None,
+         nu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   r"""Muon on quantized weights: :func:`optax.contrib.muon` without a master copy.
 
   2-D leaves take Muon's orthogonalized momentum step ``-eta (s NS(N) + lambda w)``,
   the others AdamW's (``adam_*``, ``eps``, ``nesterov``, one ``learning_rate`` for
   both, as optax's default ``adam_learning_rate=None``); with the lossless format
   it equals :func:`optax.contrib.muon`. ``weight_decay`` and ``weight_decay_mask``
-  apply to the matrices, ``adam_weight_decay`` to the rest.
+  apply to the matrices, ``adam_weight_decay`` to the rest. ``mu_dtype`` stores the
+  momentum of every leaf, ``nu_dtype`` Adam's second moment of the other leaves.
 
   In ECO mode the error ``E = W~ - Q(W~)`` of a quantized matrix enters the
   momentum as ``M = M~ + ((1-eta*lambda)/eta)(1 - 1/beta) P(E)``.
@@ -151,13 +175,14 @@ def muon(learning_rate: optax.ScalarOrSchedule,
         lambda p, m: (weight_decay if m else 0.0) if rules.is_matrix(p) else adam_weight_decay,
         params, mask)
 
-  return transform.error_feedback(rule, learning_rate, decay, mode, rounding, seed)
+  return transform.error_feedback(rule, learning_rate, decay, mode, rounding, seed,
+                                  moment_formats={"mu": mu_dtype, "nu": nu_dtype})
 
 
 def lion(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99, *,
          weight_decay: float = 1e-3, mode: transform.Mode = "eco",
          rounding: qz.Rounding = "nearest", seed: int = 0,
-         mask: Any = None) -> optax.GradientTransformation:
+         mask: Any = None, mu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   r"""Lion on quantized weights: :func:`optax.lion` without a master copy.
 
   ``w~ = (1-eta*lambda) w - eta sign(b1 m + (1-b1) g)``, ``m = b2 m + (1-b2) g``;
@@ -179,4 +204,5 @@ def lion(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
     >>> q = eco.apply_updates(q, updates)
   """
   return transform.error_feedback(rules.lion_rule(b1, b2), learning_rate, weight_decay,
-                                  mode, rounding, seed, mask)
+                                  mode, rounding, seed, mask,
+                                  moment_formats={"mu": mu_dtype})

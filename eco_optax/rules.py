@@ -114,11 +114,15 @@ class MomentumRule(NamedTuple):
       ``direction = P^-1(m~)`` and ``preconditioner`` a tree (like ``grads``) of
       whatever ``precondition`` needs per leaf.
     precondition: ``(preconditioner_leaf, error_leaf) -> P(error_leaf)``.
+    nonnegative: names of the moment fields that are never negative (Adam's
+      ``nu``): their 8-bit storage uses the unsigned map
+      (:func:`eco_optax.moments.blockwise_8bit`).
   """
   beta: Union[float, Callable[[Any], Any]]
   init: Callable[[Any], Any]
   step: Callable[[Any, Any, jax.Array], tuple[Any, Any, Any]]
   precondition: Callable[[Any, jax.Array], jax.Array] = diagonal_preconditioner
+  nonnegative: tuple[str, ...] = ()
 
 
 def _zeros(params: Any) -> Any:
@@ -175,7 +179,7 @@ def adam_rule(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     denom = jax.tree.map(lambda r: r / slope, root)
     return AdamMoments(mu=mu, nu=nu), direction, denom
 
-  return MomentumRule(beta=b1, init=init, step=step)
+  return MomentumRule(beta=b1, init=init, step=step, nonnegative=("nu",))
 
 
 def is_matrix(x: Any) -> bool:
@@ -287,7 +291,8 @@ def muon_rule(
   def betas(params):
     return jax.tree.map(lambda p: beta if is_matrix(p) else adam_b1, params)
 
-  return MomentumRule(beta=betas, init=init, step=step, precondition=precondition)
+  return MomentumRule(beta=betas, init=init, step=step, precondition=precondition,
+                      nonnegative=("nu",))
 
 
 def lion_rule(b1: float = 0.9, b2: float = 0.99) -> MomentumRule:

@@ -49,16 +49,27 @@ gradient entries leave their stored weights unchanged (the momentum takes the Na
 as in optax: wrap the optimizer in :func:`optax.apply_if_finite` to skip such
 steps). ``beta`` must be in ``(0, 1)`` for ``"eco"``: without momentum there is
 nowhere to store the debt.
+
+Moment storage. ``moment_formats`` keeps chosen moments in low precision between
+steps (:mod:`eco_optax.moments`): each update decodes them to FP32, runs the rule,
+injects the error into ``mu``, and encodes the result. Stochastic rounding of the
+moments draws from ``fold_in(state.key, 2^32 - 1)``, then one key per field
+(``fold_in`` by its index) and per leaf (``split``). The weights use
+``split(state.key, n + 1)`` (the next state key and one per quantized leaf), which
+is ``fold_in(state.key, i)`` for ``i <= n``: the two never meet, and the weights'
+random numbers do not depend on how the moments are stored. With FP32 moments
+nothing is encoded at all.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, NamedTuple, Optional, Union
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from eco_optax import moments as mom
 from eco_optax import quantize as qz
 from eco_optax import rules
 from eco_optax import tree as qtree
@@ -73,7 +84,8 @@ class ErrorFeedbackState(NamedTuple):
 
   Attributes:
     count: steps taken (int32).
-    moments: the rule's moments (``mu`` receives the injected error).
+    moments: the rule's moments (``mu`` receives the injected error), each field in
+      its storage format (``moment_formats``; FP32 arrays by default).
     master: FP32 master weights in ``"master_weights"`` mode, else ``None``.
     key: PRNG key for stochastic rounding (advanced every step).
     previous_error: in ``"eco_exact"`` mode, the last quantization error of each
@@ -92,6 +104,41 @@ def _split_key(key: jax.Array, n: int) -> tuple[jax.Array, list[jax.Array]]:
   return keys[0], list(keys[1:])
 
 
+# fold_in(state.key, _MOMENT_STREAM) seeds the moments' rounding; the weights use
+# fold_in(state.key, i) = split(state.key, n + 1)[i] for i <= n (module docstring).
+_MOMENT_STREAM = 2**32 - 1
+
+
+def _moment_formats(rule: rules.MomentumRule,
+                    specs: Optional[Mapping[str, mom.Spec]]) -> dict[str, mom.MomentFormat]:
+  """``{field: format}`` for the fields of ``rule``'s moments not stored in FP32."""
+  fields = rule.init({})._fields      # the rule's moments NamedTuple, of no params
+  unknown = sorted(set(specs or {}) - set(fields))
+  if unknown:
+    raise ValueError(f"moment_formats: unknown moment fields {unknown}; this rule's "
+                     f"moments are {list(fields)}")
+  formats = {name: mom.as_format(spec, nonnegative=name in rule.nonnegative, name=name)
+             for name, spec in (specs or {}).items()}
+  return {name: fmt for name, fmt in formats.items() if fmt is not None}
+
+
+def _encode_moments(formats: dict[str, mom.MomentFormat], moments: Any,
+                    key: jax.Array) -> Any:
+  """``moments`` (FP32) with the fields of ``formats`` encoded; keys as the module docstring."""
+  if not formats:
+    return moments
+  key = jax.random.fold_in(key, _MOMENT_STREAM)
+  return moments._replace(**{
+      name: mom.encode_tree(fmt, getattr(moments, name),
+                            jax.random.fold_in(key, moments._fields.index(name)))
+      for name, fmt in formats.items()})
+
+
+def _decode_moments(formats: dict[str, mom.MomentFormat], moments: Any) -> Any:
+  return moments._replace(**{name: mom.decode_tree(fmt, getattr(moments, name))
+                             for name, fmt in formats.items()})
+
+
 def _per_leaf(value: Any, tree: Any) -> Any:
   """``value(tree)`` for a callable (a tree of per-leaf floats), else ``value`` at every leaf."""
   return value(tree) if callable(value) else jax.tree.map(lambda _: value, tree)
@@ -105,6 +152,8 @@ def error_feedback(
     rounding: qz.Rounding = "nearest",
     seed: int = 0,
     weight_decay_mask: Any = None,
+    *,
+    moment_formats: Optional[Mapping[str, mom.Spec]] = None,
 ) -> optax.GradientTransformation:
   r"""Steps quantized weights with ``rule``, paying rounding errors back via momentum.
 
@@ -120,6 +169,10 @@ def error_feedback(
     weight_decay_mask: optional tree of Python booleans with the structure of the
       dequantized params, or a callable of the dequantized params returning one,
       as ``mask`` in :func:`optax.adamw`: decay only where True.
+    moment_formats: storage of the moments between steps, by field of the rule's
+      moments (``"mu"``; ``"nu"`` for Adam and Muon): ``None``/``jnp.float32``
+      (FP32, default), ``jnp.bfloat16``, ``jnp.float16`` or a format of
+      :mod:`eco_optax.moments` such as ``blockwise_8bit()``.
 
   Returns:
     An ``optax.GradientTransformation``; ``update(grads, state, params)`` needs the
@@ -134,6 +187,16 @@ def error_feedback(
     >>> grads = {"w": jnp.full((4, 4), 0.01)}
     >>> updates, state = jax.jit(tx.update)(grads, state, q)
     >>> q = eco.apply_updates(q, updates)
+
+    Adam with bfloat16 first and 8-bit second moments:
+
+    >>> tx = transform.error_feedback(
+    ...     rules.adam_rule(), learning_rate=1e-3,
+    ...     moment_formats={"mu": jnp.bfloat16, "nu": eco.moments.blockwise_8bit()})
+    >>> state = tx.init(q)
+    >>> state.moments.mu["w"].dtype, state.moments.nu["w"].codes.dtype
+    (dtype(bfloat16), dtype('uint8'))
+    >>> updates, state = jax.jit(tx.update)(grads, state, q)
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -149,6 +212,7 @@ def error_feedback(
 
   if not callable(rule.beta):
     check_betas([rule.beta])
+  formats = _moment_formats(rule, moment_formats)
   schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def init(params):
@@ -164,11 +228,12 @@ def error_feedback(
           lambda p: jnp.zeros(p.shape, jnp.bfloat16)
           if qtree.is_quantized(p) and not p.fmt.lossless else None,
           params, is_leaf=qtree.is_quantized)
+    key = jax.random.key(seed)
     return ErrorFeedbackState(
         count=jnp.zeros([], jnp.int32),
-        moments=rule.init(dense),
+        moments=_encode_moments(formats, rule.init(dense), key),   # zeros: exact
         master=master,
-        key=jax.random.key(seed),
+        key=key,
         previous_error=previous_error,
     )
 
@@ -178,7 +243,8 @@ def error_feedback(
     qtree.check_updates_match(params, updates, "grads")
     count = optax.safe_increment(state.count)
     eta = jnp.asarray(schedule(state.count), jnp.float32)
-    moments, direction, precond = rule.step(updates, state.moments, count)
+    moments, direction, precond = rule.step(
+        updates, _decode_moments(formats, state.moments), count)
 
     stored = qtree.dequantize_params(params)
     p_leaves, treedef = jax.tree.flatten(params, is_leaf=qtree.is_quantized)
@@ -235,7 +301,7 @@ def error_feedback(
                 if state.previous_error is not None else [None] * len(p_leaves))
     out = [leaf_update(p, *rest) for p, *rest in zip(p_leaves, *per_leaf, previous)]
     new_updates, new_mu, new_master, new_error = (treedef.unflatten(x) for x in zip(*out))
-    moments = moments._replace(mu=new_mu)
+    moments = _encode_moments(formats, moments._replace(mu=new_mu), state.key)
     return new_updates, ErrorFeedbackState(
         count, moments, new_master if mode == "master_weights" else None, key,
         new_error if mode == "eco_exact" else None)

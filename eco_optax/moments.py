@@ -1,0 +1,324 @@
+r"""Low-precision storage of optimizer moments (the ``mu_dtype`` / ``nu_dtype`` options).
+
+The optimizer computes in FP32; between steps a moment can be kept in a narrower
+format. Every step decodes it, updates it (and injects ECO's error into ``mu``) and
+encodes the result::
+
+    m = decode(stored),   m' = step(m, g),   stored' = encode(m')
+
+Formats (``spec`` as accepted by :func:`as_format`):
+
+* ``None`` or ``jnp.float32``: FP32, unchanged (4 bytes per parameter).
+* ``jnp.bfloat16`` / ``jnp.float16`` (:func:`float_storage`, 2 bytes): rounded
+  **stochastically** by default. Adam's second moment moves by
+  ``(1 - b2)(g^2 - v)`` per step: a relative change of about ``1e-3`` for
+  ``b2 = 0.999``, below bfloat16's relative half ulp (``2^-9`` to ``2^-8``), so
+  round-to-nearest returns the old ``v`` every step and the moment freezes (it
+  neither grows nor decays); stochastic rounding, ``E[R(v')] = v'``, keeps its
+  expectation on the FP32 trajectory. The price is noise: each stored entry wanders
+  around that trajectory by up to ``(ulp/2) / sqrt(1 - b2^2)``, about 5% for
+  bfloat16 and ``b2 = 0.999`` (``tests/test_moments.py``). float16 has 3 more
+  mantissa bits but only 5 exponent bits: second moments of gradients below about
+  ``1e-2`` fall into its subnormals, so prefer bfloat16 for ``nu``.
+* :func:`blockwise_8bit` (about 1.016 bytes): the block-wise 8-bit quantization of
+  bitsandbytes' 8-bit optimizers (Dettmers et al., arXiv 2110.02861). The moment is
+  flattened, zero-padded and cut into blocks of ``B = 256`` elements; each block
+  stores ``a = max|x|`` in FP32 (recomputed from the block at every encoding) and
+  one ``uint8`` code per element, the index of ``x / a`` in the 256-entry
+  *dynamic* map of :func:`dynamic_map`, signed for the first moment, unsigned (all
+  codes on ``[0, 1]``) for the second::
+
+      encode:  a_b = max_{i in b} |x_i|,   c_i = R_map(x_i / a_b)
+      decode:  x_i ~ map[c_i] * a_b
+
+  ``R_map`` picks the nearest entry, or one of the two neighbours ``lo <= y <= hi``
+  with ``P(hi) = (y - lo) / (hi - lo)`` (stochastic, ``E = y``). The one exception
+  is bitsandbytes' own: the signed map ends at ``-0.99297``, so a block whose
+  absmax is a negative entry stores that entry 0.7% too small, in either rounding.
+
+Non-finite values are never turned into finite ones: a NaN or infinity stays NaN /
+infinity in the float formats, and turns its whole 8-bit block into NaN (a uint8
+code cannot hold it, the block's ``absmax`` is set to NaN). The moments then carry
+the NaN as FP32 optax does; wrap the optimizer in :func:`optax.apply_if_finite` to
+skip such steps. Finite values beyond a float format's range saturate to its
+largest finite value.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from eco_optax import moments
+  >>> fmt = moments.blockwise_8bit(signed=True, rounding="nearest")
+  >>> x = jnp.linspace(-1.0, 2.0, 512)
+  >>> stored = fmt.encode(x)
+  >>> stored.codes.shape, stored.codes.dtype, stored.absmax.tolist()   # 2 blocks of 256
+  ((2, 256), dtype('uint8'), [1.0, 2.0])
+  >>> error = jnp.abs(fmt.decode(stored) - x)       # half the map's widest gap, 0.0070
+  >>> bool(jnp.all(error[:256] <= 0.0071 * 1.0)), bool(jnp.all(error[256:] <= 0.0071 * 2.0))
+  (True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from eco_optax import quantize as qz
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+  r"""bitsandbytes' 8-bit dynamic (dynamic-tree) quantization map, 256 sorted FP32 values.
+
+  ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``: for the decades
+  ``k = 0..6`` the map holds ``10^(k-6)`` times the midpoints of ``n_k`` equal
+  intervals of ``[0.1, 1]``, ``n_k = 2^k`` (signed, with the negatives too) or
+  ``2^(k+1)`` (unsigned), then ``0`` and ``1``: 127 + 127 + 2 or 254 + 2 entries.
+  Small magnitudes get few entries, large ones many: relative precision about 1.4%
+  (signed) or 0.7% (unsigned) in ``[0.1, 1]``, down to ``5.5e-7`` (signed) or
+  ``3.25e-7`` (unsigned) at the bottom. The signed map is not symmetric: its top is
+  ``1`` but its bottom ``-0.99297`` (``-1`` is stored as that). bitsandbytes computes
+  the midpoints in float32 with torch; here they are computed in float64 and
+  rounded once, which can differ from it in the last bit of an entry.
+
+  Example:
+    >>> from eco_optax import moments
+    >>> m = moments.dynamic_map(signed=True)
+    >>> m.shape, round(float(m[0]), 6), float(m[-1]), int((m == 0).sum())
+    ((256,), -0.992969, 1.0, 1)
+  """
+  parts = []
+  for k in range(7):
+    edges = np.linspace(0.1, 1.0, 2 ** (k if signed else k + 1) + 1)
+    mids = 10.0 ** (k - 6) * (edges[:-1] + edges[1:]) / 2
+    parts += [mids, -mids] if signed else [mids]
+  return np.sort(np.concatenate(parts + [[0.0, 1.0]])).astype(np.float32)
+
+
+_MAPS = {signed: dynamic_map(signed) for signed in (True, False)}
+_FLOAT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatStorage:
+  """A moment stored in a narrower float dtype (bfloat16, float16).
+
+  Attributes:
+    dtype: the storage dtype.
+    rounding: ``"stochastic"`` (default, unbiased: see the module docstring) or
+      ``"nearest"``.
+  """
+  dtype: np.dtype
+  rounding: qz.Rounding = "stochastic"
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", np.dtype(self.dtype))
+    if self.dtype not in _FLOAT_DTYPES:
+      raise ValueError(f"float_storage: dtype must be one of "
+                       f"{[str(d) for d in _FLOAT_DTYPES]}, got {self.dtype}")
+    _check_rounding(self.rounding)
+
+  def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
+    """``R(clip(x))`` in :attr:`dtype`; non-finite entries stay as they are."""
+    _check_key(self.rounding, key)
+    x = jnp.asarray(x, jnp.float32)
+    finite = jnp.isfinite(x)
+    largest = float(ml_dtypes.finfo(self.dtype).max)
+    y = jnp.clip(jnp.where(finite, x, 0.0), -largest, largest)
+    grid = qz.QuantFormat(name=self.dtype.name, dtype=self.dtype, scaling="none",
+                          scale_policy="fixed", headroom=1.0)
+    y = qz._round_to_grid(y, grid, self.rounding, key)
+    return jnp.where(finite, y, x).astype(self.dtype)
+
+  def decode(self, stored: jax.Array) -> jax.Array:
+    return stored.astype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockCodes:
+  """A tensor of ``shape`` stored by :class:`Blockwise8bit`.
+
+  Attributes:
+    codes: ``uint8`` of shape ``(num_blocks, block_size)``: indices into the map;
+      the padding after the last element holds the code of 0.
+    absmax: FP32 ``(num_blocks,)``: each block's ``max|x|`` (NaN: the block held a
+      non-finite value).
+    shape: the tensor's shape (static pytree metadata).
+  """
+  codes: jax.Array
+  absmax: jax.Array
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise8bit:
+  """bitsandbytes-style block-wise 8-bit storage (module docstring).
+
+  Attributes:
+    signed: the signed map (any sign) or the unsigned one (nonnegative moments:
+      finer steps, negative values would clip to 0); ``None`` lets
+      :func:`as_format` choose by the moment.
+    block_size: elements per FP32 absmax (bitsandbytes' optimizers use 256).
+    rounding: ``"stochastic"`` (default) or ``"nearest"`` entry of the map.
+  """
+  signed: Optional[bool] = None
+  block_size: int = 256
+  rounding: qz.Rounding = "stochastic"
+
+  def __post_init__(self):
+    if self.block_size < 1:
+      raise ValueError(f"blockwise_8bit: block_size must be >= 1, got {self.block_size}")
+    _check_rounding(self.rounding)
+
+  @property
+  def table(self) -> np.ndarray:
+    """The 256 entries of the map, sorted."""
+    if self.signed is None:
+      raise ValueError("blockwise_8bit(signed=None) has no map yet: pass signed=True/False, "
+                       "or resolve it with eco_optax.moments.as_format(spec, nonnegative=...)")
+    return _MAPS[self.signed]
+
+  def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> BlockCodes:
+    """Block absmax and map codes of ``x`` (any shape, scalars included)."""
+    _check_key(self.rounding, key)
+    table = self.table
+    x = jnp.asarray(x, jnp.float32)
+    flat = x.reshape(-1)
+    pad = -flat.size % self.block_size
+    blocks = jnp.pad(flat, (0, pad)).reshape(-1, self.block_size)
+    finite = jnp.all(jnp.isfinite(blocks), axis=1, keepdims=True)
+    absmax = jnp.where(finite, jnp.max(jnp.abs(blocks), axis=1, keepdims=True), jnp.nan)
+    inverse = jnp.where(absmax > 0, 1.0 / absmax, 0.0)    # 0 for all-zero and NaN blocks
+    y = jnp.where(finite, blocks, 0.0) * inverse
+    if self.rounding == "nearest":    # the entry whose midpoint interval holds y
+      codes = jnp.searchsorted(jnp.asarray((table[:-1] + table[1:]) / 2), y)
+    else:                             # lo = table[i - 1] < y <= table[i] = hi
+      i = jnp.clip(jnp.searchsorted(jnp.asarray(table), y), 1, table.size - 1)
+      inverse_gap = jnp.asarray(1.0 / np.diff(table))[i - 1]
+      up = qz.stochastic_uniform(key, y.shape) < (y - jnp.asarray(table)[i - 1]) * inverse_gap
+      codes = i - 1 + up
+    return BlockCodes(codes.astype(jnp.uint8), absmax[:, 0], tuple(x.shape))
+
+  def decode(self, stored: BlockCodes) -> jax.Array:
+    """``map[c] * absmax``, in the stored shape."""
+    blocks = jnp.asarray(self.table)[stored.codes] * stored.absmax[:, None]
+    size = int(np.prod(stored.shape, dtype=np.int64))
+    return blocks.reshape(-1)[:size].reshape(stored.shape)
+
+
+MomentFormat = Union[FloatStorage, Blockwise8bit]
+Spec = Any   # None, a dtype (jnp.float32, jnp.bfloat16, jnp.float16), or a MomentFormat
+
+
+
+def _check_rounding(rounding: str) -> None:
+  if rounding not in qz.ROUNDINGS:
+    raise ValueError(f"rounding must be one of {qz.ROUNDINGS}, got {rounding!r}")
+
+
+def _check_key(rounding: str, key: Optional[jax.Array]) -> None:
+  if rounding == "stochastic" and key is None:
+    raise ValueError("stochastic rounding of a moment needs a PRNG key")
+
+
+def float_storage(dtype: Any = jnp.bfloat16, *,
+                  rounding: qz.Rounding = "stochastic") -> FloatStorage:
+  """A moment stored in ``dtype`` (bfloat16 or float16), rounded as ``rounding``.
+
+  ``jnp.bfloat16`` as a spec means ``float_storage(jnp.bfloat16)``; call this to
+  choose ``rounding="nearest"``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from eco_optax import moments
+    >>> fmt = moments.float_storage(jnp.bfloat16, rounding="nearest")
+    >>> fmt.encode(jnp.array([1.0 + 2.0**-8, 3.0])).tolist()   # half an ulp: to even
+    [1.0, 3.0]
+  """
+  return FloatStorage(dtype, rounding)
+
+
+def blockwise_8bit(*, signed: Optional[bool] = None, block_size: int = 256,
+                   rounding: qz.Rounding = "stochastic") -> Blockwise8bit:
+  """bitsandbytes-style 8-bit storage: codes of the dynamic map, one FP32 absmax per block.
+
+  ``signed=None`` (default): the signed map for the first moment, the unsigned one
+  for moments the rule declares nonnegative (Adam's ``nu``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, eco_optax as eco
+    >>> q = eco.quantize_params({"w": jnp.ones((256, 256))}, eco.fp8_e4m3("tensor"))
+    >>> eight = eco.moments.blockwise_8bit()
+    >>> state = eco.adamw(1e-3, mu_dtype=eight, nu_dtype=eight).init(q)
+    >>> state.moments.nu["w"].codes.shape
+    (256, 256)
+  """
+  return Blockwise8bit(signed=signed, block_size=block_size, rounding=rounding)
+
+
+def as_format(spec: Spec, *, nonnegative: bool, name: str = "moment") -> Optional[MomentFormat]:
+  """Normalises a storage spec: ``None`` for FP32, else a :data:`MomentFormat`.
+
+  Args:
+    spec: ``None`` or ``jnp.float32`` (FP32), ``jnp.bfloat16`` or ``jnp.float16``
+      (stochastic rounding), or a format from :func:`float_storage` /
+      :func:`blockwise_8bit`.
+    nonnegative: whether the moment is never negative; chooses the map of
+      ``blockwise_8bit(signed=None)``.
+    name: the moment, for error messages.
+
+  Raises:
+    ValueError: for any other spec, or the unsigned 8-bit map on a moment that
+      can be negative.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from eco_optax import moments
+    >>> moments.as_format(jnp.float32, nonnegative=False) is None
+    True
+    >>> moments.as_format(moments.blockwise_8bit(), nonnegative=True, name="nu").signed
+    False
+  """
+  if isinstance(spec, Blockwise8bit):
+    if spec.signed is None:
+      return dataclasses.replace(spec, signed=not nonnegative)
+    if not spec.signed and not nonnegative:
+      raise ValueError(f"{name}: blockwise_8bit(signed=False) would clip the negative "
+                       f"values of {name!r} to 0; use signed=True or signed=None")
+    return spec
+  if isinstance(spec, FloatStorage):
+    return spec
+  expected = ("None, jnp.float32, jnp.bfloat16, jnp.float16, "
+              "eco_optax.moments.float_storage(...) or eco_optax.moments.blockwise_8bit(...)")
+  if spec is None:
+    return None
+  try:
+    dtype = np.dtype(spec)
+  except TypeError:
+    raise ValueError(f"{name}: unsupported storage {spec!r}; expected {expected}") from None
+  if dtype == np.float32:
+    return None
+  if dtype in _FLOAT_DTYPES:
+    return FloatStorage(dtype)
+  raise ValueError(f"{name}: unsupported storage dtype {dtype}; expected {expected} "
+                   "(8-bit moments: blockwise_8bit())")
+
+
+def is_stored(x: Any) -> bool:
+  """``is_leaf`` for trees of stored moments: :class:`BlockCodes` is one leaf."""
+  return isinstance(x, BlockCodes)
+
+
+def encode_tree(fmt: MomentFormat, tree: Any, key: jax.Array) -> Any:
+  """Encodes every array of ``tree`` (``None`` leaves stay), each with its own key."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([fmt.encode(x, k) for x, k in zip(leaves, keys)])
+
+
+def decode_tree(fmt: MomentFormat, tree: Any) -> Any:
+  """The FP32 tree of an :func:`encode_tree` result."""
+  return jax.tree.map(fmt.decode, tree, is_leaf=is_stored)
