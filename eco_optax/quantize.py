@@ -27,7 +27,7 @@ of step ``t`` only (delayed scaling, as in FP8 training recipes)::
               s' = s            otherwise
     dynamic:  s' = h * max|c| * s / rho                      (absmax every step, with headroom h)
 
-then encoded in the scale dtype as above (a no-op for FP32 scales).
+then stored in the format's scale dtype (below; a no-op for FP32 scales).
 
 Float formats round every absmax scale up to a power of two (no precision is
 lost: a float grid looks the same in every binade).
@@ -40,10 +40,12 @@ scale ``S`` per tensor (:attr:`QuantizedArray.tensor_scale`)::
     s = b * S,     b = ceil_e4m3(s~ / S) in [2^-9, 448],     S = 2^ceil(log2(h * max s~ / 448))
 
 where ``s~`` is the FP32 scale the policy asks for, rounded *up* onto the scale
-grid so that no element saturates that would not have. ``S`` leaves the largest
-block scale a factor ``h`` below 448: room for one sticky growth step; the
-policies move ``S`` by the same rules as the block scales (below, with 448 in
-place of ``rho``), which keeps every block scale representable.
+grid so that no element saturates that would not have, and the max runs over the
+groups that are not all zero. ``S`` leaves the largest block scale a factor ``h``
+below 448, room for one sticky growth step, and stays a power of two (``b * S``
+is exact): ``fixed`` keeps it, ``dynamic`` chooses it again from the new block
+scales, ``sticky`` doubles it when a block scale would pass 448 and halves it
+when the largest is below 448 / 4. Every block scale stays representable.
 
 Because ``s'`` depends only on what is stored, :func:`eco_optax.apply_updates` can
 recompute it bit for bit without access to the optimizer state, and an update
@@ -254,7 +256,7 @@ def int4(scaling: Scaling = "tensor", *, block_size: int = 32,
 
 def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
              block_size: int | None = None, scale_policy: ScalePolicy = "sticky",
-             headroom: float = 2.0) -> QuantFormat:
+             headroom: float | None = None) -> QuantFormat:
   """FP4 E2M1 weights with one-byte block scales: OCP MXFP4 or NVIDIA NVFP4.
 
   Elements are ``float4_e2m1fn`` (magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6, so
@@ -273,11 +275,18 @@ def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
   Pass ``axis=-1`` for ``(out, in)`` (PyTorch-style) weights. The axis must be a
   multiple of ``block_size`` (32 or 16 unless given).
 
-  The default policy is ``sticky`` with ``h = 2``, as for FP8: with power-of-two
-  steps a rescale is exact for every normal code, and a scale computed from the
-  stored weights only cannot chase its own update. FP4 blocks are small, so a
-  block's absmax moves often and ``dynamic`` rescales (rounding every code
-  again) far more often than ``sticky``.
+  The default policy is ``sticky``, as for FP8 (a scale computed from the stored
+  weights only cannot chase its own update, and it moves only when a block
+  saturates or leaves two growth steps unused), with ``h = 2`` for MXFP4 and
+  ``h = 1.5`` for NVFP4 (``headroom=None``). E8M0 scales are powers of two, so
+  MXFP4 moves by 2 whatever ``h`` (with ``h < 2`` the scale could never shrink
+  again); E4M3 scales can hold 1.5, and a headroom of 2 costs FP4 dearly: it
+  leaves the top binade (4 and 6) unused at initialization. Measured on a 64x32
+  linear regression (ECO-AdamW, 300 steps, final loss, 3 seeds): NVFP4 ECO-RTN
+  0.022 with ``h = 1.5`` vs 0.034 with ``h = 2`` (master weights 0.022 vs
+  0.033), ECO-SR 0.031 vs 0.049; MXFP4 ECO-RTN 0.036 with sticky ``h = 2``
+  (master weights 0.038), 0.025 with ``fixed`` ``h = 1``, which never grows a
+  scale and so only suits weights that do not grow.
 
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
@@ -297,7 +306,8 @@ def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
   return QuantFormat(
       name=style, dtype=ml_dtypes.float4_e2m1fn, scaling="block", axis=axis,
       block_size=(32 if mx else 16) if block_size is None else block_size,
-      scale_policy=scale_policy, headroom=headroom,
+      scale_policy=scale_policy,
+      headroom=(2.0 if mx else 1.5) if headroom is None else headroom,
       scale_dtype=ml_dtypes.float8_e8m0fnu if mx else ml_dtypes.float8_e4m3fn)
 
 
@@ -534,7 +544,7 @@ def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
     old = q.tensor_scale
     used = jnp.max(jnp.where(code_max > 0, new, 0.0)) / old   # largest block code
     tensor_scale = _clip_tensor_scale(
-        _sticky(old, used > _E4M3_MAX, used, _E4M3_MAX, h, 0.0), fmt)
+        _sticky(old, used > _E4M3_MAX, used, _E4M3_MAX, 2.0, 0.0), fmt)
   return _encode_scale(new, fmt, tensor_scale, active=code_max > 0)
 
 
