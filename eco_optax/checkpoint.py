@@ -1,7 +1,7 @@
 """Orbax checkpoints of quantized parameters and eco_optax optimizer state.
 
-Orbax (``pip install eco-optax[checkpoint]``) stores float8 and int4 arrays and
-typed PRNG keys as they are, so a tree of quantized params
+Orbax (``pip install eco-optax[checkpoint]``) stores float8, int4, float4 and
+E8M0 arrays and typed PRNG keys as they are, so a tree of quantized params
 (:class:`~eco_optax.QuantizedArray` leaves) together with an
 :class:`~eco_optax.ErrorFeedbackState` (moments, optional master copy, the
 stochastic-rounding key) round-trips bit for bit: training resumed from a

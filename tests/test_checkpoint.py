@@ -105,6 +105,36 @@ def test_restore_into_abstract_template(tmp_path):
   assert as_bytes(got) == as_bytes((q, state))
 
 
+def test_fp4_weights_and_scales_round_trip_bit_identical(tmp_path):
+  """float4_e2m1fn codes, float8_e8m0fnu / float8_e4m3fn block scales and NVFP4's
+  FP32 tensor scale are stored natively by orbax and come back bit for bit."""
+  k1, k2 = jax.random.split(jax.random.key(3))
+  params = {"mx": jax.random.normal(k1, (64, 16)), "nv": jax.random.normal(k2, (32, 48))}
+  q = eco.quantize_params(params, lambda path, leaf: eco.fp4_e2m1(
+      "mxfp4" if "mx" in jax.tree_util.keystr(path) else "nvfp4"))
+  tx = eco.adamw(1e-2, rounding="stochastic", mode="eco_exact")
+  state = tx.init(q)
+  updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, q)
+  q = eco.apply_updates(q, updates)
+  checkpoint.save(tmp_path / "fp4", {"params": q, "opt_state": state})
+  got = checkpoint.restore(tmp_path / "fp4", {"params": q, "opt_state": state})
+  assert as_bytes(got) == as_bytes({"params": q, "opt_state": state})
+  assert got["params"]["mx"].values.dtype == jnp.float4_e2m1fn
+  assert got["params"]["mx"].scale.dtype == jnp.float8_e8m0fnu
+  assert got["params"]["nv"].scale.dtype == jnp.float8_e4m3fn
+  assert got["params"]["nv"].tensor_scale == q["nv"].tensor_scale
+  # And into an abstract template; another FP4 style is refused by name.
+  assert as_bytes(checkpoint.restore(tmp_path / "fp4", jax.eval_shape(lambda: got))) \
+      == as_bytes(got)
+  other = eco.quantize_params(params, eco.fp4_e2m1("mxfp4", block_size=16))
+  try:
+    checkpoint.restore(tmp_path / "fp4", {"params": other, "opt_state": tx.init(other)})
+  except ValueError as err:   # NVFP4's tensor scale has no place in the MXFP4 template
+    assert "params.nv.tensor_scale" in str(err), err
+  else:
+    raise AssertionError("restoring NVFP4 scales into an MXFP4 template must fail")
+
+
 def resume_main(ckpt, steps, out):
   q, state = fresh()
   restored = checkpoint.restore(ckpt, like={"params": q, "opt_state": state})

@@ -9,8 +9,13 @@ import eco_optax as eco
 from eco_optax import quantize as qz
 
 FORMATS = [eco.fp8_e4m3(), eco.fp8_e5m2(), eco.int8(), eco.int4(),
-           eco.int4("block", block_size=16), eco.fp8_e4m3("tensor", scale_policy="dynamic")]
-IDS = ["e4m3", "e5m2", "int8", "int4", "int4-block", "e4m3-dynamic"]
+           eco.int4("block", block_size=16), eco.fp8_e4m3("tensor", scale_policy="dynamic"),
+           # blocks of 16: _params() has a (48, 16) head
+           eco.fp4_e2m1("mxfp4", block_size=16), eco.fp4_e2m1("nvfp4"),
+           eco.fp4_e2m1("mxfp4", block_size=16, scale_policy="dynamic"),
+           eco.fp4_e2m1("nvfp4", scale_policy="dynamic")]
+IDS = ["e4m3", "e5m2", "int8", "int4", "int4-block", "e4m3-dynamic", "mxfp4", "nvfp4",
+       "mxfp4-dynamic", "nvfp4-dynamic"]
 
 
 def _params():
@@ -61,7 +66,11 @@ def test_apply_updates_reproduces_the_optimizers_weights_exactly(fmt, rounding):
     got = q["layer"]["kernel"]
     np.testing.assert_array_equal(np.asarray(got.values, np.float32),
                                   np.asarray(expected.values, np.float32))
-    np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(expected.scale))
+    np.testing.assert_array_equal(np.asarray(got.scale.astype(jnp.float32)),
+                                  np.asarray(expected.scale.astype(jnp.float32)))
+    assert got.scale.dtype == fmt.scale_dtype
+    np.testing.assert_array_equal(np.asarray(got.effective_scale),
+                                  np.asarray(expected.effective_scale))
 
 
 def test_apply_updates_on_plain_leaves_is_optax():
