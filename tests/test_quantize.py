@@ -1,4 +1,6 @@
 """Formats, scales, rounding: round trip, saturation, zeros, int4 rounding, SR."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -18,10 +20,13 @@ ALL_FORMATS = {
     "int4/tensor": eco.int4(),
     "int4/channel": eco.int4("channel"),
     "int4/block": eco.int4("block", block_size=32),
+    "mxfp4": eco.fp4_e2m1("mxfp4"),
+    "nvfp4": eco.fp4_e2m1("nvfp4"),
 }
 # Largest relative round-trip error (half a grid step at the top of the range,
 # with the format's headroom): e4m3 has 3 mantissa bits, e5m2 2.
-REL_TOL = {"fp8_e4m3": 2**-4, "fp8_e5m2": 2**-3, "int8": 0.5 / 127, "int4": 0.5 / 7}
+REL_TOL = {"fp8_e4m3": 2**-4, "fp8_e5m2": 2**-3, "int8": 0.5 / 127, "int4": 0.5 / 7,
+           "mxfp4": 2**-2, "nvfp4": 2**-2}
 
 
 @pytest.fixture(params=list(ALL_FORMATS), ids=list(ALL_FORMATS))
@@ -42,13 +47,13 @@ def test_round_trip_error_is_within_half_a_grid_step(fmt):
   x = jax.random.normal(jax.random.key(0), (32, 64)) * 3.0
   q = eco.quantize_array(x, fmt)
   assert q.values.dtype == fmt.dtype and q.values.shape == x.shape
-  assert q.scale.shape == fmt.scale_shape(x.shape) and q.scale.dtype == jnp.float32
+  assert q.scale.shape == fmt.scale_shape(x.shape) and q.scale.dtype == fmt.scale_dtype
   err = jnp.abs(q.dequantize() - x)
   # Per-element bound: half a step at the element's group absmax (times headroom).
   bound = REL_TOL[fmt.name] * fmt.headroom * jnp.max(jnp.abs(x)) * 1.0001
   assert float(jnp.max(err)) <= float(bound)
   # Requantizing stored weights with their own scale is the identity.
-  again = qz.quantize_with_scale(q.dequantize(), q.scale, fmt)
+  again = qz.quantize_with_scale(q.dequantize(), q.effective_scale, fmt)
   np.testing.assert_array_equal(np.asarray(again.values, np.float32),
                                 np.asarray(q.values, np.float32))
 
@@ -90,13 +95,16 @@ def test_e4m3_cast_alone_would_overflow_to_nan():
 
 
 def test_all_zero_tensor_has_a_finite_scale_and_stays_zero(fmt):
-  x = jnp.zeros((16, 64))
+  x = jnp.zeros((32, 64))
   q = eco.quantize_array(x, fmt)
-  assert np.all(np.isfinite(np.asarray(q.scale))) and np.all(np.asarray(q.scale) > 0)
+  scale = np.asarray(q.effective_scale)
+  assert np.all(np.isfinite(scale)) and np.all(scale > 0)
   np.testing.assert_array_equal(np.asarray(q.dequantize()), 0.0)
   # Every policy keeps the scale of an all-zero group (sticky must not halve it
   # step after step down to zero).
-  np.testing.assert_array_equal(np.asarray(qz.next_scale(q)), np.asarray(q.scale))
+  for policy in ("sticky", "dynamic"):
+    q = eco.quantize_array(x, dataclasses.replace(fmt, scale_policy=policy))
+    np.testing.assert_array_equal(np.asarray(qz.next_scale(q)), scale)
 
 
 def test_tiny_tensor_does_not_divide_by_a_subnormal_scale():
@@ -240,8 +248,9 @@ def test_bf16_format_is_unscaled_bfloat16(rounding):
 
 
 @pytest.mark.parametrize("fmt", [eco.fp8_e4m3("tensor", headroom=1.0),
-                                 eco.fp8_e5m2("tensor", headroom=1.0), eco.bf16()],
-                         ids=["e4m3", "e5m2", "bf16"])
+                                 eco.fp8_e5m2("tensor", headroom=1.0), eco.bf16(),
+                                 eco.QuantFormat("e2m1", jnp.float4_e2m1fn, "tensor")],
+                         ids=["e4m3", "e5m2", "bf16", "e2m1"])
 def test_nearest_rounding_on_the_fp32_grid_is_the_ieee_cast(fmt):
   """Codes are rounded in FP32 then cast exactly: the same as the cast's own RNE."""
   x = jnp.concatenate([jax.random.normal(jax.random.key(0), (4096,)) * 10.0 ** k
@@ -253,7 +262,9 @@ def test_nearest_rounding_on_the_fp32_grid_is_the_ieee_cast(fmt):
 
 
 @pytest.mark.parametrize("fmt", [eco.fp8_e4m3("block", block_size=16), eco.fp8_e5m2(),
-                                 eco.int8(), eco.int4("channel")], ids=["e4m3", "e5m2", "int8", "int4"])
+                                 eco.int8(), eco.int4("channel"), eco.fp4_e2m1("mxfp4"),
+                                 eco.fp4_e2m1("nvfp4")],
+                         ids=["e4m3", "e5m2", "int8", "int4", "mxfp4", "nvfp4"])
 def test_code_absmax_reads_the_bits_right(fmt):
   q = eco.quantize_array(jax.random.normal(jax.random.key(1), (32, 64)), fmt)
   np.testing.assert_array_equal(np.asarray(qz._code_absmax(q.values, fmt)),
