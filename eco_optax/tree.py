@@ -1,7 +1,7 @@
 """Parameter pytrees with quantized leaves: quantize, dequantize, apply updates.
 
 A *quantized parameter tree* is an ordinary pytree in which some leaves are
-:class:`~eco_optax.quantize.QuantizedArray` (values in a low-precision dtype plus FP32
+:class:`~eco_optax.quantize.QuantizedArray` (values in a low-precision dtype plus their
 scales) and the others stay plain arrays. Gradients and updates always have the
 structure of the *dequantized* tree: one plain array per parameter.
 """
