@@ -1,7 +1,7 @@
 """Flax NNX models whose weights are stored quantized.
 
 An NNX ``Variable`` can hold any pytree, so a model can keep its selected
-``nnx.Param`` values as :class:`~eco_optax.QuantizedArray` (codes + FP32 scales)
+``nnx.Param`` values as :class:`~eco_optax.QuantizedArray` (codes + scales)
 and nothing else: no FP32 copy of those weights stays resident. Four pieces make
 that trainable with the usual NNX idioms:
 

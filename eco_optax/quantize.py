@@ -350,6 +350,15 @@ class QuantizedArray:
   fmt: QuantFormat = dataclasses.field(metadata=dict(static=True))
   tensor_scale: jax.Array | None = None
 
+  def __post_init__(self):
+    # Rebuilding an NVFP4 array as QuantizedArray(values, scale, fmt) would silently
+    # drop S; tree operations that put non-arrays at the leaves are left alone.
+    if (self.tensor_scale is None and self.fmt.has_tensor_scale
+        and isinstance(self.values, (jax.Array, np.ndarray))):
+      raise ValueError(
+          f"{self.fmt.name}: a QuantizedArray of this format needs its FP32 "
+          "tensor_scale; copy one with dataclasses.replace(q, values=..., scale=...)")
+
   @property
   def shape(self) -> tuple[int, ...]:
     return tuple(self.values.shape)

@@ -16,6 +16,7 @@ Run on 8 simulated CPU devices::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 import jax
@@ -47,8 +48,9 @@ def shard(tree: Any, mesh: Mesh) -> Any:
 
   The scales of a quantized weight follow its codes where they span the same
   sharded dimension (block scales along another axis) and are replicated
-  otherwise (tensor-wise scales, channel scales of the other axis). Typed PRNG
-  keys are sharded by their key shape (a scalar key is replicated).
+  otherwise (tensor-wise scales, channel scales of the other axis, the FP32
+  tensor scale of NVFP4). Typed PRNG keys are sharded by their key shape (a
+  scalar key is replicated).
   """
 
   def place(x):
@@ -57,8 +59,10 @@ def shard(tree: Any, mesh: Mesh) -> Any:
     spec = fsdp_spec(x.values.shape, mesh)
     dim = len(spec) - 1
     same = x.scale.ndim > dim >= 0 and x.scale.shape[dim] == x.values.shape[dim]
-    return eco.QuantizedArray(_place(x.values, spec, mesh),
-                              _place(x.scale, spec if same else P(), mesh), x.fmt)
+    tensor_scale = None if x.tensor_scale is None else _place(x.tensor_scale, P(), mesh)
+    return dataclasses.replace(x, values=_place(x.values, spec, mesh),
+                               scale=_place(x.scale, spec if same else P(), mesh),
+                               tensor_scale=tensor_scale)
 
   return jax.tree.map(place, tree, is_leaf=eco.is_quantized)
 
