@@ -41,10 +41,11 @@ def test_policy_quantizes_only_block_linear_kernels():
 
 
 def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
-  bench.main(["--quick", "--out", str(tmp_path)])
+  bench.main(["--quick", "--methods", "paper,moments", "--out", str(tmp_path)])
   report = json.loads((tmp_path / "results.json").read_text())
   results = report["results"]
-  assert list(results) == list(bench.METHODS)
+  names = list(dict.fromkeys(bench.GROUPS["paper"] + bench.GROUPS["moments"]))
+  assert list(results) == names
   for name, r in results.items():
     assert not r["diverged"], name
     for key in ("final_val_loss", "bytes_per_param", "step_seconds", "step_ratio"):
@@ -55,12 +56,31 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
     assert (r["delta_vs_mw_pct"] is None) == (name == "fp32")
   assert results["fp32"]["bytes_per_param"] == pytest.approx(12.0, abs=0.01)
   assert results["fp8-eco-sr"]["bytes_per_param"] < results["fp8-mw"]["bytes_per_param"]
+  # Quantized leaves alone: FP8 codes + FP32 / bf16 / 8-bit Adam moments (+ small scales).
+  qbytes = {n: results[n]["quantized_bytes_per_param"] for n in names}
+  assert qbytes["fp32"] is None
+  assert 9.0 < qbytes["fp8-eco-sr"] < 9.2 and qbytes["fp8-mw"] - qbytes["fp8-eco-sr"] == pytest.approx(4)
+  # 8 B of FP32 moments become 4 B of bfloat16, or 2 B of codes + two FP32 absmax per 256.
+  assert qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-bf16-moments"] == pytest.approx(4)
+  assert qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-8bit-moments"] == pytest.approx(8 - 2 - 8 / 256)
   assert {c["verdict"] for c in report["checks"]} <= {"PASS", "MISS"}
-  assert len(report["checks"]) == 8
+  assert len(report["checks"]) == 12
   assert (tmp_path / "curves.png").stat().st_size > 10_000
   out = capsys.readouterr().out
-  assert all(name in out for name in bench.METHODS)
-  assert out.count("PASS") + out.count("MISS") >= 8
+  assert all(name in out for name in names)
+  assert out.count("PASS") + out.count("MISS") >= 12
+
+
+def test_fp4_rows_run(tmp_path):
+  report = bench.main(["--quick", "--steps", "20", "--eval-every", "10", "--methods", "fp4",
+                       "--out", str(tmp_path)])
+  results = report["results"]
+  assert list(results) == bench.GROUPS["fp4"]
+  for name, r in results.items():
+    assert not r["diverged"] and math.isfinite(r["final_val_loss"]), name
+  # E2M1 codes (0.5 B) + block scales (1 B per 32 or 16 elements) + two FP32 moments.
+  assert 8.5 < results["mxfp4-eco-sr"]["quantized_bytes_per_param"] < 8.6
+  assert 8.5 < results["nvfp4-eco-sr"]["quantized_bytes_per_param"] < 8.65
 
 
 def test_target_checks_report_misses_and_skips():
@@ -77,7 +97,11 @@ def test_target_checks_report_misses_and_skips():
       "fp8-naive-rtn visibly worse than fp8-mw (> +1%)": "PASS",
       "fp8-eco-rtn never worse than fp8-naive-rtn": "PASS",
       "int4-naive-rtn visibly worse than int4-mw (> +1%)": "SKIP",
-      "int4-eco-rtn never worse than int4-naive-rtn": "SKIP"}
+      "int4-eco-rtn never worse than int4-naive-rtn": "SKIP",
+      "fp8-eco-sr-bf16-moments within +0.5% of fp8-mw": "SKIP",
+      "fp8-eco-sr-bf16-moments at <= 5.0 B/param (quantized leaves)": "SKIP",
+      "fp8-eco-sr-8bit-moments within +0.5% of fp8-mw": "SKIP",
+      "fp8-eco-sr-8bit-moments at <= 3.0 B/param (quantized leaves)": "SKIP"}
 
 
 def test_command_line_overrides_the_chosen_config():

@@ -23,6 +23,13 @@ the method's own jitted optimizer step ``tx.update`` + ``apply_updates``, the
 same executable whose time is reported. (Splitting the step this way compiles
 the model's backward pass once instead of once per method.)
 
+``<fmt>`` is ``fp8`` (E4M3, row-wise scales) or ``int4`` (tensor-wise) for the
+paper's set (``--methods paper``, the default), and ``mxfp4`` / ``nvfp4``
+(:func:`eco_optax.fp4_e2m1`) for ``--methods fp4``. ``--methods moments`` adds
+``fp8-mw-<m>-moments`` and ``fp8-eco-sr-<m>-moments``: AdamW's moments stored in
+bfloat16 (``m = bf16``) or 8-bit block-wise codes (``m = 8bit``), compared with
+``fp8-mw`` (FP32 moments). ``--methods all`` runs every row.
+
 Only the linear kernels inside the transformer blocks are quantized. Outputs
 in ``--out``: ``results.json`` (every number), ``curves.png`` (train and
 validation loss) and the table printed to stdout, followed by PASS/MISS lines
@@ -32,7 +39,7 @@ for the targets of the issue.
 (:func:`optax.contrib.muon` / :func:`optax.lion` for ``fp32``, :func:`eco_optax.muon`
 / :func:`eco_optax.lion` otherwise; Muon's AdamW leaves take ``b1``, ``b2``, ``eps``).
 
-Run: ``python -m eco_optax.bench [--quick] [--optimizer adamw] [--methods fp32,fp8-eco-sr,...]``.
+Run: ``python -m eco_optax.bench [--quick] [--optimizer adamw] [--methods paper,fp4,fp8-eco-sr,...]``.
 """
 
 from __future__ import annotations
@@ -63,12 +70,24 @@ from eco_optax.bench import step as bstep
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """One row of the benchmark. ``fmt`` is ``None`` for plain FP32 training."""
+  """One row of the benchmark. ``fmt`` is ``None`` for plain FP32 training.
+
+  ``moments`` stores the optimizer's moments in FP32 (``"fp32"``), bfloat16
+  (``"bf16"``) or 8-bit block-wise codes (``"8bit"``, :func:`eco_optax.moments.blockwise_8bit`).
+  """
 
   name: str
   fmt: str | None = None
-  mode: str = "fp32"
-  rounding: str = "nearest"
+  variant: str = "fp32"
+  moments: str = "fp32"
+
+  @property
+  def mode(self) -> str:
+    return VARIANTS[self.variant][0] if self.fmt else "fp32"
+
+  @property
+  def rounding(self) -> str:
+    return VARIANTS[self.variant][1] if self.fmt else "nearest"
 
 
 # variant suffix -> (eco mode, rounding)
@@ -80,9 +99,21 @@ VARIANTS = {
     "eco-sr": ("eco", "stochastic"),
     "eco-exact-rtn": ("eco_exact", "nearest"),
 }
-FORMATS = ("fp8", "int4")
-METHODS = {"fp32": Method("fp32")} | {
-    f"{f}-{v}": Method(f"{f}-{v}", f, *VARIANTS[v]) for f in FORMATS for v in VARIANTS}
+FORMATS = ("fp8", "int4", "mxfp4", "nvfp4")
+MOMENTS = ("bf16", "8bit")
+METHODS = (
+    {"fp32": Method("fp32")}
+    | {f"{f}-{v}": Method(f"{f}-{v}", f, v) for f in FORMATS for v in VARIANTS}
+    | {f"fp8-{v}-{m}-moments": Method(f"fp8-{v}-{m}-moments", "fp8", v, m)
+       for m in MOMENTS for v in ("mw", "eco-sr")})
+# --methods groups: the paper's Table 1 set (the default), and the rows beyond it.
+GROUPS = {
+    "paper": ["fp32", *(f"{f}-{v}" for f in ("fp8", "int4") for v in VARIANTS)],
+    "fp4": [f"{f}-{v}" for f in ("mxfp4", "nvfp4") for v in VARIANTS if v != "eco-exact-rtn"],
+    "moments": ["fp8-mw", "fp8-eco-sr",
+                *(f"fp8-{v}-{m}-moments" for m in MOMENTS for v in ("mw", "eco-sr"))],
+    "all": list(METHODS),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +182,9 @@ def make_optimizer(method: Method, cfg: BenchConfig) -> optax.GradientTransforma
   }[cfg.optimizer]
   if method.fmt is None:
     return plain(lr, **hyper)
+  if method.moments != "fp32":
+    spec = {"bf16": jnp.bfloat16, "8bit": eco.moments.blockwise_8bit()}[method.moments]
+    hyper |= dict(mu_dtype=spec) | ({} if cfg.optimizer == "lion" else dict(nu_dtype=spec))
   return ours(lr, **hyper, mode=method.mode, rounding=method.rounding, seed=cfg.seed)
 
 
@@ -214,7 +248,22 @@ def train(method: Method, setup: Setup, opt_step: Callable, grad_fn: Callable,
   return dict(train_loss=train_loss, val_loss=val_loss, diverged=diverged,
               final_val_loss=val_loss[-1][1] if val_loss and not diverged else math.nan,
               train_seconds=time.perf_counter() - start,
+              quantized_bytes_per_param=quantized_bytes_per_param(setup),
               bytes_per_param=eco.memory_report(params, state).bytes_per_param)
+
+
+def quantized_bytes_per_param(setup: Setup) -> float | None:
+  """Static bytes per parameter of the quantized leaves alone, with their optimizer state.
+
+  The embedding and norms stay FP32 (as in the paper); this is the figure for the
+  part of the model that the format stores. ``None`` for unquantized methods.
+  """
+  leaves = [x for x in jax.tree.leaves(setup.params, is_leaf=eco.is_quantized)
+            if eco.is_quantized(x)]
+  if not leaves:
+    return None
+  only = {str(i): x for i, x in enumerate(leaves)}
+  return eco.memory_report(only, setup.tx.init(only)).bytes_per_param
 
 
 def time_step(setup: Setup, opt_step: Callable, grads: Any, repeats: int) -> float:
@@ -248,9 +297,17 @@ def target_checks(results: dict[str, dict]) -> list[tuple[str, str, str]]:
                  [name, f"{name.split('-')[0]}-mw"],
                  lambda: delta(name) <= limit, lambda: f"{delta(name):+.3f}%")
 
+  def memory_check(name, limit):
+    return check(f"{name} at <= {limit} B/param (quantized leaves)", [name],
+                 lambda: results[name]["quantized_bytes_per_param"] <= limit,
+                 lambda: f"{results[name]['quantized_bytes_per_param']:.3f} B/param")
+
   checks = [delta_check("fp8-eco-sr", 0.2), delta_check("fp8-eco-rtn", 1.0),
             delta_check("fp8-eco-exact-rtn", 1.0), delta_check("int4-eco-sr", 2.0)]
-  for f in FORMATS:
+  for moments, limit in (("bf16", 5.0), ("8bit", 3.0)):
+    checks += [delta_check(f"fp8-eco-sr-{moments}-moments", 0.5),
+               memory_check(f"fp8-eco-sr-{moments}-moments", limit)]
+  for f in ("fp8", "int4"):
     naive, eco_rtn = f"{f}-naive-rtn", f"{f}-eco-rtn"
     checks.append(check(
         f"{naive} visibly worse than {f}-mw (> +1%)", [naive, f"{f}-mw"],
@@ -269,10 +326,11 @@ def plot(results: dict[str, dict], path: pathlib.Path, smooth: int = 10) -> None
   colors = dict(zip(["fp32", *VARIANTS], plt.get_cmap("tab10").colors))
   finals = [r["final_val_loss"] for r in results.values()
             if math.isfinite(r["final_val_loss"])]
+  line_styles = dict(zip((None, *FORMATS), ("-", "-", "--", ":", "-.")))
   for name, r in results.items():
-    variant = name.split("-", 1)[-1]
-    style = dict(color=colors[variant], lw=1.2, label=name,
-                 ls="--" if name.startswith("int4") else "-")
+    method = METHODS[name]
+    style = dict(color=colors[method.variant], lw=2.4 if method.moments != "fp32" else 1.2,
+                 label=name, ls=line_styles[method.fmt])
     y = np.asarray(r["train_loss"])
     k = min(smooth, len(y))
     ax_train.plot(np.arange(k, len(y) + 1), np.convolve(y, np.ones(k) / k, "valid"), **style)
@@ -292,24 +350,34 @@ def plot(results: dict[str, dict], path: pathlib.Path, smooth: int = 10) -> None
 
 
 def format_table(results: dict[str, dict]) -> str:
-  """The results table as text."""
-  head = (f"{'method':<15} {'format':<38} {'val loss':>9} {'vs MW':>9} "
-          f"{'B/param':>8} {'step ms':>9} {'vs adamw':>9}")
+  """The results table as text.
+
+  ``B/param`` is the whole model's static memory, ``Q B/param`` that of the
+  quantized leaves alone (:func:`quantized_bytes_per_param`).
+  """
+  nw = max([6, *map(len, results)])
+  fw = max([6, *(len(r["format"]) for r in results.values())])
+  head = (f"{'method':<{nw}} {'format':<{fw}} {'val loss':>9} {'vs MW':>9} "
+          f"{'B/param':>8} {'Q B/param':>9} {'step ms':>9} {'vs adamw':>9}")
   lines = [head, "-" * len(head)]
   for name, r in results.items():
-    delta = r["delta_vs_mw_pct"]
+    delta, qbytes = r["delta_vs_mw_pct"], r["quantized_bytes_per_param"]
     lines.append(
-        f"{name:<15} {r['format']:<38} "
+        f"{name:<{nw}} {r['format']:<{fw}} "
         f"{r['final_val_loss']:9.4f} "
         f"{'' if delta is None else f'{delta:+8.3f}%':>9} "
-        f"{r['bytes_per_param']:8.3f} {r['step_seconds'] * 1e3:9.3f} "
+        f"{r['bytes_per_param']:8.3f} {'' if qbytes is None else f'{qbytes:9.3f}':>9} "
+        f"{r['step_seconds'] * 1e3:9.3f} "
         f"{r['step_ratio']:8.2f}x" + ("  DIVERGED" if r["diverged"] else ""))
   return "\n".join(lines)
 
 
 def describe(fmt: eco.QuantFormat) -> str:
-  """E.g. ``"fp8_e4m3 channel scales, sticky h=2"``."""
+  """E.g. ``"fp8_e4m3 channel scales, sticky h=2"``, ``"mxfp4 block/32 e8m0 scales, ..."``."""
   scaling = fmt.scaling + (f"/{fmt.block_size}" if fmt.scaling == "block" else "")
+  if fmt.scale_dtype != np.float32:
+    scaling += " " + np.dtype(fmt.scale_dtype).name.removeprefix("float8_")
+    scaling += "*fp32" if fmt.has_tensor_scale else ""
   return f"{fmt.name} {scaling} scales, {fmt.scale_policy} h={fmt.headroom:g}"
 
 
@@ -327,8 +395,9 @@ def finite_or_none(x: Any) -> Any:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny model, few steps (< 3 min)")
-  p.add_argument("--methods", default="all",
-                 help=f"comma list from: {', '.join(METHODS)} (default all)")
+  p.add_argument("--methods", default="paper",
+                 help=f"comma list of methods and groups ({', '.join(GROUPS)}); methods: "
+                      f"{', '.join(METHODS)} (default: paper, the paper's Table 1 set)")
   p.add_argument("--out", default="results/bench", help="output folder")
   p.add_argument("--data", default=None, help="text file to use instead of the stdlib source")
   for f, scaling in (("fp8", "channel"), ("int4", "tensor")):
@@ -374,17 +443,20 @@ def formats_from_args(args: argparse.Namespace) -> dict[str, eco.QuantFormat]:
         kw[option] = getattr(args, f"{f}_{option}")
     return kw
   return {"fp8": eco.fp8_e4m3(args.fp8_scaling, **kwargs("fp8")),
-          "int4": eco.int4(args.int4_scaling, **kwargs("int4"))}
+          "int4": eco.int4(args.int4_scaling, **kwargs("int4")),
+          "mxfp4": eco.fp4_e2m1("mxfp4"), "nvfp4": eco.fp4_e2m1("nvfp4")}
 
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   cfg = config_from_args(args)
   formats = formats_from_args(args)
-  names = list(METHODS) if args.methods == "all" else args.methods.split(",")
+  names = list(dict.fromkeys(
+      n for item in args.methods.split(",") for n in GROUPS.get(item, [item])))
   unknown = [n for n in names if n not in METHODS]
   if unknown:
-    raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    raise SystemExit(f"unknown methods {unknown}; choose from {list(GROUPS)} or "
+                     f"{list(METHODS)}")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   wall_start = time.perf_counter()
@@ -425,7 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
                          time_step(setup, opt_step, grads, cfg.timing_repeats))
     r["step_ratio"] = r["step_seconds"] / baseline_seconds
     r["format"] = "fp32" if method.fmt is None else describe(formats[method.fmt])
-    r.update(mode=method.mode, rounding=method.rounding)
+    if method.moments != "fp32":
+      r["format"] += f", {method.moments} moments"
+    r.update(mode=method.mode, rounding=method.rounding, moments=method.moments)
     results[name] = r
   for name, r in results.items():
     mw = results.get(f"{METHODS[name].fmt}-mw")
