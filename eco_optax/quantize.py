@@ -137,6 +137,11 @@ class QuantFormat:
       raise ValueError(f"{self.name}: block_size must be >= 1, got {self.block_size}")
     if not self.headroom >= 1.0:
       raise ValueError(f"{self.name}: headroom must be >= 1, got {self.headroom}")
+    if (self.scale_policy == "sticky" and self.headroom == 1.0 and not self.lossless
+        and self.scaling != "none"):
+      raise ValueError(f"{self.name}: a sticky scale moves by the headroom factor, so "
+                       "headroom=1 would never move it; use headroom > 1 (e.g. 2) or "
+                       "scale_policy='fixed'")
 
   @property
   def lossless(self) -> bool:
@@ -233,9 +238,13 @@ def fp8_e5m2(scaling: Scaling = "channel", *, block_size: int = 32,
 
 
 def int8(scaling: Scaling = "channel", *, block_size: int = 32,
-         scale_policy: ScalePolicy = "sticky", headroom: float = 1.0,
+         scale_policy: ScalePolicy = "fixed", headroom: float = 1.0,
          axis: int = -1) -> QuantFormat:
-  """INT8, symmetric codes in ``[-127, 127]``."""
+  """INT8, symmetric codes in ``[-127, 127]``; fixed absmax scales by default.
+
+  A weight that must outgrow its initial range needs ``scale_policy="sticky"``
+  with a headroom above 1 (e.g. 2: it starts with one bit of room and doubles).
+  """
   return _make("int8", np.int8, scaling, block_size, scale_policy, headroom, axis)
 
 
