@@ -59,6 +59,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional, Union
 
 import jax
@@ -99,6 +100,35 @@ def dynamic_map(signed: bool) -> np.ndarray:
 
 _MAPS = {signed: dynamic_map(signed) for signed in (True, False)}
 _FLOAT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+@functools.lru_cache(maxsize=None)
+def _search_index(signed: bool, midpoints: bool) -> tuple[np.ndarray, np.ndarray]:
+  """``(points, start)`` for :func:`_count_below` over the map's entries or midpoints.
+
+  ``start[p]`` counts the points below every float32 whose top 16 bits are ``p``
+  (sign, exponent, 7 mantissa bits: a cell of relative width ``2^-7``). The map's
+  points are farther apart than that, so a cell holds at most one of them.
+  """
+  table = _MAPS[signed]
+  points = (table[:-1] + table[1:]) / 2 if midpoints else table
+  prefixes = np.arange(2**16, dtype=np.uint32) << 16
+  ends = np.stack([prefixes, prefixes | 0xFFFF]).view(np.float32)
+  finite = np.all(np.isfinite(ends), axis=0)
+  low, high = ends.min(axis=0), ends.max(axis=0)
+  start = np.searchsorted(points, np.where(finite, low, 0), side="left")
+  inside = np.searchsorted(points, np.where(finite, high, 0), side="right") - start
+  assert inside.max() <= 1, "two points of the map in one float32 cell"
+  return np.append(points, np.inf).astype(np.float32), start.astype(np.uint16)
+
+
+def _count_below(points: np.ndarray, start: np.ndarray, y: jax.Array) -> jax.Array:
+  """``jnp.searchsorted(points, y)`` for finite FP32 ``y`` with two gathers.
+
+  ``jnp.searchsorted`` bisects: 8 dependent gathers per element, 15x slower on CPU.
+  """
+  i = jnp.asarray(start)[jax.lax.bitcast_convert_type(y, jnp.uint32) >> 16].astype(jnp.int32)
+  return i + (jnp.asarray(points)[i] < y)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +224,10 @@ class Blockwise8bit:
     inverse = jnp.where(absmax > 0, 1.0 / absmax, 0.0)    # 0 for all-zero and NaN blocks
     y = jnp.where(finite, blocks, 0.0) * inverse
     if self.rounding == "nearest":    # the entry whose midpoint interval holds y
-      codes = jnp.searchsorted(jnp.asarray((table[:-1] + table[1:]) / 2), y)
+      codes = _count_below(*_search_index(self.signed, midpoints=True), y)
     else:                             # lo = table[i - 1] < y <= table[i] = hi
-      i = jnp.clip(jnp.searchsorted(jnp.asarray(table), y), 1, table.size - 1)
+      i = jnp.clip(_count_below(*_search_index(self.signed, midpoints=False), y),
+                   1, table.size - 1)
       inverse_gap = jnp.asarray(1.0 / np.diff(table))[i - 1]
       up = qz.stochastic_uniform(key, y.shape) < (y - jnp.asarray(table)[i - 1]) * inverse_gap
       codes = i - 1 + up
