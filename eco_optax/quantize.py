@@ -303,7 +303,7 @@ def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
     >>> fmt.block_size, fmt.scale_shape((64, 128))     # blocks of 16 along axis 0
     (16, (4, 128))
     >>> q = eco.quantize_array(jnp.array([[0.5, -6.0], [5.0, 2.5]] * 8), eco.fp4_e2m1(
-    ...     "mxfp4", headroom=1.0, block_size=16))
+    ...     "mxfp4", scale_policy="fixed", headroom=1.0, block_size=16))
     >>> q.values.dtype, q.scale.dtype, float(q.scale[0, 0])
     (dtype(float4_e2m1fn), dtype(float8_e8m0fnu), 1.0)
     >>> q.dequantize()[:2].tolist()                     # 5 -> 4: half to even on the grid

@@ -6,13 +6,14 @@ import re
 import pytest
 
 import eco_optax
-from eco_optax import alias, checkpoint, memory, nnx, quantize, rules, transform, tree
+from eco_optax import (alias, checkpoint, memory, moments, nnx, quantize, rules, transform,
+                       tree)
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.parametrize("module", [eco_optax, alias, checkpoint, memory, nnx, quantize,
-                                    rules, transform, tree],
+@pytest.mark.parametrize("module", [eco_optax, alias, checkpoint, memory, moments, nnx,
+                                    quantize, rules, transform, tree],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
