@@ -115,9 +115,11 @@ def test_command_line_overrides_the_chosen_config():
 
 
 def test_step_benchmark_small_size():
-  timings = bstep.main(["--sizes", "20k", "--repeats", "2", "--warmup", "1"])
+  timings = bstep.main(["--sizes", "20k", "--repeats", "2", "--warmup", "1",
+                        "--moments", "bf16,8bit"])
   assert [t.method for t in timings] == ["optax.adamw (fp32)", "eco-rtn", "eco-sr",
-                                         "master-weights"]
+                                         "master-weights", "eco-sr bf16 moments",
+                                         "eco-sr 8bit moments"]
   assert timings[0].ratio == 1.0
   assert all(t.seconds > 0 and t.bandwidth > 0 and t.num_params > 16_000 for t in timings)
   assert bstep.parse_size("50M") == 50_000_000 and bstep.parse_size("250k") == 250_000

@@ -1,7 +1,8 @@
 """Optimizer-step benchmark: one jitted ``update`` + ``apply_updates``.
 
 Times, side by side in one process, AdamW with ECO (RTN and SR), AdamW with
-FP32 master weights, and ``optax.adamw`` on FP32 parameters, for parameter
+FP32 master weights, and ``optax.adamw`` on FP32 parameters (``--moments bf16,8bit``
+adds ECO-SR with low-precision moments), for parameter
 trees of a few 2-D matrices (FP8 E4M3, row-wise scales) summing to each size.
 Each timing is the median over repeats after warm-up calls. As in a training
 loop, the parameters and the optimizer state are donated to the step and each
@@ -98,9 +99,16 @@ class Setup(NamedTuple):
   apply_updates: ApplyFn
 
 
+MOMENT_SPECS = {"bf16": jnp.bfloat16, "8bit": eco.moments.blockwise_8bit()}
+
+
 def step_setups(params: dict[str, jax.Array], fmt: eco.QuantFormat,
-                learning_rate: float = 1e-3) -> dict[str, Setup]:
-  """The four optimizers compared, keyed by display name."""
+                learning_rate: float = 1e-3, moments: tuple[str, ...] = ()) -> dict[str, Setup]:
+  """The optimizers compared, keyed by display name.
+
+  ``optax.adamw``, ECO-RTN, ECO-SR and master weights; plus ECO-SR with its moments
+  stored in each of ``moments`` (keys of :data:`MOMENT_SPECS`).
+  """
   q = eco.quantize_params(params, fmt)
   setups = {"optax.adamw (fp32)": Setup(optax.adamw(learning_rate), params,
                                          optax.apply_updates)}
@@ -109,6 +117,10 @@ def step_setups(params: dict[str, jax.Array], fmt: eco.QuantFormat,
                                ("master-weights", "master_weights", "nearest")):
     tx = eco.adamw(learning_rate, mode=mode, rounding=rounding)
     setups[name] = Setup(tx, q, eco.apply_updates)
+  for m in moments:
+    spec = MOMENT_SPECS[m]
+    tx = eco.adamw(learning_rate, rounding="stochastic", mu_dtype=spec, nu_dtype=spec)
+    setups[f"eco-sr {m} moments"] = Setup(tx, q, eco.apply_updates)
   return setups
 
 
@@ -122,13 +134,13 @@ class Timing(NamedTuple):
 
 
 def time_size(num_params: int, fmt: eco.QuantFormat, warmup: int,
-              repeats: int) -> list[Timing]:
+              repeats: int, moments: tuple[str, ...] = ()) -> list[Timing]:
   """Times every setup of :func:`step_setups` at one size."""
   params = matrices(num_params)
   n = sum(p.size for p in params.values())
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
   rows = []
-  for name, (tx, p, apply_fn) in step_setups(params, fmt).items():
+  for name, (tx, p, apply_fn) in step_setups(params, fmt, moments=moments).items():
     step = functools.partial(make_opt_step(tx, apply_fn), grads)
     carry = (jax.tree.map(jnp.copy, p), tx.init(p))  # donated: copy the shared p
     moved = tree_bytes(grads, carry)
@@ -154,19 +166,26 @@ def main(argv: list[str] | None = None) -> list[Timing]:
                       help="comma list of parameter counts (suffixes k, M)")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--moments", default="",
+                      help=f"also time ECO-SR with moments in these formats: comma list of "
+                           f"{', '.join(MOMENT_SPECS)}")
   args = parser.parse_args(argv)
+  moments = tuple(m for m in args.moments.split(",") if m)
+  unknown = [m for m in moments if m not in MOMENT_SPECS]
+  if unknown:
+    parser.error(f"unknown --moments {unknown}; choose from {list(MOMENT_SPECS)}")
 
   fmt = eco.fp8_e4m3()
   bandwidth = copy_bandwidth()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
         f"format: {fmt.name} {fmt.scaling} scales ({fmt.scale_policy})")
   print(f"memory-copy bandwidth (jit x+1, 256 MiB f32): {bandwidth / 1e9:.2f} GB/s")
-  print(f"{'params':>11}  {'method':<20} {'step ms':>9} {'vs adamw':>9} "
+  print(f"{'params':>11}  {'method':<22} {'step ms':>9} {'vs adamw':>9} "
         f"{'MB moved':>9} {'GB/s':>7} {'% copy':>7}")
   timings = []
   for size in map(parse_size, args.sizes.split(",")):
-    for t in time_size(size, fmt, args.warmup, args.repeats):
-      print(f"{t.num_params:>11,}  {t.method:<20} {t.seconds * 1e3:9.3f} "
+    for t in time_size(size, fmt, args.warmup, args.repeats, moments):
+      print(f"{t.num_params:>11,}  {t.method:<22} {t.seconds * 1e3:9.3f} "
             f"{t.ratio:8.2f}x {t.bytes_moved / 1e6:9.1f} {t.bandwidth / 1e9:7.2f} "
             f"{100 * t.bandwidth / bandwidth:6.1f}%")
       timings.append(t)
