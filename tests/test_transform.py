@@ -115,7 +115,7 @@ def test_master_weights_mode_stores_the_quantized_master(rounding):
 @pytest.mark.parametrize("mode", ["eco", "naive", "master_weights"])
 def test_learning_rate_zero_warmup_and_anneal_stay_finite(mode):
   params, loss = _regression()
-  q0 = eco.quantize_params(params, eco.int4("tensor", scale_policy="sticky"))
+  q0 = eco.quantize_params(params, eco.int4("tensor", scale_policy="sticky", headroom=2.0))
   sched = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40, end_value=0.0)
   tx = eco.adamw(sched, mode=mode, rounding="stochastic")
   state = tx.init(q0)
