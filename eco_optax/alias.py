@@ -107,9 +107,10 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
          mode: transform.Mode = "eco", rounding: qz.Rounding = "nearest",
          seed: int = 0, mu_dtype: moments.Spec = None,
          nu_dtype: moments.Spec = None) -> optax.GradientTransformation:
-  """Adam on quantized weights: :func:`adamw` without weight decay."""
-  return adamw(learning_rate, b1, b2, eps, weight_decay=0.0, eps_root=eps_root, mode=mode,
-               rounding=rounding, seed=seed, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+  """Adam on quantized weights: :func:`adamw` without weight decay (:func:`optax.adam`)."""
+  return transform.error_feedback(rules.adam_rule(b1, b2, eps, eps_root), learning_rate,
+                                  None, mode, rounding, seed,
+                                  moment_formats={"mu": mu_dtype, "nu": nu_dtype})
 
 
 def muon(learning_rate: optax.ScalarOrSchedule,

@@ -150,8 +150,13 @@ class FloatStorage:
                        f"{[str(d) for d in _FLOAT_DTYPES]}, got {self.dtype}")
     _check_rounding(self.rounding)
 
-  def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
-    """``R(clip(x))`` in :attr:`dtype`; non-finite entries stay as they are."""
+  def encode(self, x: jax.Array, key: Optional[jax.Array] = None,
+             offset: jax.Array | int = 0) -> jax.Array:
+    """``R(clip(x))`` in :attr:`dtype`; non-finite entries stay as they are.
+
+    ``offset``: flat index of ``x``'s first element in a larger array (its random
+    numbers are those of that array, :func:`eco_optax.quantize.stochastic_uniform`).
+    """
     _check_key(self.rounding, key)
     x = jnp.asarray(x, jnp.float32)
     finite = jnp.isfinite(x)
@@ -159,7 +164,7 @@ class FloatStorage:
     y = jnp.clip(jnp.where(finite, x, 0.0), -largest, largest)
     grid = qz.QuantFormat(name=self.dtype.name, dtype=self.dtype, scaling="none",
                           scale_policy="fixed", headroom=1.0)
-    y = qz._round_to_grid(y, grid, self.rounding, key)
+    y = qz._round_to_grid(y, grid, self.rounding, key, offset)
     return jnp.where(finite, y, x).astype(self.dtype)
 
   def decode(self, stored: jax.Array) -> jax.Array:

@@ -1,24 +1,28 @@
 """Momentum rules: the optimizer-specific part of an ECO optimizer.
 
-A :class:`MomentumRule` describes an EMA-momentum method whose step (before the
-learning rate) is a preconditioned momentum::
+A rule wraps an optax transformation that computes an EMA-momentum method's step
+direction (before the learning rate)::
 
-    m~ = beta * m + (1 - beta) * g            (first moment, the "momentum")
-    d  = P^-1(m~)                             (the step direction)
-    w~ = w - eta * (d + lambda * w)
+    m~ = beta * m + (1 - beta) * g            (the momentum, field ``mu``)
+    d  = P^-1(m~)                             (the direction optax computes)
 
-SGDM has ``P = identity``; Adam has the diagonal ``P(x) = D * x`` with
-``D = (1 - beta1^t) * (sqrt(v_hat) + eps)``. The error feedback of
-:mod:`eco_optax.transform` needs exactly ``beta`` and ``P``: to first order it
-pays a quantization error ``e`` back through
+and adds what the error feedback of :mod:`eco_optax.transform` needs beyond it:
+``beta`` and the preconditioner ``P``, the inverse of the direction's first-order
+response to the momentum. ECO pays a quantization error ``e`` back through
 ``m += ((1 - eta*lambda) / eta) * (1 - 1/beta) * P(e)``.
 
-In general ``P`` is the inverse of the step's first-order response to the
-momentum, with the preconditioner frozen: when ``m~`` changes by ``delta`` the
-direction changes by ``P^-1(delta)``. For Nesterov variants (``d`` is a function
-of ``beta*m~/(1-beta^(t+1)) + ...``) this picks up the slope
-``beta/(1-beta^(t+1))``; for Muon (``d = s * M (M^T M)^-1/2``) ``P`` is the
-non-diagonal ``P(E) = E (R^T R)^1/2`` of :func:`frozen_polar_preconditioner`.
+==========================  =================================  ===============================
+rule                        optax transformation               ``P(e)``
+==========================  =================================  ===============================
+:func:`sgdm_rule`           ``optax.ema(b, debias=False)``     ``e``
+:func:`adam_rule`           ``optax.scale_by_adam``            ``(1-b1^t)(sqrt(v_hat)+eps) e``
+:func:`lion_rule`           ``optax.scale_by_lion``            ``(b2/b1) |c| e``
+:func:`muon_rule` (2-D)     ``optax.contrib.scale_by_muon``    ``E (R^T R)^1/2`` (polar)
+==========================  =================================  ===============================
+
+The optax transformation runs unchanged, one leaf (or one block of rows of a leaf,
+for elementwise rules) at a time: with the lossless format an eco optimizer is the
+optax optimizer, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,45 +33,140 @@ from typing import Any, Callable, Literal, NamedTuple, Sequence, Union
 import jax
 import jax.numpy as jnp
 import optax
-from optax.contrib import _muon  # optax's Newton-Schulz: the one optax.contrib.muon runs
 
 
 class SGDMMoments(NamedTuple):
-  """State of :func:`sgdm_rule`: the EMA momentum ``mu``."""
+  """Moments of :func:`sgdm_rule`: the EMA momentum ``mu``."""
   mu: Any
 
 
 class AdamMoments(NamedTuple):
-  """State of :func:`adam_rule`: first moment ``mu`` and second moment ``nu``."""
+  """Moments of :func:`adam_rule`: first moment ``mu`` and second moment ``nu``."""
   mu: Any
   nu: Any
 
 
 class MuonMoments(NamedTuple):
-  """State of :func:`muon_rule`: momentum ``mu`` of every leaf, Adam's ``nu``.
-
-  ``nu`` is ``None`` at the matrix (Muon) leaves.
-  """
+  """Moments of :func:`muon_rule`: momentum ``mu`` of every leaf, Adam's ``nu`` (``None`` at matrices)."""
   mu: Any
   nu: Any
 
 
 class LionMoments(NamedTuple):
-  """State of :func:`lion_rule`: the momentum ``mu`` (decay ``b2``)."""
+  """Moments of :func:`lion_rule`: the momentum ``mu`` (decay ``b2``)."""
   mu: Any
 
 
-def diagonal_preconditioner(denominator: jax.Array, error: jax.Array) -> jax.Array:
-  """``P(e) = D * e``: the preconditioner of SGDM (``D = 1``), Adam and Lion."""
-  return denominator * error
+class LeafRule(NamedTuple):
+  """The rule for one leaf.
+
+  Attributes:
+    transform: the optax transformation giving the direction ``d`` and new state.
+    beta: decay of the momentum ``mu``.
+    pack: ``(count, {field: array}) -> optax state`` of one leaf (or block).
+    unpack: ``optax state -> {field: array}``.
+    precondition: ``(old_state, new_state, grad, error) -> P(error)``.
+    elementwise: whether the transformation acts on each element alone, so that
+      a leaf may be stepped one block of rows at a time.
+  """
+  transform: optax.GradientTransformation
+  beta: float
+  pack: Callable[[jax.Array, dict], Any]
+  unpack: Callable[[Any], dict]
+  precondition: Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
+  elementwise: bool = True
+
+
+class MomentumRule(NamedTuple):
+  """An EMA-momentum optimizer in the form the error feedback needs.
+
+  Attributes:
+    moments: the NamedTuple class of the optimizer state's moment trees.
+    for_leaf: ``array -> (LeafRule, fields)``: the rule of a parameter leaf and the
+      moment fields it has.
+    nonnegative: moment fields that are never negative (their 8-bit storage uses
+      the unsigned map of :func:`eco_optax.moments.blockwise_8bit`).
+  """
+  moments: type
+  for_leaf: Callable[[Any], tuple[LeafRule, tuple[str, ...]]]
+  nonnegative: tuple[str, ...] = ()
+
+
+def _identity_precondition(old, new, grad, error):
+  del old, new, grad
+  return error
+
+
+def sgdm_rule(momentum: float = 0.9) -> MomentumRule:
+  """EMA-momentum SGD (the paper's Algorithm 2): ``m~ = b*m + (1-b)*g``, ``d = m~``.
+
+  The direction is :func:`optax.ema` without debiasing. optax's ``sgd(momentum=b)``
+  uses ``m = b*m + g`` instead: this rule with the learning rate times ``1/(1-b)``.
+  """
+  leaf = LeafRule(
+      transform=optax.ema(momentum, debias=False), beta=momentum,
+      pack=lambda count, m: optax.EmaState(count=count, ema=m["mu"]),
+      unpack=lambda s: {"mu": s.ema}, precondition=_identity_precondition)
+  return MomentumRule(SGDMMoments, lambda p: (leaf, ("mu",)))
+
+
+def _adam_leaf(b1, b2, eps, eps_root, nesterov) -> LeafRule:
+  def precondition(old, new, grad, error):
+    del old, grad
+    count = new.count.astype(jnp.float32)
+    nu_hat = optax.tree.bias_correction(new.nu, b2, new.count)
+    if nesterov:   # m_hat = b1 m~ / (1 - b1^(t+1)) + ...: slope b1 / (1 - b1^(t+1))
+      slope = b1 / (1 - b1 ** (count + 1))
+    else:
+      slope = 1 / (1 - b1 ** count)
+    return (jnp.sqrt(nu_hat + eps_root) + eps) / slope * error
+
+  return LeafRule(
+      transform=optax.scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov), beta=b1,
+      pack=lambda count, m: optax.ScaleByAdamState(count=count, mu=m["mu"], nu=m["nu"]),
+      unpack=lambda s: {"mu": s.mu, "nu": s.nu}, precondition=precondition)
+
+
+def adam_rule(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+              eps_root: float = 0.0, *, nesterov: bool = False) -> MomentumRule:
+  """Adam (the paper's Algorithm 3): :func:`optax.scale_by_adam`.
+
+  ``d = m_hat / (sqrt(v_hat + eps_root) + eps)`` with ``m_hat = m~/(1-b1^t)``, so
+  ``P(e) = D e`` with ``D = (1-b1^t) (sqrt(v_hat + eps_root) + eps)``. With
+  ``nesterov`` (NAdam) ``m_hat = b1 m~/(1-b1^(t+1)) + (1-b1) g/(1-b1^t)``, whose
+  slope in ``m~`` gives ``D = (1-b1^(t+1))/b1 (sqrt(v_hat + eps_root) + eps)``.
+  """
+  leaf = _adam_leaf(b1, b2, eps, eps_root, nesterov)
+  return MomentumRule(AdamMoments, lambda p: (leaf, ("mu", "nu")), nonnegative=("nu",))
+
+
+def lion_rule(b1: float = 0.9, b2: float = 0.99) -> MomentumRule:
+  """Lion: :func:`optax.scale_by_lion`, ``d = sign(c)``, ``c = b1*m + (1-b1)*g``.
+
+  The momentum ``m~ = b2*m + (1-b2)*g`` is the EMA with ``beta = b2``; the step
+  reads the old ``m`` through ``c``. Freezing ``d = c / |c|``, a debt ``delta`` in
+  ``m`` moves the next direction by ``b1 * delta / |c|``, where the ECO derivation
+  has ``beta * P^-1(delta)``: ``P(e) = (b2/b1) * |c| * e``. The sign makes this a
+  poor model: a debt can flip a step's sign but never enlarge it.
+  """
+
+  def precondition(old, new, grad, error):
+    del new
+    return (b2 / b1) * jnp.abs((1.0 - b1) * grad + b1 * old.mu) * error
+
+  leaf = LeafRule(
+      transform=optax.scale_by_lion(b1, b2), beta=b2,
+      pack=lambda count, m: optax.ScaleByLionState(count=count, mu=m["mu"]),
+      unpack=lambda s: {"mu": s.mu}, precondition=precondition)
+  return MomentumRule(LionMoments, lambda p: (leaf, ("mu",)))
 
 
 def frozen_polar_preconditioner(r: jax.Array, error: jax.Array) -> jax.Array:
   """``P(E) = E (R^T R)^(1/2)``: the inverse of Muon's frozen step ``X -> X (R^T R)^(-1/2)``.
 
   Computed from the thin SVD ``R = U S V^T`` as ``((E V) * S) V^T``, which costs
-  ``O(m n min(m, n))`` (the small side) and needs no inverse: zero singular values,
-  the all-zero ``R`` included, contribute nothing.
+  ``O(m n min(m, n))`` and needs no inverse: zero singular values, the all-zero
+  ``R`` included, contribute nothing.
 
   Example:
     >>> import jax.numpy as jnp
@@ -101,101 +200,19 @@ def polar_preconditioner(r: jax.Array, error: jax.Array) -> jax.Array:
   return inside + left + right
 
 
-class MomentumRule(NamedTuple):
-  """An EMA-momentum optimizer in the form the error feedback needs.
-
-  Attributes:
-    beta: decay of the first moment ``mu`` (the momentum ECO writes into); or,
-      for rules that run different optimizers on different leaves, a callable
-      ``params -> tree of per-leaf floats``.
-    init: ``params_f32 -> moments`` (a NamedTuple with a ``mu`` field).
-    step: ``(grads, moments, count) -> (moments, direction, preconditioner)``
-      with ``count`` the 1-based step number, ``moments.mu`` the updated ``m~``,
-      ``direction = P^-1(m~)`` and ``preconditioner`` a tree (like ``grads``) of
-      whatever ``precondition`` needs per leaf.
-    precondition: ``(preconditioner_leaf, error_leaf) -> P(error_leaf)``.
-    nonnegative: names of the moment fields that are never negative (Adam's
-      ``nu``): their 8-bit storage uses the unsigned map
-      (:func:`eco_optax.moments.blockwise_8bit`).
-  """
-  beta: Union[float, Callable[[Any], Any]]
-  init: Callable[[Any], Any]
-  step: Callable[[Any, Any, jax.Array], tuple[Any, Any, Any]]
-  precondition: Callable[[Any, jax.Array], jax.Array] = diagonal_preconditioner
-  nonnegative: tuple[str, ...] = ()
-
-
-def _zeros(params: Any) -> Any:
-  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-
-
-def sgdm_rule(momentum: float = 0.9) -> MomentumRule:
-  """EMA-momentum SGD (the paper's Algorithm 2): ``m~ = b*m + (1-b)*g``, ``d = m~``.
-
-  Note the EMA form: optax's ``sgd(momentum=b)`` uses ``m = b*m + g`` instead, which
-  is this rule with the learning rate multiplied by ``1/(1-b)``.
-  """
-
-  def init(params):
-    return SGDMMoments(mu=_zeros(params))
-
-  def step(grads, moments, count):
-    del count
-    mu = optax.tree.update_moment(grads, moments.mu, momentum, 1)
-    ones = jax.tree.map(lambda m: jnp.ones((), m.dtype), mu)
-    return SGDMMoments(mu=mu), mu, ones
-
-  return MomentumRule(beta=momentum, init=init, step=step)
-
-
-def adam_rule(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-              eps_root: float = 0.0, *, nesterov: bool = False) -> MomentumRule:
-  """Adam (the paper's Algorithm 3), matching :func:`optax.scale_by_adam`.
-
-  ``d = m_hat / (sqrt(v_hat + eps_root) + eps)`` with ``v_hat = v/(1-b2^t)`` and
-  ``m_hat = m~/(1-b1^t)``, so ``D = (1-b1^t) * (sqrt(v_hat + eps_root) + eps)``.
-  With ``nesterov`` (NAdam, as optax) ``m_hat = b1 m~/(1-b1^(t+1)) + (1-b1) g/(1-b1^t)``,
-  whose slope in ``m~`` gives ``D = (1-b1^(t+1))/b1 * (sqrt(v_hat + eps_root) + eps)``.
-  """
-
-  def init(params):
-    return AdamMoments(mu=_zeros(params), nu=_zeros(params))
-
-  def step(grads, moments, count):
-    mu = optax.tree.update_moment(grads, moments.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(grads, moments.nu, b2, 2)
-    nu_hat = optax.tree.bias_correction(nu, b2, count)
-    if nesterov:
-      next_count = optax.safe_increment(count)
-      mu_hat = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g,
-                            optax.tree.bias_correction(mu, b1, next_count),
-                            optax.tree.bias_correction(grads, b1, count))
-      slope = b1 / (1 - b1 ** next_count.astype(jnp.float32))
-    else:
-      mu_hat = optax.tree.bias_correction(mu, b1, count)
-      slope = 1 / (1 - b1 ** count.astype(jnp.float32))
-    root = jax.tree.map(lambda v: jnp.sqrt(v + eps_root) + eps, nu_hat)
-    direction = jax.tree.map(lambda m, r: m / r, mu_hat, root)
-    denom = jax.tree.map(lambda r: r / slope, root)
-    return AdamMoments(mu=mu, nu=nu), direction, denom
-
-  return MomentumRule(beta=b1, init=init, step=step, nonnegative=("nu",))
-
-
 def is_matrix(x: Any) -> bool:
   """The leaves :func:`muon_rule` orthogonalizes: 2-D, as :func:`optax.contrib.muon`."""
   return jnp.ndim(x) == 2
 
 
-def _select(tree: Any, matrices: bool) -> Any:
-  """``tree`` with ``None`` at the leaves that are (not, if ``matrices``) matrices."""
-  return jax.tree.map(lambda x: x if is_matrix(x) == matrices else None, tree)
+def _scaled(transform: optax.GradientTransformation, scale: float) -> optax.GradientTransformation:
+  """``transform`` with its updates multiplied by ``scale`` (and the same state)."""
 
+  def update(updates, state, params=None):
+    updates, state = transform.update(updates, state, params)
+    return jax.tree.map(lambda u: scale * u, updates), state
 
-def _merge(a: Any, b: Any) -> Any:
-  """Leaves of ``a``, and of ``b`` where ``a`` has ``None``."""
-  return jax.tree.map(lambda x, y: y if x is None else x, a, b,
-                      is_leaf=lambda x: x is None)
+  return optax.GradientTransformation(transform.init, update)
 
 
 def muon_rule(
@@ -214,105 +231,59 @@ def muon_rule(
 ) -> MomentumRule:
   """Muon for matrices (2-D leaves), Adam for the rest, as :func:`optax.contrib.muon`.
 
-  Matrix leaves (shape ``m x n``), EMA momentum as optax::
+  Matrix leaves (shape ``m x n``) take :func:`optax.contrib.scale_by_muon` times the
+  shape scale ``s = sqrt(max(1, n/m))`` (or ``sqrt(max(m, n)) * consistent_rms``)::
 
     m~ = beta*m + (1-beta)*g
     N  = beta*m~/(1-beta^(t+1)) + (1-beta)*g/(1-beta^t)     (nesterov; else m~/(1-beta^t))
-    d  = s * NS(N),   s = sqrt(max(1, n/m))   (or sqrt(max(m, n)) * consistent_rms)
+    d  = s * NS(N)
 
-  ``NS`` is optax's Newton-Schulz orthogonalization, approximately the polar factor
-  ``N (N^T N)^-1/2``, which is invariant to the scale of ``N``. Freezing the factor
-  ``(N^T N)^-1/2``, a change ``delta`` of ``m~`` moves ``d`` by
-  ``s * a * delta (N^T N)^-1/2`` with ``a = dN/dm~ = beta/(1-beta^(t+1))``
-  (``1/(1-beta^t)`` without nesterov), so ``P(E) = E (R^T R)^1/2`` with
-  ``R = N/(a s)`` (:func:`frozen_polar_preconditioner`); without nesterov ``R = m~/s``,
-  the blog's ``P(E) = sqrt(m/n) E (M~^T M~)^1/2`` for wide matrices: that is
-  ``injection="frozen"``. The polar factor ignores the scale of ``N`` (more
-  generally the symmetric part of ``U^T dN V``), so that rule also injects a part of
-  ``E`` no momentum can pay back: when every entry of a step rounds back,
-  ``E = -eta s NS(N)`` is all such a part, and the frozen injection cancels the
-  momentum's decay (``m`` becomes an undecayed sum of gradients, with no step taken).
-  ``injection="polar"`` (default) inverts the exact derivative of the polar factor
-  instead (:func:`polar_preconditioner`) and injects only the part that pays back.
-  Other leaves follow :func:`adam_rule` (``adam_b1``, ``adam_b2``, ``eps``,
-  ``adam_eps_root`` and ``nesterov``), so ``beta`` is per leaf: ``beta`` or ``adam_b1``.
+  ``NS`` (Newton-Schulz) is approximately the polar factor ``N (N^T N)^-1/2``, invariant
+  to the scale of ``N``. Freezing ``(N^T N)^-1/2``, a change ``delta`` of ``m~`` moves
+  ``d`` by ``s * a * delta (N^T N)^-1/2`` with ``a = dN/dm~``, so ``P(E) = E (R^T R)^1/2``
+  with ``R = N/(a s)`` (:func:`frozen_polar_preconditioner`, ``injection="frozen"``).
+  The polar factor ignores the scale of ``N``, so that rule also injects a part of
+  ``E`` no momentum can pay back; ``injection="polar"`` (default) inverts the exact
+  derivative of the polar factor (:func:`polar_preconditioner`) and injects only the
+  part that pays back. Other leaves follow :func:`adam_rule` (``adam_b1``,
+  ``adam_b2``, ``eps``, ``adam_eps_root``, ``nesterov``).
   """
   if injection not in ("polar", "frozen"):
     raise ValueError(f"injection must be 'polar' or 'frozen', got {injection!r}")
   matrix_preconditioner = (polar_preconditioner if injection == "polar"
                            else frozen_polar_preconditioner)
-  coeffs = jnp.asarray(ns_coeffs, jnp.float32)
-  if coeffs.ndim not in (1, 2) or coeffs.shape[-1] != 3:
-    raise ValueError(f"ns_coeffs must have shape (3,) or (n, 3), got {coeffs.shape}")
-  if coeffs.ndim == 2:
-    if coeffs.shape[0] < ns_steps:
-      raise ValueError(f"{coeffs.shape[0]} rows of ns_coeffs for ns_steps={ns_steps}")
-    coeffs = coeffs[-ns_steps:]
-  adam = adam_rule(adam_b1, adam_b2, eps, adam_eps_root, nesterov=nesterov)
+  orthogonalize = optax.contrib.scale_by_muon(
+      ns_coeffs, ns_steps, beta, eps, nesterov=nesterov, preconditioning=preconditioning)
+  ns_state = orthogonalize.init(jnp.zeros((1, 1))).ns_coeffs
+  adam = _adam_leaf(adam_b1, adam_b2, eps, adam_eps_root, nesterov)
 
-  def shape_scale(x):
-    m, n = x.shape
-    return math.sqrt(max(1, n / m)) if consistent_rms is None else (
+  def matrix_leaf(shape) -> LeafRule:
+    m, n = shape
+    s = math.sqrt(max(1, n / m)) if consistent_rms is None else (
         math.sqrt(max(m, n)) * consistent_rms)
 
-  def init(params):
-    return MuonMoments(mu=_zeros(params), nu=_zeros(_select(params, False)))
-
-  def step(grads, moments, count):
-    adam_moments, adam_dir, adam_pre = adam.step(
-        _select(grads, False), AdamMoments(_select(moments.mu, False), moments.nu), count)
-
-    def matrix(g, m):
-      m = (1 - beta) * g + beta * m
+    def precondition(old, new, grad, error):
+      del old
+      count = new.count.astype(jnp.float32)      # t
       if nesterov:
-        next_count = optax.safe_increment(count)
-        n = (beta * optax.tree.bias_correction(m, beta, next_count)
-             + (1 - beta) * optax.tree.bias_correction(g, beta, count))
-        slope = beta / (1 - beta ** next_count.astype(jnp.float32))
+        n_mat = (beta * new.mu / (1 - beta ** (count + 1))
+                 + (1 - beta) * grad / (1 - beta ** count))
+        slope = beta / (1 - beta ** (count + 1))
       else:
-        n = optax.tree.bias_correction(m, beta, count)
-        slope = 1 / (1 - beta ** count.astype(jnp.float32))
-      s = shape_scale(g)
-      d = s * _muon.orthogonalize_via_newton_schulz(n, coeffs, ns_steps, preconditioning, eps)
-      return m, d, n / (slope * s)
+        n_mat = new.mu / (1 - beta ** count)
+        slope = 1 / (1 - beta ** count)
+      return matrix_preconditioner(n_mat / (slope * s), error)
 
-    g_leaves, treedef = jax.tree.flatten(_select(grads, True))
-    out = [matrix(g, m) for g, m in
-           zip(g_leaves, treedef.flatten_up_to(_select(moments.mu, True)))]
-    mu, direction, pre = (treedef.unflatten([o[i] for o in out]) for i in range(3))
-    return (MuonMoments(mu=_merge(mu, adam_moments.mu), nu=adam_moments.nu),
-            _merge(direction, adam_dir), _merge(pre, adam_pre))
+    return LeafRule(
+        transform=_scaled(orthogonalize, s), beta=beta,
+        pack=lambda count, mo: optax.contrib.MuonState(count=count, mu=mo["mu"],
+                                                       ns_coeffs=ns_state),
+        unpack=lambda st: {"mu": st.mu}, precondition=precondition, elementwise=False)
 
-  def precondition(pre, error):
-    if is_matrix(error):
-      return matrix_preconditioner(pre, error)
-    return diagonal_preconditioner(pre, error)
+  def for_leaf(p):
+    if is_matrix(p):
+      return matrix_leaf(tuple(jnp.shape(p))), ("mu",)
+    return adam, ("mu", "nu")
 
-  def betas(params):
-    return jax.tree.map(lambda p: beta if is_matrix(p) else adam_b1, params)
+  return MomentumRule(MuonMoments, for_leaf, nonnegative=("nu",))
 
-  return MomentumRule(beta=betas, init=init, step=step, precondition=precondition,
-                      nonnegative=("nu",))
-
-
-def lion_rule(b1: float = 0.9, b2: float = 0.99) -> MomentumRule:
-  """Lion, matching :func:`optax.scale_by_lion`: ``d = sign(c)``, ``c = b1*m + (1-b1)*g``.
-
-  The momentum ``m~ = b2*m + (1-b2)*g`` is the EMA with ``beta = b2``; the step
-  reads the old ``m`` through ``c``. Freezing ``d = c / |c|``, a debt ``delta`` in
-  ``m`` moves the next direction by ``b1 * delta / |c|``, where the ECO derivation
-  has ``beta * P^-1(delta)``: ``P(e) = (b2/b1) * |c| * e``. The sign makes this a
-  poor model: a debt can flip a step's sign but never enlarge it.
-  """
-
-  def init(params):
-    return LionMoments(mu=_zeros(params))
-
-  def step(grads, moments, count):
-    del count
-    c = jax.tree.map(lambda g, m: (1.0 - b1) * g + b1 * m, grads, moments.mu)
-    mu = optax.tree.update_moment(grads, moments.mu, b2, 1)
-    denom = jax.tree.map(lambda c: (b2 / b1) * jnp.abs(c), c)
-    return LionMoments(mu=mu), jax.tree.map(jnp.sign, c), denom
-
-  return MomentumRule(beta=b2, init=init, step=step)

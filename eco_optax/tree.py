@@ -8,7 +8,8 @@ structure of the *dequantized* tree: one plain array per parameter.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+import dataclasses
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -138,45 +139,123 @@ def check_updates_match(params: Any, updates: Any, what: str = "updates") -> Non
     if jnp.shape(u) != jnp.shape(p):
       raise ValueError(f"{path_str(path)}: {what} leaf has shape {jnp.shape(u)}, "
                        f"expected {jnp.shape(p)}")
-    if not jnp.issubdtype(jnp.result_type(u), jnp.floating):
+    if what == "grads" and not jnp.issubdtype(jnp.result_type(u), jnp.floating):
       raise TypeError(f"{path_str(path)}: {what} leaf has dtype "
                       f"{jnp.result_type(u)}, expected a float array")
 
 
+# The update of a quantized leaf (eco_optax.step): uint32, VALID | storage bits per
+# element; 0 keeps the stored code; POISON in the first element marks a non-finite value.
+VALID = 1 << 16
+POISON = 1 << 17
+CODE_MASK = 0xFFFF
+UPDATE_DTYPE = np.dtype(np.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafFormats:
+  """The storage format of each parameter leaf, by path (static pytree metadata).
+
+  ``None`` for plain leaves. Part of an optimizer state, it lets ``update`` refuse
+  params stored in other formats than the state was built for.
+  """
+  formats: tuple[tuple[str, Any], ...]
+
+
+jax.tree_util.register_pytree_node(LeafFormats, lambda f: ((), f.formats),
+                                   lambda aux, _: LeafFormats(aux))
+
+
+def formats_of(params: Any) -> LeafFormats:
+  """The :class:`LeafFormats` of a (quantized) parameter tree."""
+  paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+  return LeafFormats(tuple((path_str(path), leaf.fmt if is_quantized(leaf) else None)
+                           for path, leaf in paths))
+
+
+def check_formats_match(params: Any, formats: Optional[LeafFormats]) -> None:
+  """Raises ``ValueError`` naming the first leaf whose format differs from ``formats``."""
+  if formats is None:
+    return
+  current = formats_of(params)
+  if current == formats:
+    return
+  expected = dict(formats.formats)
+  for path, fmt in current.formats:
+    if path not in expected:
+      raise ValueError(f"{path}: this parameter is not in the optimizer state; "
+                       "build the state with tx.init(params) for these params")
+    if expected[path] != fmt:
+      name = lambda f: "not quantized" if f is None else f"{f.name} ({f})"
+      raise ValueError(
+          f"{path}: params are stored as {name(fmt)} but the optimizer state was built "
+          f"for {name(expected[path])}; build the state with tx.init(params) for these "
+          "params, or restore the state that belongs to them")
+  missing = sorted(set(expected) - {p for p, _ in current.formats})
+  raise ValueError(f"the optimizer state has parameters these params lack: {missing[:5]}")
+
+
+def _quantized_update(path: str, p: qz.QuantizedArray, u: jax.Array) -> qz.QuantizedArray:
+  if jnp.shape(u) != p.shape:
+    raise ValueError(f"{path}: update has shape {jnp.shape(u)}, expected {p.shape}")
+  if jnp.result_type(u) != UPDATE_DTYPE:
+    raise TypeError(
+        f"{path}: the update of this {p.fmt.name} leaf is {jnp.result_type(u)}, but eco_optax "
+        "optimizers return the new codes of quantized leaves as uint32, to be copied, not "
+        "added. A transformation after the eco_optax optimizer in optax.chain changed them "
+        "(optax.scale, optax.clip, ...), or a float update reached a quantized leaf. Place "
+        "gradient transformations before the eco_optax optimizer, change its learning_rate "
+        "to scale its steps, and accumulate gradients with eco_optax.MultiSteps.")
+  first = (0,) * u.ndim
+  applied = (u[first] & VALID) != 0
+  bits = qz.values_to_bits(p.values, p.fmt)
+  new_bits = (u & CODE_MASK).astype(bits.dtype)
+  values = qz.bits_to_values(jnp.where(u != 0, new_bits, bits), p.fmt)
+  scale, tensor_scale = qz._next_scales(p)
+  scale = jnp.where(applied, scale, p.scale)
+  if tensor_scale is not None:
+    tensor_scale = jnp.where(applied, tensor_scale, p.tensor_scale)
+  poisoned = (u[first] & POISON) != 0
+  if p.fmt.has_tensor_scale:
+    tensor_scale = jnp.where(poisoned, jnp.nan, tensor_scale)
+  else:
+    scale = jnp.where(poisoned, jnp.nan, scale.astype(jnp.float32)).astype(p.scale.dtype)
+  return dataclasses.replace(p, values=values, scale=scale, tensor_scale=tensor_scale)
+
+
 def apply_updates(params: Any, updates: Any) -> Any:
-  """Applies ``updates`` to a quantized parameter tree, exactly.
+  """Applies the updates of an eco_optax optimizer to a quantized parameter tree.
 
-  Plain leaves: ``p + u`` cast back to ``p.dtype`` (as :func:`optax.apply_updates`).
-  Quantized leaves: the new codes are ``round((Q(w) + u) / s')`` with the scale
-  ``s'`` of :func:`~eco_optax.quantize.next_scale`, which depends on the stored
-  weights alone. For an update produced by an eco_optax optimizer, ``Q(w) + u`` is
-  a grid point of ``s'`` up to FP32 rounding, far inside half a grid step, so this
-  reproduces the optimizer's new weights bit for bit: no second rounding error
-  enters the error bookkeeping. A leaf whose update is exactly zero (a step
-  skipped by :func:`optax.apply_if_finite`) keeps its stored value and scale, and
-  non-finite update entries leave their weights unchanged.
+  Plain leaves (and lossless ones): ``p + u`` cast back to ``p.dtype``, as
+  :func:`optax.apply_updates`. Quantized leaves: the update holds the new codes
+  (``uint32``, ``VALID | bits`` per element; :mod:`eco_optax.step`), which are copied,
+  never rounded again, with the scale :func:`~eco_optax.quantize.next_scale` of
+  the stored weights, the scale the optimizer stored them with. An all-zero update
+  (a step skipped by :func:`optax.apply_if_finite` or :class:`optax.MultiSteps`)
+  keeps codes and scale; a leaf marked as having received a non-finite gradient or
+  learning rate gets a NaN scale, so the fault shows.
 
-  ``optax.apply_updates`` can't be used on float8/int4 leaves: JAX does not promote
-  8-bit floats implicitly, and its ``p + u`` would round a second time.
+  ``optax.apply_updates`` can't apply these updates (it adds them), and nothing may
+  change them between the optimizer and this function: a float update of a
+  quantized leaf raises a ``TypeError`` at trace time.
 
   Example:
-    >>> import jax.numpy as jnp, optax, eco_optax as eco
+    >>> import jax.numpy as jnp, eco_optax as eco
     >>> q = eco.quantize_params({"w": jnp.ones((2, 2))}, eco.fp8_e4m3())
-    >>> q2 = eco.apply_updates(q, {"w": jnp.full((2, 2), 0.25)})
-    >>> eco.dequantize_params(q2)["w"].tolist()
-    [[1.25, 1.25], [1.25, 1.25]]
+    >>> tx = eco.sgdm(1.0)
+    >>> updates, _ = tx.update({"w": jnp.full((2, 2), 2.5)}, tx.init(q), q)
+    >>> updates["w"].dtype
+    dtype('uint32')
+    >>> eco.dequantize_params(eco.apply_updates(q, updates))["w"].tolist()
+    [[0.75, 0.75], [0.75, 0.75]]
   """
   check_updates_match(params, updates)
 
-  def leaf_fn(p, u):
-    if p is None:
-      return None
-    if not is_quantized(p):
-      return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
-    old = qz.dequantize(p)
-    new, _ = qz.requantize_with_value(p, old + u.astype(jnp.float32), stored=old)
-    unchanged = jnp.all(u == 0)
-    return jax.tree.map(lambda a, b: jnp.where(unchanged, a, b), p, new)
+  def leaf_fn(path, p, u):
+    if is_quantized(p) and not p.fmt.lossless:
+      return _quantized_update(path_str(path), p, u)
+    if is_quantized(p):
+      return dataclasses.replace(p, values=jnp.asarray(p.values + u).astype(p.values.dtype))
+    return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
-  return jax.tree.map(leaf_fn, params, updates,
-                      is_leaf=lambda x: x is None or is_quantized(x))
+  return jax.tree_util.tree_map_with_path(leaf_fn, params, updates, is_leaf=is_quantized)

@@ -1,0 +1,428 @@
+r"""The quantized step: one pass per leaf, new codes written once.
+
+:func:`quantized_optimizer` turns a momentum rule and a *leaf step* (the ECO
+equation of :mod:`eco_optax.transform`, or a baseline of
+:mod:`eco_optax.baselines`) into an ``optax.GradientTransformation``. For every
+quantized leaf it reads the stored codes, the gradient and the moments once,
+runs the leaf step in FP32 and writes the new codes and moments once.
+
+The update contract
+-------------------
+The update of a quantized leaf *is* its new stored value, not a difference to add:
+an ``uint32`` array shaped like the leaf, each element ``VALID | bits``, the storage
+bits of the new code (the scale of the new codes is the scale policy's
+:func:`eco_optax.quantize.next_scale` of the stored weights, which
+:func:`eco_optax.apply_updates` recomputes, or reuses when both run in one ``jit``).
+:func:`eco_optax.apply_updates` copies these bits: nothing is rounded twice. An
+element equal to 0 keeps its stored code, and a leaf whose update is all zero keeps
+its scale, so wrappers that zero updates (:func:`optax.apply_if_finite`,
+:class:`optax.MultiSteps`) skip a step exactly. A transformation placed after the
+optimizer that does arithmetic on updates (``optax.scale``, ``optax.clip``...) turns
+them into floats, and :func:`eco_optax.apply_updates` refuses them at trace time.
+``POISON`` in the first element marks a leaf that received a non-finite value: its
+scale becomes NaN, so the fault shows in the weights and the loss.
+Updates of plain (and lossless) leaves are FP32 differences, as in optax.
+
+Memory and speed
+----------------
+On CPU a leaf is stepped in blocks of rows by a ``lax.fori_loop`` whose carries
+are updated in place: the update array reuses the gradient's buffer (same size) and
+the moments their own, so no array the size of the weights is allocated in FP32
+(XLA:CPU does not fuse a computation with several outputs into one loop over
+whole arrays, and would materialise each intermediate). Elsewhere (GPU, TPU) the
+step runs on whole leaves and XLA fuses it. Rules that are not elementwise
+(Muon's orthogonalization) and 8-bit moments (blocks of 256 over the flattened
+leaf) always run on whole leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from eco_optax import moments as mom
+from eco_optax import quantize as qz
+from eco_optax import rules
+from eco_optax import tree as qtree
+from eco_optax.tree import POISON, VALID
+
+# Elements per block of rows on CPU: the streams of one block stay in cache.
+BLOCK_ELEMENTS = 1 << 15
+
+
+class Block(NamedTuple):
+  """One block of rows of one quantized leaf, in FP32, as a leaf step sees it.
+
+  Attributes:
+    grad: the gradient ``g``.
+    stored: the stored weights ``Q(w)``.
+    state: the optax state of the rule for this block (moments decoded to FP32).
+    extra: the mode's own state for this block (FP32; ``None`` if it has none).
+    quantize: ``target -> (codes, value)``: stores ``target`` with the next scale
+      (``value = Q(target)`` in FP32).
+    encode_error: ``e -> (stored, value)``: an error as kept between steps
+      (bfloat16 code units, :func:`error_format`) and the FP32 value of that.
+  """
+  grad: jax.Array
+  stored: jax.Array
+  state: Any
+  extra: Optional[jax.Array]
+  quantize: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+  encode_error: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+
+# (rule, eta, decay, block) -> (codes, new optax state, new extra or None)
+LeafStep = Callable[[rules.LeafRule, jax.Array, Any, Block], tuple[jax.Array, Any, Any]]
+
+
+class Mode(NamedTuple):
+  """How a mode steps a quantized leaf.
+
+  Attributes:
+    step: the :data:`LeafStep`.
+    extra: what the mode keeps per quantized leaf between steps: ``None``,
+      ``"master"`` (an FP32 copy of the weights) or ``"error"`` (the last
+      quantization error, :func:`error_format`).
+  """
+  step: LeafStep
+  extra: Optional[str] = None
+
+
+def error_format(fmt: qz.QuantFormat) -> qz.QuantFormat:
+  """The format of a kept error: bfloat16 code units, FP32 scales shaped as ``fmt``'s.
+
+  An error is at most about a grid step, so in code units bfloat16 keeps 8
+  significant bits whatever its size. Its scale is the one it was written with.
+  """
+  return qz.QuantFormat(name=f"{fmt.name}_error", dtype=jnp.bfloat16, scaling=fmt.scaling,
+                        axis=fmt.axis, block_size=fmt.block_size, scale_policy="fixed",
+                        headroom=1.0)
+
+
+def _rows_per_block(shape: tuple[int, ...], fmt: qz.QuantFormat, whole: bool) -> int:
+  rows = shape[0]
+  if whole or jax.default_backend() != "cpu":
+    return rows
+  multiple = 1
+  if fmt.scaling == "block" and fmt.axis % len(shape) == 0:
+    multiple = fmt.block_size
+  n = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+  return min(rows, max(multiple, n // multiple * multiple))
+
+
+def _rows(x: jax.Array, r0, n: int, total: int) -> jax.Array:
+  """Rows ``[r0, r0 + n)`` of ``x``, for arrays whose axis 0 is ``total`` rows or
+  ``total / k`` groups of ``k`` rows; scalars and single-row arrays broadcast."""
+  if jnp.ndim(x) == 0 or x.shape[0] == 1 or n == total:
+    return x
+  k = total // x.shape[0]
+  return jax.lax.dynamic_slice_in_dim(x, r0 // k, n // k)
+
+
+def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
+  """``fn(r0, n, carry_blocks, input_blocks) -> (new carry blocks, flag)`` over rows.
+
+  Runs ``fn`` on blocks of ``n`` rows in a ``lax.fori_loop`` (and a last shorter
+  block), updating the carries in place. Returns the carries and whether any
+  block's flag was set.
+  """
+  def run(r0, m, carries, flag):
+    blocks, f = fn(r0, m, [_rows(c, r0, m, rows) for c in carries],
+                   [_rows(x, r0, m, rows) for x in inputs])
+    carries = [b if m == rows else jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0)
+               for c, b in zip(carries, blocks)]
+    return carries, flag | f
+
+  flag = jnp.zeros((), bool)
+  full = rows // n
+  if full == 1 and rows == n:
+    return run(0, rows, carries, flag)
+  carries, flag = jax.lax.fori_loop(
+      0, full, lambda k, c: run(k * n, n, *c), (list(carries), flag))
+  if rows % n:
+    carries, flag = run(full * n, rows % n, carries, flag)
+  return carries, flag
+
+
+def _dequantize_block(bits, scale, fmt):
+  codes = qz._blocked(qz.bits_to_values(bits, fmt).astype(jnp.float32), fmt)
+  return qz._unblocked(codes * qz._expand_scale(scale, fmt, bits.ndim), bits.shape)
+
+
+class _Quantizer:
+  """``target -> (codes, value)`` with a given FP32 scale; notes non-finite targets."""
+
+  def __init__(self, fmt, scale, rounding, key, offset):
+    self.fmt, self.scale, self.rounding, self.key, self.offset = (
+        fmt, scale, rounding, key, offset)
+    self.nonfinite = jnp.zeros((), bool)
+
+  def __call__(self, target):
+    fmt, rho = self.fmt, self.fmt.max_value
+    self.nonfinite = self.nonfinite | jnp.any(~jnp.isfinite(target))
+    scale = qz._expand_scale(self.scale, fmt, target.ndim)
+    y = jnp.clip(qz._blocked(target, fmt) * (1.0 / scale), -rho, rho)
+    codes = qz._round_to_grid(jnp.where(jnp.isfinite(y), y, 0.0), fmt, self.rounding,
+                              self.key, self.offset)
+    return (qz._unblocked(codes, target.shape),
+            qz._unblocked(codes * scale, target.shape))
+
+
+def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.QuantizedArray,
+                    grad, stored_moments: dict, extra, count, eta, decay, rounding,
+                    key, moment_keys: dict):
+  """Steps one quantized leaf: returns ``(update, stored moments, extra)``."""
+  fmt, shape = q.fmt, q.shape
+  row_size = math.prod(shape[1:])
+  scale = q.effective_scale
+  next_scale = qz._decode_scale(*qz._next_scales(q))
+  whole = not rule.elementwise or any(
+      isinstance(formats.get(f), mom.Blockwise8bit) for f in fields)
+  n = _rows_per_block(shape, fmt, whole)
+  reuse_grad = grad.dtype == np.float32           # the update takes the gradient's buffer
+  update = (jax.lax.bitcast_convert_type(grad, jnp.uint32) if reuse_grad
+            else jnp.zeros(shape, jnp.uint32))
+  err_fmt = error_format(fmt)
+  carries = [update] + [stored_moments[f] for f in fields]
+  inputs = [qz.values_to_bits(q.values, fmt), scale, next_scale]
+  if not reuse_grad:
+    inputs.append(grad)
+  if mode.extra == "master":
+    carries.append(extra)
+  elif mode.extra == "error":
+    carries.append(extra.values)
+    inputs.append(extra.effective_scale)
+
+  def block_fn(r0, m, carry, inp):
+    u, *rest = carry
+    bits, s, s_next, *inp = inp
+    g = jax.lax.bitcast_convert_type(u, jnp.float32) if reuse_grad else inp.pop(0)
+    offset = r0 * row_size
+    decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
+               for f, x in zip(fields, rest)}
+    quantizer = _Quantizer(fmt, s_next, rounding, key, offset)
+    error_store = _Quantizer(err_fmt, s_next, "stochastic",
+                             jax.random.fold_in(key, 1), offset)
+    extra_in = None
+    if mode.extra == "master":
+      extra_in = rest[len(fields)]
+    elif mode.extra == "error":
+      extra_in = _dequantize_block(qz.values_to_bits(rest[len(fields)], err_fmt), inp[-1],
+                                   err_fmt)
+    block = Block(g.astype(jnp.float32), _dequantize_block(bits, s, fmt),
+                  rule.pack(count, decoded), extra_in, quantizer,
+                  lambda e: error_store(e))
+    codes, state, extra_out = mode.step(rule, eta, decay, block)
+    new = rule.unpack(state)
+    out = [qz.grid_to_bits(codes, fmt) | VALID]
+    for f in fields:
+      x = new[f]
+      if f in formats:
+        x = formats[f].encode(x, moment_keys[f], offset) if isinstance(
+            formats[f], mom.FloatStorage) else formats[f].encode(x, moment_keys[f])
+      out.append(x)
+    if mode.extra == "master":
+      out.append(extra_out)
+    elif mode.extra == "error":
+      out.append(extra_out.astype(jnp.bfloat16))
+    return out, quantizer.nonfinite
+
+  carries, poisoned = blockwise(block_fn, carries, inputs, shape[0], n)
+  update, *rest = carries
+  first = (0,) * update.ndim
+  update = update.at[first].set(update[first] | jnp.where(poisoned, POISON, 0).astype(jnp.uint32))
+  new_moments = dict(zip(fields, rest))
+  if mode.extra == "master":
+    extra = rest[len(fields)]
+  elif mode.extra == "error":
+    extra = qz.QuantizedArray(rest[len(fields)], next_scale, err_fmt)
+  return update, new_moments, extra
+
+
+def _plain_leaf(rule: rules.LeafRule, fields, formats, value, grad, stored_moments, count,
+                eta, decay, moment_keys):
+  """Steps a plain (or lossless) leaf as optax: returns ``(update, stored moments)``."""
+  decoded = {f: (mom.decode_tree(formats[f], stored_moments[f]) if f in formats
+                 else stored_moments[f]) for f in fields}
+  direction, state = rule.transform.update(grad, rule.pack(count, decoded))
+  update = (-eta) * (direction + decay * value) if decay is not None else (-eta) * direction
+  new = rule.unpack(state)
+  return update, {f: formats[f].encode(new[f], moment_keys[f]) if f in formats else new[f]
+                  for f in fields}
+
+
+class ErrorFeedbackState(NamedTuple):
+  """State of an eco_optax optimizer.
+
+  Attributes:
+    count: steps taken (int32).
+    moments: the rule's moments (``mu`` receives the injected error), each field a
+      tree of leaves in its storage format (FP32 arrays by default; ``None`` where
+      a leaf has no such moment).
+    master: FP32 master weights in ``"master_weights"`` mode, else ``None``.
+    key: PRNG key for stochastic rounding (advanced every step).
+    previous_error: in ``"eco_exact"`` mode, each quantized leaf's last error as a
+      :class:`~eco_optax.quantize.QuantizedArray` of bfloat16 code units with the
+      scale it was written in (:func:`error_format`), else ``None``.
+    formats: the storage format of every parameter leaf the state was built for
+      (static; :func:`eco_optax.tree.formats_of`): ``update`` refuses params stored
+      otherwise.
+  """
+  count: jax.Array
+  moments: Any
+  master: Optional[Any]
+  key: jax.Array
+  previous_error: Optional[Any] = None
+  formats: Any = None
+
+
+# fold_in(state.key, _MOMENT_STREAM) seeds the moments' rounding; the weights use
+# split(state.key, n + 1)[i] (= fold_in(state.key, i)) for i <= n.
+_MOMENT_STREAM = 2**32 - 1
+
+
+def _is_quantized(x) -> bool:
+  return isinstance(x, qz.QuantizedArray)
+
+
+def _is_lossy(x) -> bool:
+  return _is_quantized(x) and not x.fmt.lossless
+
+
+def _per_leaf(value: Any, tree: Any) -> Any:
+  """``value(tree)`` for a callable (a tree of per-leaf values), else ``value`` at every leaf."""
+  return value(tree) if callable(value) else jax.tree.map(lambda _: value, tree)
+
+
+def dense_shapes(params: Any) -> Any:
+  """``params`` with every quantized leaf as a ``jax.ShapeDtypeStruct`` (FP32)."""
+  return jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32) if _is_quantized(p) else p,
+      params, is_leaf=_is_quantized)
+
+
+def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
+                        learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
+                        mask: Any, rounding: qz.Rounding, seed: int,
+                        moment_formats: dict, check_beta: bool,
+                        ) -> optax.GradientTransformation:
+  """The ``optax.GradientTransformation`` of ``rule`` stepped by ``mode`` (module docstring).
+
+  Args:
+    rule: the momentum rule.
+    mode: the leaf step of quantized leaves and what it keeps.
+    learning_rate: ``eta``: a float or an optax schedule of the step count.
+    weight_decay: ``lambda`` (``None``: no decay term), or a callable of the
+      dequantized params returning per-leaf values.
+    mask: a tree of booleans (or a callable returning one) where decay applies.
+    rounding: ``"nearest"`` or ``"stochastic"``.
+    seed: seed of the PRNG key of stochastic rounding.
+    moment_formats: ``{field: MomentFormat}`` of the moments not kept in FP32.
+    check_beta: refuse momentum decays outside ``(0, 1)`` (ECO needs one).
+  """
+  schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+  def leaf_rules(params):
+    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_quantized)
+    out = [rule.for_leaf(p) for p in leaves]
+    if check_beta:
+      bad = sorted({lr.beta for lr, _ in out if not 0.0 < lr.beta < 1.0})
+      if bad:
+        raise ValueError(
+            f"ECO needs a momentum decay (b1 / momentum) in (0, 1), got {bad}: the error is "
+            "paid back through the momentum, alpha = (1/eta)(1 - 1/beta). Use "
+            "mode='naive' or 'master_weights' for momentum-free training.")
+    return leaves, treedef, out
+
+  def init(params):
+    leaves, treedef, lrules = leaf_rules(params)
+    zeros = [jnp.zeros(jnp.shape(p), jnp.float32) for p in leaves]
+    key = jax.random.key(seed)
+    moments = {}
+    for i, name in enumerate(rule.moments._fields):
+      fmt = moment_formats.get(name)
+      keys = iter(jax.random.split(jax.random.fold_in(
+          jax.random.fold_in(key, _MOMENT_STREAM), i), len(leaves)))
+      moments[name] = treedef.unflatten([
+          (fmt.encode(z, next(keys)) if fmt else z) if name in lr[1] else None
+          for z, lr in zip(zeros, lrules)])
+    master = error = None
+    if mode.extra == "master":
+      master = treedef.unflatten([qz.dequantize(p) if _is_lossy(p) else None for p in leaves])
+    if mode.extra == "error":   # e_0 = 0: the initial rounding error is dropped
+      error = treedef.unflatten([
+          qz.QuantizedArray(jnp.zeros(p.shape, jnp.bfloat16), p.effective_scale,
+                            error_format(p.fmt)) if _is_lossy(p) else None for p in leaves])
+    return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
+                              key, error, qtree.formats_of(params))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("eco_optax optimizers need params: tx.update(grads, state, params)")
+    qtree.check_updates_match(params, grads, "grads")
+    qtree.check_formats_match(params, state.formats)
+    leaves, treedef, lrules = leaf_rules(params)
+    dense = qtree.dequantize_params(params) if callable(weight_decay) or callable(mask) else (
+        dense_shapes(params))
+    decay = _decays(weight_decay, mask, dense, treedef)
+    g_leaves = treedef.flatten_up_to(grads)
+    eta = jnp.asarray(schedule(state.count), jnp.float32)
+    count = state.count
+    n_lossy = sum(map(_is_lossy, leaves))
+    keys = jax.random.split(state.key, n_lossy + 1)
+    next_key, leaf_keys = keys[0], iter(keys[1:])
+    moment_root = jax.random.fold_in(state.key, _MOMENT_STREAM)
+    moment_keys = {name: iter(jax.random.split(jax.random.fold_in(moment_root, i), len(leaves)))
+                   for i, name in enumerate(rule.moments._fields)}
+    stored = {name: treedef.flatten_up_to(getattr(state.moments, name))
+              for name in rule.moments._fields}
+    master = treedef.flatten_up_to(state.master) if state.master is not None else None
+    error = (treedef.flatten_up_to(state.previous_error)
+             if state.previous_error is not None else None)
+
+    updates, new_moments = [], {name: [] for name in rule.moments._fields}
+    new_extra = []
+    for i, (p, g, lam, lr) in enumerate(zip(leaves, g_leaves, decay, lrules)):
+      leaf_rule, fields = lr
+      mkeys = {name: next(moment_keys[name]) for name in rule.moments._fields}
+      moments_in = {f: stored[f][i] for f in fields}
+      formats = {f: moment_formats[f] for f in fields if f in moment_formats}
+      extra = None
+      if _is_lossy(p):
+        extra = master[i] if mode.extra == "master" else (
+            error[i] if mode.extra == "error" else None)
+        u, moments_out, extra = _quantized_leaf(
+            mode, leaf_rule, fields, formats, p, g, moments_in, extra, count, eta,
+            0.0 if lam is None else lam, rounding, next(leaf_keys), mkeys)
+      else:
+        value = p.values if _is_quantized(p) else p
+        u, moments_out = _plain_leaf(leaf_rule, fields, formats, value, g, moments_in,
+                                     count, eta, lam, mkeys)
+      updates.append(u)
+      for name in new_moments:
+        new_moments[name].append(moments_out.get(name))
+      new_extra.append(extra)
+
+    moments = rule.moments(**{k: treedef.unflatten(v) for k, v in new_moments.items()})
+    extra_tree = treedef.unflatten(new_extra) if mode.extra else None
+    return treedef.unflatten(updates), ErrorFeedbackState(
+        optax.safe_increment(count), moments,
+        extra_tree if mode.extra == "master" else None, next_key,
+        extra_tree if mode.extra == "error" else None, state.formats)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _decays(weight_decay: Any, mask: Any, dense: Any, treedef) -> list:
+  """Per leaf ``lambda``, or ``None`` where no decay term applies (optax's masked leaves)."""
+  if weight_decay is None:
+    return [None] * treedef.num_leaves
+  mask = mask(dense) if callable(mask) else mask
+  masks = [True] * treedef.num_leaves if mask is None else treedef.flatten_up_to(mask)
+  lams = treedef.flatten_up_to(_per_leaf(weight_decay, dense))
+  return [lam if m else None for m, lam in zip(masks, lams)]
