@@ -787,7 +787,10 @@ def grid_to_bits(codes: jax.Array, fmt: QuantFormat) -> jax.Array:
 
 def bits_to_values(bits: jax.Array, fmt: QuantFormat) -> jax.Array:
   """Stored values (``fmt.dtype``) from the low ``fmt.bits`` bits of ``bits``."""
-  narrow = (bits & jnp.uint32((1 << fmt.bits) - 1)).astype(bits_dtype(fmt))
+  if bits.dtype == bits_dtype(fmt):
+    narrow = bits
+  else:
+    narrow = (bits.astype(jnp.uint32) & jnp.uint32((1 << fmt.bits) - 1)).astype(bits_dtype(fmt))
   return jax.lax.bitcast_convert_type(narrow, fmt.dtype)
 
 

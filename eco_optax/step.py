@@ -125,28 +125,36 @@ def _rows(x: jax.Array, r0, n: int, total: int) -> jax.Array:
 
 
 def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
-  """``fn(r0, n, carry_blocks, input_blocks) -> (new carry blocks, flag)`` over rows.
+  """``fn(r0, valid, carry_blocks, input_blocks) -> (new carry blocks, flag)`` over rows.
 
-  Runs ``fn`` on blocks of ``n`` rows in a ``lax.fori_loop`` (and a last shorter
-  block), updating the carries in place. Returns the carries and whether any
-  block's flag was set.
+  Runs ``fn`` on blocks of ``n`` rows in a ``lax.fori_loop`` that updates the carries
+  in place. Block ``k`` starts at ``r0 = min(k n, rows - n)``: the last block may
+  overlap its predecessor, and ``valid`` (a boolean per row of the block) marks
+  the rows it owns; ``fn`` must leave the others as they are in the carries.
+  With a single block (``n == rows``) ``valid`` is ``None``.
+  Returns the carries and whether any block's flag was set.
   """
-  def run(r0, m, carries, flag):
-    blocks, f = fn(r0, m, [_rows(c, r0, m, rows) for c in carries],
-                   [_rows(x, r0, m, rows) for x in inputs])
-    carries = [b if m == rows else jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0)
+  if n == rows:
+    return fn(0, None, carries, inputs)
+
+  def body(k, state):
+    carries, flag = state
+    start = k * n
+    r0 = jnp.minimum(start, rows - n)
+    valid = None if rows % n == 0 else r0 + jnp.arange(n) >= start
+    # Materialise each block once: XLA would fuse the slices into every consumer,
+    # which then read the carries directly and force a copy of each carry before
+    # its in-place update. A conditional is a fusion boundary.
+    carry_blocks = jax.lax.cond(r0 >= 0, lambda cs: [_rows(c, r0, n, rows) for c in cs],
+                                lambda cs: [jnp.zeros((n,) + c.shape[1:], c.dtype) for c in cs],
+                                carries)
+    input_blocks = [_rows(x, r0, n, rows) for x in inputs]
+    blocks, f = fn(r0, valid, carry_blocks, input_blocks)
+    carries = [jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0)
                for c, b in zip(carries, blocks)]
     return carries, flag | f
 
-  flag = jnp.zeros((), bool)
-  full = rows // n
-  if full == 1 and rows == n:
-    return run(0, rows, carries, flag)
-  carries, flag = jax.lax.fori_loop(
-      0, full, lambda k, c: run(k * n, n, *c), (list(carries), flag))
-  if rows % n:
-    carries, flag = run(full * n, rows % n, carries, flag)
-  return carries, flag
+  return jax.lax.fori_loop(0, -(-rows // n), body, (list(carries), jnp.zeros((), bool)))
 
 
 def _dequantize_block(bits, scale, fmt):
@@ -157,14 +165,18 @@ def _dequantize_block(bits, scale, fmt):
 class _Quantizer:
   """``target -> (codes, value)`` with a given FP32 scale; notes non-finite targets."""
 
-  def __init__(self, fmt, scale, rounding, key, offset):
+  def __init__(self, fmt, scale, rounding, key, offset, valid):
     self.fmt, self.scale, self.rounding, self.key, self.offset = (
         fmt, scale, rounding, key, offset)
+    self.valid = valid
     self.nonfinite = jnp.zeros((), bool)
 
   def __call__(self, target):
     fmt, rho = self.fmt, self.fmt.max_value
-    self.nonfinite = self.nonfinite | jnp.any(~jnp.isfinite(target))
+    nonfinite = ~jnp.isfinite(target)
+    if self.valid is not None:
+      nonfinite = nonfinite & self.valid.reshape(self.valid.shape + (1,) * (target.ndim - 1))
+    self.nonfinite = self.nonfinite | jnp.any(nonfinite)
     scale = qz._expand_scale(self.scale, fmt, target.ndim)
     y = jnp.clip(qz._blocked(target, fmt) * (1.0 / scale), -rho, rho)
     codes = qz._round_to_grid(jnp.where(jnp.isfinite(y), y, 0.0), fmt, self.rounding,
@@ -198,16 +210,16 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     carries.append(extra.values)
     inputs.append(extra.effective_scale)
 
-  def block_fn(r0, m, carry, inp):
+  def block_fn(r0, valid, carry, inp):
     u, *rest = carry
     bits, s, s_next, *inp = inp
     g = jax.lax.bitcast_convert_type(u, jnp.float32) if reuse_grad else inp.pop(0)
     offset = r0 * row_size
     decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
                for f, x in zip(fields, rest)}
-    quantizer = _Quantizer(fmt, s_next, rounding, key, offset)
+    quantizer = _Quantizer(fmt, s_next, rounding, key, offset, valid)
     error_store = _Quantizer(err_fmt, s_next, "stochastic",
-                             jax.random.fold_in(key, 1), offset)
+                             jax.random.fold_in(key, 1), offset, valid)
     extra_in = None
     if mode.extra == "master":
       extra_in = rest[len(fields)]
@@ -230,6 +242,9 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
       out.append(extra_out)
     elif mode.extra == "error":
       out.append(extra_out.astype(jnp.bfloat16))
+    if valid is not None:
+      keep = valid.reshape(valid.shape + (1,) * (u.ndim - 1))
+      out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
     return out, quantizer.nonfinite
 
   carries, poisoned = blockwise(block_fn, carries, inputs, shape[0], n)

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Callable, Optional, Union
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -259,3 +260,54 @@ def apply_updates(params: Any, updates: Any) -> Any:
     return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
   return jax.tree_util.tree_map_with_path(leaf_fn, params, updates, is_leaf=is_quantized)
+
+
+_DEQUANTIZED = "eco_optax_dequantized"
+
+
+def value_and_grad(fun: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
+  """``jax.value_and_grad`` of ``fun(dense_params, *args)`` at a quantized tree.
+
+  Returns ``(value, grads)`` with ``grads`` the gradient with respect to the
+  dequantized weights ``Q(w)`` (FP32, the structure of the dequantized params),
+  what the eco_optax optimizers take. ``fun`` sees ordinary arrays. The FP32 copy of
+  each quantized weight is not kept between the forward and the backward pass
+  (``jax.checkpoint`` with a policy that saves everything but them): the backward
+  pass dequantizes again from the stored codes, so the FP32 weights never all
+  live at once.
+
+  Example:
+    >>> import jax.numpy as jnp, eco_optax as eco
+    >>> q = eco.quantize_params({"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}, eco.fp8_e4m3())
+    >>> loss, grads = eco.value_and_grad(lambda p, x: jnp.sum(x @ p["w"] + p["b"]))(
+    ...     q, jnp.ones((2, 4)))
+    >>> float(loss), grads["w"].dtype, grads["w"].shape
+    (32.0, dtype('float32'), (4, 4))
+  """
+
+  def dense(q, delta):
+    return jax.tree.map(
+        lambda p, d: checkpoint_name(qz.dequantize(p) + d, _DEQUANTIZED)
+        if is_quantized(p) else d, q, delta, is_leaf=is_quantized)
+
+  policy = jax.checkpoint_policies.save_anything_except_these_names(_DEQUANTIZED)
+
+  def wrapped(params, *args, **kwargs):
+    # Differentiate w.r.t. a zero offset of each quantized weight (and the plain leaves).
+    delta = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32) if is_quantized(p) else p,
+                         params, is_leaf=is_quantized)
+    inner = jax.checkpoint(lambda delta: fun(dense(params, delta), *args, **kwargs),
+                           policy=policy)
+    return jax.value_and_grad(inner, has_aux=has_aux)(delta)
+
+  return wrapped
+
+
+def grad(fun: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
+  """:func:`value_and_grad` without the value (with ``has_aux``: ``(grads, aux)``)."""
+
+  def wrapped(params, *args, **kwargs):
+    value, grads = value_and_grad(fun, has_aux)(params, *args, **kwargs)
+    return (grads, value[1]) if has_aux else grads
+
+  return wrapped
