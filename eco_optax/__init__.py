@@ -11,31 +11,34 @@ Example:
   >>> q = eco.quantize_params(params, eco.fp8_e4m3())
   >>> tx = optax.chain(optax.clip_by_global_norm(1.0), eco.adamw(1e-3))
   >>> state = tx.init(q)
-  >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(eco.dequantize_params(q))
-  >>> grads = {"w": grads["w"], "b": jnp.zeros(16)}
+  >>> grads = eco.grad(lambda p: jnp.sum(p["w"] ** 2))(q)
   >>> updates, state = jax.jit(tx.update)(grads, state, q)
   >>> q = eco.apply_updates(q, updates)
 """
 
+from eco_optax import baselines
 from eco_optax import moments
 from eco_optax import quantize
 from eco_optax import rules
+from eco_optax import step
 from eco_optax import transform
 from eco_optax.alias import adam, adamw, lion, muon, sgdm
 from eco_optax.memory import MemoryReport, memory_report
 from eco_optax.quantize import (QuantFormat, QuantizedArray, bf16, dequantize,
                                 fp4_e2m1, fp8_e4m3, fp8_e5m2, int4, int8, lossless)
 from eco_optax.quantize import quantize as quantize_array
-from eco_optax.transform import ErrorFeedbackState, error_feedback
-from eco_optax.tree import (apply_updates, default_policy, dequantize_params,
-                            is_quantized, quantize_params)
+from eco_optax.step import ErrorFeedbackState
+from eco_optax.transform import error_feedback
+from eco_optax.tree import (apply_updates, default_policy, dequantize_params, grad,
+                            is_quantized, quantize_params, value_and_grad)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MemoryReport", "QuantFormat", "QuantizedArray", "ErrorFeedbackState",
-    "adam", "adamw", "apply_updates", "bf16", "default_policy", "dequantize",
-    "dequantize_params", "error_feedback", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "int4",
-    "int8", "is_quantized", "lion", "lossless", "memory_report", "moments", "muon",
-    "quantize_array", "quantize_params", "rules", "sgdm", "transform",
+    "adam", "adamw", "apply_updates", "baselines", "bf16", "default_policy", "dequantize",
+    "dequantize_params", "error_feedback", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "grad",
+    "int4", "int8", "is_quantized", "lion", "lossless", "memory_report", "moments", "muon",
+    "quantize_array", "quantize_params", "rules", "sgdm", "step", "transform",
+    "value_and_grad",
 ]
