@@ -1,0 +1,133 @@
+"""Peak-memory benchmark: one jitted, donated train step, as XLA compiles it.
+
+For each method, a whole train step (forward, backward, optimizer step, apply) is
+jitted with the parameters and the optimizer state donated, compiled, and read back
+with ``Compiled.memory_analysis()``::
+
+    peak = arguments + outputs - aliased + temporaries
+
+(donated arguments aliased to outputs are counted once), in bytes per parameter of
+the model, side by side with ``optax.adamw`` on FP32 parameters. The optimizer step
+alone (``update`` + ``apply_updates``, gradients as an argument) is reported too, by
+its temporaries. Two models: an MLP, and the byte-level transformer of
+``python -m eco_optax.bench`` (its block linears quantized).
+
+Run: ``python -m eco_optax.bench.memory [--batch 32]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import eco_optax as eco
+from eco_optax.bench import model as lm
+
+
+class Memory(NamedTuple):
+  model: str
+  method: str
+  params: int
+  peak: float               # bytes per parameter, whole train step
+  static: float             # bytes per parameter at rest (params + state)
+  step_temp: float          # temporaries of the optimizer step alone, bytes per parameter
+
+
+def peak_bytes(m: Any) -> int:
+  """``arguments + outputs - aliased + temporaries`` of a ``memory_analysis()``."""
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
+def mlp_problem(sizes=(512, 1024, 1024, 1024, 512), batch: int = 32):
+  """``(params, loss(params, x, y), x, y)`` of a ReLU MLP with these layer widths."""
+  keys = jax.random.split(jax.random.key(0), len(sizes) - 1)
+  params = {f"layer{i}": {"kernel": jax.random.normal(k, (a, b)) / a ** 0.5,
+                          "bias": jnp.zeros(b)}
+            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+
+  def loss(p, x, y):
+    for i in range(len(sizes) - 1):
+      x = x @ p[f"layer{i}"]["kernel"] + p[f"layer{i}"]["bias"]
+      x = jax.nn.relu(x) if i < len(sizes) - 2 else x
+    return jnp.mean((x - y) ** 2)
+
+  x, y = jnp.ones((batch, sizes[0])), jnp.zeros((batch, sizes[-1]))
+  return params, loss, (x, y), eco.fp8_e4m3(), None
+
+
+def lm_problem(batch: int = 32):
+  """The benchmark transformer, its next-byte loss and one batch."""
+  cfg = lm.ModelConfig()
+  graphdef, params = lm.init(cfg)
+  loss_fn = lm.make_loss_fn(graphdef)
+  tokens = jnp.zeros((batch, cfg.seq_len + 1), jnp.int32)
+  return params, lambda p, t: loss_fn(p, t), (tokens,), eco.fp8_e4m3(), lm.block_linear_policy
+
+
+METHODS: dict[str, Callable[[], tuple[Any, dict]]] = {
+    "optax.adamw (fp32)": lambda: (None, {}),
+    "ECO fp8, fp32 moments": lambda: (eco.fp8_e4m3(), {}),
+    "ECO fp8, bf16 moments": lambda: (eco.fp8_e4m3(), dict(mu_dtype=jnp.bfloat16,
+                                                          nu_dtype=jnp.bfloat16)),
+    "ECO int4, fp32 moments": lambda: (eco.int4(), {}),
+    "fp8 master weights": lambda: (eco.fp8_e4m3(), dict(mode="master_weights")),
+}
+
+
+def measure(name: str, problem: tuple) -> list[Memory]:
+  """Every method of :data:`METHODS` on one problem."""
+  params, loss, batch, _, policy = problem
+  n = sum(x.size for x in jax.tree.leaves(params))
+  rows = []
+  for method, make in METHODS.items():
+    fmt, kwargs = make()
+    if fmt is None:
+      p, tx, grad = params, optax.adamw(1e-3), jax.grad(loss)
+      apply = optax.apply_updates
+    else:
+      p = eco.quantize_params(params, policy(fmt) if policy else fmt)
+      tx, grad, apply = eco.adamw(1e-3, **kwargs), eco.grad(loss), eco.apply_updates
+    state = tx.init(p)
+
+    def train_step(p, s, *batch):
+      updates, s = tx.update(grad(p, *batch), s, p)
+      return apply(p, updates), s
+
+    def opt_step(g, p, s):
+      updates, s = tx.update(g, s, p)
+      return apply(p, updates), s
+
+    whole = jax.jit(train_step, donate_argnums=(0, 1)).lower(p, state, *batch).compile()
+    grads = jax.eval_shape(grad, p, *batch)
+    alone = jax.jit(opt_step, donate_argnums=(1, 2)).lower(grads, p, state).compile()
+    static = eco.memory_report(p, state).total_bytes if fmt is not None else sum(
+        x.nbytes for x in jax.tree.leaves((p, state)))
+    rows.append(Memory(name, method, n, peak_bytes(whole.memory_analysis()) / n,
+                       static / n, alone.memory_analysis().temp_size_in_bytes / n))
+  return rows
+
+
+def main(argv: list[str] | None = None) -> list[Memory]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--batch", type=int, default=32)
+  args = parser.parse_args(argv)
+  rows = []
+  for name, problem in (("mlp", mlp_problem(batch=args.batch)),
+                        ("transformer", lm_problem(batch=args.batch))):
+    rows += measure(name, problem)
+  print(f"{'model':<12} {'method':<24} {'params':>10} {'static B/p':>10} {'peak B/p':>9} "
+        f"{'vs adamw':>9} {'opt-step temp B/p':>18}")
+  for r in rows:
+    base = next(b for b in rows if b.model == r.model and b.method.startswith("optax"))
+    print(f"{r.model:<12} {r.method:<24} {r.params:>10,} {r.static:10.2f} {r.peak:9.2f} "
+          f"{r.peak / base.peak:8.3f}x {r.step_temp:18.2f}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
