@@ -52,7 +52,7 @@ from eco_optax import tree as qtree
 from eco_optax.tree import POISON, VALID
 
 # Elements per block of rows on CPU: the streams of one block stay in cache.
-BLOCK_ELEMENTS = 1 << 15
+BLOCK_ELEMENTS = 1 << 17
 
 
 class Block(NamedTuple):
@@ -356,7 +356,6 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
 
   def init(params):
     leaves, treedef, lrules = leaf_rules(params)
-    zeros = [jnp.zeros(jnp.shape(p), jnp.float32) for p in leaves]
     key = jax.random.key(seed)
     moments = {}
     for i, name in enumerate(rule.moments._fields):
@@ -364,14 +363,14 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
       keys = iter(jax.random.split(jax.random.fold_in(
           jax.random.fold_in(key, _MOMENT_STREAM), i), len(leaves)))
       moments[name] = treedef.unflatten([
-          (fmt.encode(z, next(keys)) if fmt else z) if name in lr[1] else None
-          for z, lr in zip(zeros, lrules)])
+          _zero_moment(fmt, jnp.shape(p), next(keys)) if name in lr[1] else None
+          for p, lr in zip(leaves, lrules)])
     master = error = None
     if mode.extra == "master":
       master = treedef.unflatten([qz.dequantize(p) if _is_lossy(p) else None for p in leaves])
     if mode.extra == "error":   # e_0 = 0: the initial rounding error is dropped
       error = treedef.unflatten([
-          qz.QuantizedArray(jnp.zeros(p.shape, jnp.bfloat16), p.effective_scale,
+          qz.QuantizedArray(jnp.zeros(p.shape, jnp.bfloat16), jnp.copy(p.effective_scale),
                             error_format(p.fmt)) if _is_lossy(p) else None for p in leaves])
     return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
                               key, error, qtree.formats_of(params))
@@ -431,6 +430,12 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
         extra_tree if mode.extra == "error" else None, state.formats)
 
   return optax.GradientTransformation(init, update)
+
+
+def _zero_moment(fmt, shape, key):
+  """A zero moment in its storage format: a fresh buffer per field (buffers are donated)."""
+  zeros = jnp.zeros(shape, jnp.float32)
+  return fmt.encode(zeros, key) if fmt else zeros
 
 
 def _decays(weight_decay: Any, mask: Any, dense: Any, treedef) -> list:
