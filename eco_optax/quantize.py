@@ -615,10 +615,20 @@ def _float_grid_spacing(y: jax.Array, dtype: np.dtype) -> jax.Array:
 
   ``2^(max(floor(log2|y|), minexp) - nmant)``, read off the FP32 exponent bits.
   """
+  return _float_grid_spacing_and_inverse(y, dtype)[0]
+
+
+def _float_grid_spacing_and_inverse(y: jax.Array, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
+  """:func:`_float_grid_spacing` and its reciprocal, both built from exponent bits.
+
+  The spacing is a power of two ``2^k``, so ``1 / 2^k = 2^-k`` exactly, without a
+  division per element.
+  """
   info = ml_dtypes.finfo(dtype)
   exponent = (jax.lax.bitcast_convert_type(jnp.abs(y), jnp.int32) >> 23) - 127
   exponent = jnp.maximum(exponent, info.minexp) - info.nmant
-  return jax.lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32)
+  return (jax.lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32),
+          jax.lax.bitcast_convert_type((127 - exponent) << 23, jnp.float32))
 
 
 def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
@@ -633,8 +643,11 @@ def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
   and ``u ~ U[0, 1)``, so ``E[R(y)] = y``. ``offset``: see :func:`stochastic_uniform`.
   Codes are canonical: a result of ``-0`` is returned as ``+0``.
   """
-  delta = 1.0 if fmt.is_integer else _float_grid_spacing(y, fmt.dtype)
-  steps = y * (1.0 / delta)                 # exact: delta is a power of two
+  if fmt.is_integer:
+    delta, inverse = 1.0, 1.0
+  else:
+    delta, inverse = _float_grid_spacing_and_inverse(y, fmt.dtype)
+  steps = y * inverse                       # exact: delta is a power of two
   if rounding == "nearest":
     return jnp.round(steps) * delta + 0.0       # + 0.0 turns -0 into +0
   lo = jnp.floor(steps)
@@ -781,7 +794,8 @@ def grid_to_bits(codes: jax.Array, fmt: QuantFormat) -> jax.Array:
   exponent = (bits >> 23) & 0xFF
   first_normal = 127 + info.minexp              # biased FP32 exponent of the smallest normal
   normal = ((exponent - (first_normal - 1)) << info.nmant) | ((bits & 0x7FFFFF) >> (23 - info.nmant))
-  subnormal = (jnp.abs(codes) * float(2.0 ** (info.nmant - info.minexp))).astype(jnp.uint32)
+  subnormal = jax.lax.bitcast_convert_type(   # via int32: XLA:CPU vectorizes it, not uint32
+      (jnp.abs(codes) * float(2.0 ** (info.nmant - info.minexp))).astype(jnp.int32), jnp.uint32)
   return sign | jnp.where(exponent >= first_normal, normal, subnormal)
 
 

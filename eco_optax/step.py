@@ -163,22 +163,16 @@ def _dequantize_block(bits, scale, fmt):
 
 
 class _Quantizer:
-  """``target -> (codes, value)`` with a given FP32 scale; notes non-finite targets."""
+  """``target -> (codes, value)`` with a given FP32 scale (non-finite targets: code 0)."""
 
-  def __init__(self, fmt, scale, rounding, key, offset, valid):
+  def __init__(self, fmt, scale, rounding, key, offset):
     self.fmt, self.scale, self.rounding, self.key, self.offset = (
         fmt, scale, rounding, key, offset)
-    self.valid = valid
-    self.nonfinite = jnp.zeros((), bool)
 
   def __call__(self, target):
     fmt, rho = self.fmt, self.fmt.max_value
-    nonfinite = ~jnp.isfinite(target)
-    if self.valid is not None:
-      nonfinite = nonfinite & self.valid.reshape(self.valid.shape + (1,) * (target.ndim - 1))
-    self.nonfinite = self.nonfinite | jnp.any(nonfinite)
-    scale = qz._expand_scale(self.scale, fmt, target.ndim)
-    y = jnp.clip(qz._blocked(target, fmt) * (1.0 / scale), -rho, rho)
+    scale, inverse = (qz._expand_scale(x, fmt, target.ndim) for x in self.scale)
+    y = jnp.clip(qz._blocked(target, fmt) * inverse, -rho, rho)
     codes = qz._round_to_grid(jnp.where(jnp.isfinite(y), y, 0.0), fmt, self.rounding,
                               self.key, self.offset)
     return (qz._unblocked(codes, target.shape),
@@ -200,8 +194,11 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   update = (jax.lax.bitcast_convert_type(grad, jnp.uint32) if reuse_grad
             else jnp.zeros(shape, jnp.uint32))
   err_fmt = error_format(fmt)
+  error_key = jax.random.fold_in(key, 1)
   carries = [update] + [stored_moments[f] for f in fields]
-  inputs = [qz.values_to_bits(q.values, fmt), scale, next_scale]
+  # The reciprocal of the next scale is materialised here: XLA would otherwise fuse its
+  # division into the loop over the elements.
+  inputs = [qz.values_to_bits(q.values, fmt), scale, next_scale, 1.0 / next_scale]
   if not reuse_grad:
     inputs.append(grad)
   if mode.extra == "master":
@@ -212,14 +209,13 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
 
   def block_fn(r0, valid, carry, inp):
     u, *rest = carry
-    bits, s, s_next, *inp = inp
+    bits, s, s_next, s_next_inverse, *inp = inp
     g = jax.lax.bitcast_convert_type(u, jnp.float32) if reuse_grad else inp.pop(0)
     offset = r0 * row_size
     decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
                for f, x in zip(fields, rest)}
-    quantizer = _Quantizer(fmt, s_next, rounding, key, offset, valid)
-    error_store = _Quantizer(err_fmt, s_next, "stochastic",
-                             jax.random.fold_in(key, 1), offset, valid)
+    quantizer = _Quantizer(fmt, (s_next, s_next_inverse), rounding, key, offset)
+    error_store = _Quantizer(err_fmt, (s_next, s_next_inverse), "stochastic", error_key, offset)
     extra_in = None
     if mode.extra == "master":
       extra_in = rest[len(fields)]
@@ -245,9 +241,16 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     if valid is not None:
       keep = valid.reshape(valid.shape + (1,) * (u.ndim - 1))
       out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
-    return out, quantizer.nonfinite
+    # A non-finite gradient (or learning rate, below) poisons the leaf. Checked on the
+    # gradient block, which is in cache, not on the target: a reduction over the target
+    # would make XLA compute the whole step a second time.
+    bad = ~jnp.isfinite(g)
+    if valid is not None:
+      bad = bad & valid.reshape(valid.shape + (1,) * (g.ndim - 1))
+    return out, jnp.any(bad)
 
   carries, poisoned = blockwise(block_fn, carries, inputs, shape[0], n)
+  poisoned = poisoned | ~jnp.isfinite(eta)
   update, *rest = carries
   first = (0,) * update.ndim
   update = update.at[first].set(update[first] | jnp.where(poisoned, POISON, 0).astype(jnp.uint32))
