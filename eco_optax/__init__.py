@@ -22,12 +22,14 @@ from eco_optax import quantize
 from eco_optax import rules
 from eco_optax import step
 from eco_optax import transform
+from eco_optax.accumulation import MultiSteps
 from eco_optax.alias import adam, adamw, lion, muon, sgdm
 from eco_optax.memory import MemoryReport, memory_report
 from eco_optax.quantize import (QuantFormat, QuantizedArray, bf16, dequantize,
                                 fp4_e2m1, fp8_e4m3, fp8_e5m2, int4, int8, lossless)
 from eco_optax.quantize import quantize as quantize_array
 from eco_optax.step import ErrorFeedbackState
+from eco_optax.train_state import TrainState
 from eco_optax.transform import error_feedback
 from eco_optax.tree import (apply_updates, default_policy, dequantize_params, grad,
                             is_quantized, quantize_params, value_and_grad)
@@ -35,7 +37,8 @@ from eco_optax.tree import (apply_updates, default_policy, dequantize_params, gr
 __version__ = "0.1.0"
 
 __all__ = [
-    "MemoryReport", "QuantFormat", "QuantizedArray", "ErrorFeedbackState",
+    "MemoryReport", "MultiSteps", "QuantFormat", "QuantizedArray", "ErrorFeedbackState",
+    "TrainState",
     "adam", "adamw", "apply_updates", "baselines", "bf16", "default_policy", "dequantize",
     "dequantize_params", "error_feedback", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "grad",
     "int4", "int8", "is_quantized", "lion", "lossless", "memory_report", "moments", "muon",

@@ -385,6 +385,19 @@ class QuantizedArray:
     """``Q(x) = s * c`` in ``dtype`` (float32 by default)."""
     return dequantize(self, dtype)
 
+  def _no_arithmetic(self, *args, **kwargs):
+    raise TypeError(
+        f"QuantizedArray ({self.fmt.name}, shape {self.shape}) does not support arithmetic: "
+        "something treats quantized params as arrays. Gradient accumulation: use "
+        "eco_optax.MultiSteps instead of optax.MultiSteps, and accumulate before the "
+        "optimizer, not with optax.apply_every after it. Applying updates: use "
+        "eco_optax.apply_updates (eco_optax.TrainState, eco_optax.nnx.Optimizer), not "
+        "optax.apply_updates. Computing with the weights: eco_optax.dequantize_params.")
+
+  __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _no_arithmetic
+  __truediv__ = __rtruediv__ = __matmul__ = __rmatmul__ = __neg__ = _no_arithmetic
+  __pow__ = __rpow__ = _no_arithmetic
+
 
 def _decode_scale(scale: jax.Array, tensor_scale: jax.Array | None) -> jax.Array:
   """FP32 scales from stored ones: ``b * S`` (exact: ``S`` is a power of two)."""

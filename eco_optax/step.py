@@ -349,7 +349,9 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     leaves, treedef = jax.tree.flatten(params, is_leaf=_is_quantized)
     out = [rule.for_leaf(p) for p in leaves]
     if check_beta:
-      bad = sorted({lr.beta for lr, _ in out if not 0.0 < lr.beta < 1.0})
+      # A traced beta (optax.inject_hyperparams) has no value to check at trace time.
+      betas = {float(lr.beta) for lr, _ in out if not isinstance(lr.beta, jax.core.Tracer)}
+      bad = sorted(b for b in betas if not 0.0 < b < 1.0)
       if bad:
         raise ValueError(
             f"ECO needs a momentum decay (b1 / momentum) in (0, 1), got {bad}: the error is "
