@@ -1,0 +1,68 @@
+"""The one-pass step: blocks of rows give the whole-leaf result, bit for bit."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eco_optax as eco
+from eco_optax import step as st
+
+FORMATS = {
+    "fp8-channel": eco.fp8_e4m3(),
+    "int4-tensor": eco.int4(),
+    "int8-block": eco.int8("block", block_size=8),
+    "mxfp4": eco.fp4_e2m1("mxfp4", block_size=8),
+    "nvfp4": eco.fp4_e2m1("nvfp4", block_size=8),
+}
+
+
+def _run(fmt, mode, rounding, moments, block_elements, monkeypatch, steps=3):
+  monkeypatch.setattr(st, "BLOCK_ELEMENTS", block_elements)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  params = {"w": jax.random.normal(k1, (72, 24)) * 0.1, "b": jnp.zeros(24)}
+  q = eco.quantize_params(params, fmt)
+  tx = eco.adamw(0.05, mode=mode, rounding=rounding, mu_dtype=moments, nu_dtype=moments)
+  state = tx.init(q)
+  update = jax.jit(tx.update)
+  for i in range(steps):
+    g = jax.tree.map(lambda p: jax.random.normal(jax.random.fold_in(k2, i), p.shape), params)
+    updates, state = update(g, state, q)
+    q = eco.apply_updates(q, updates)
+  return q, state
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("mode,rounding,moments", [
+    ("eco", "nearest", None), ("eco", "stochastic", jnp.bfloat16),
+    ("eco_exact", "nearest", None), ("master_weights", "stochastic", None)])
+def test_blocks_of_rows_equal_the_whole_leaf(name, mode, rounding, moments, monkeypatch):
+  # 16 rows x 24 per block: 72 rows are 4 full blocks and an overlapping last one.
+  blocked = _run(FORMATS[name], mode, rounding, moments, 16 * 24, monkeypatch)
+  whole = _run(FORMATS[name], mode, rounding, moments, 1 << 30, monkeypatch)
+  for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8),
+                                  np.atleast_1d(np.asarray(b)).view(np.uint8))
+
+
+def test_rows_per_block_respects_the_format_blocks():
+  fmt = eco.fp4_e2m1("mxfp4")                       # blocks of 32 along axis 0
+  n = st._rows_per_block((4096, 4096), fmt, whole=False)
+  assert n % 32 == 0 and 0 < n < 4096
+  assert st._rows_per_block((4096, 4096), fmt, whole=True) == 4096
+
+
+def test_blockwise_last_block_keeps_rows_it_does_not_own():
+  x = jnp.arange(10.0)[:, None] * jnp.ones((1, 3))
+
+  def fn(r0, valid, carries, inputs):
+    (c,), = (carries,)
+    out = c + 1.0
+    if valid is not None:
+      out = jnp.where(valid[:, None], out, c)
+    return [out], jnp.zeros((), bool)
+
+  (y,), flag = st.blockwise(fn, [x], [], rows=10, n=4)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x + 1.0))   # every row once
+  assert not bool(flag)
