@@ -22,7 +22,7 @@ from eco_optax import quantize
 from eco_optax import rules
 from eco_optax import step
 from eco_optax import transform
-from eco_optax.accumulation import MultiSteps
+from eco_optax.wrappers import MultiSteps, apply_if_finite
 from eco_optax.alias import adam, adamw, lion, muon, sgdm
 from eco_optax.memory import MemoryReport, memory_report
 from eco_optax.quantize import (QuantFormat, QuantizedArray, bf16, dequantize,
@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MemoryReport", "MultiSteps", "QuantFormat", "QuantizedArray", "ErrorFeedbackState",
     "TrainState",
-    "adam", "adamw", "apply_updates", "baselines", "bf16", "default_policy", "dequantize",
+    "adam", "adamw", "apply_if_finite", "apply_updates", "baselines", "bf16", "default_policy", "dequantize",
     "dequantize_params", "error_feedback", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "grad",
     "int4", "int8", "is_quantized", "lion", "lossless", "memory_report", "moments", "muon",
     "quantize_array", "quantize_params", "rules", "sgdm", "step", "transform",

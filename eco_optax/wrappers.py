@@ -1,0 +1,99 @@
+"""optax's wrappers for quantized parameters: :class:`MultiSteps`, :func:`apply_if_finite`.
+
+Gradient accumulation. :class:`optax.MultiSteps` builds its accumulator from the params it is initialized
+with, and quantized params have another structure than their gradients.
+:class:`MultiSteps` is optax's class with an accumulator shaped like the dequantized
+params; everything else is optax's: the inner optimizer steps on the mean (or sum)
+of ``k`` gradients, and the updates of the other micro-steps are zeros, which
+:func:`eco_optax.apply_updates` applies as "keep" (codes and scales unchanged).
+
+Accumulate *before* the optimizer: ``optax.apply_every`` placed after an eco_optax
+optimizer would add up new codes, and is refused.
+
+Skipping non-finite steps. :func:`optax.apply_if_finite` answers a rejected step
+with zeros shaped like the *gradients* (FP32), and ``lax.cond`` refuses them beside
+the ``uint32`` codes of quantized leaves. :func:`apply_if_finite` is optax's wrapper
+around the optimizer with those codes passed through it as FP32 bit patterns.
+
+Example:
+  >>> import jax, jax.numpy as jnp, eco_optax as eco
+  >>> q = eco.quantize_params({"w": jnp.ones((8, 8))}, eco.fp8_e4m3())
+  >>> tx = eco.MultiSteps(eco.adamw(1e-2), every_k_schedule=2)
+  >>> state = tx.init(q)
+  >>> for i in range(2):
+  ...   updates, state = tx.update({"w": jnp.full((8, 8), 0.1 * i)}, state, q)
+  ...   q = eco.apply_updates(q, updates)
+  >>> int(state.gradient_step)
+  1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eco_optax import tree as qtree
+
+
+class MultiSteps(optax.MultiSteps):
+  """:class:`optax.MultiSteps` for parameter trees with quantized leaves.
+
+  Takes the arguments of :class:`optax.MultiSteps`. Only ``init`` differs: the
+  accumulated gradients have the structure and shapes of
+  :func:`eco_optax.dequantize_params` of the params.
+  """
+
+  def init(self, params: Any) -> optax.MultiStepsState:
+    dense = jax.tree.map(
+        lambda p: jnp.zeros(p.shape, jnp.float32) if qtree.is_quantized(p) else p,
+        params, is_leaf=qtree.is_quantized)
+    state = super().init(dense)
+    return state._replace(inner_opt_state=self.inner_opt.init(params))
+
+
+def _bits_as(updates: Any, params: Any, dtype) -> Any:
+  """``updates`` with the leaves of lossy quantized params bitcast to ``dtype``."""
+  return jax.tree.map(
+      lambda p, u: jax.lax.bitcast_convert_type(u, dtype)
+      if qtree.is_quantized(p) and not p.fmt.lossless else u,
+      params, updates, is_leaf=qtree.is_quantized)
+
+
+def apply_if_finite(inner: optax.GradientTransformation,
+                    max_consecutive_errors: int) -> optax.GradientTransformation:
+  """:func:`optax.apply_if_finite` for an eco_optax optimizer (or a chain ending in one).
+
+  Skips a step whose gradients are not all finite (the updates are zeros: codes and
+  scales stay as stored, and the optimizer state is kept), until more than
+  ``max_consecutive_errors`` come in a row. The state is optax's
+  :class:`optax.ApplyIfFiniteState`.
+
+  Example:
+    >>> import jax.numpy as jnp, eco_optax as eco
+    >>> q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.fp8_e4m3())
+    >>> tx = eco.apply_if_finite(eco.adamw(0.5), max_consecutive_errors=3)
+    >>> state = tx.init(q)
+    >>> updates, state = tx.update({"w": jnp.full((4, 4), jnp.nan)}, state, q)
+    >>> bool((eco.apply_updates(q, updates)["w"].values == q["w"].values).all())
+    True
+    >>> int(state.notfinite_count)
+    1
+  """
+
+  def float_update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    return _bits_as(updates, params, jnp.float32), state
+
+  guarded = optax.apply_if_finite(optax.GradientTransformation(inner.init, float_update),
+                                  max_consecutive_errors)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("eco_optax optimizers need params: tx.update(grads, state, params)")
+    updates, state = guarded.update(updates, state, params)
+    return _bits_as(updates, params, jnp.uint32), state
+
+  return optax.GradientTransformation(guarded.init, update)

@@ -1,0 +1,232 @@
+"""eco_optax in the training code people already have: optax wrappers and Flax."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state
+
+import eco_optax as eco
+
+
+def _params():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {"w": jax.random.normal(k1, (16, 8)) * 0.3, "b": jax.random.normal(k2, (8,)) * 0.1}
+
+
+def _grads(params, i):
+  return jax.tree.map(lambda p: jax.random.normal(jax.random.fold_in(jax.random.key(1), i),
+                                                  p.shape), params)
+
+
+def _bits(q):
+  return np.asarray(jax.lax.bitcast_convert_type(q.values, jnp.uint8))
+
+
+def test_clip_before_the_optimizer_is_clipping_the_gradients():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  g = _grads(_params(), 0)
+  chained = optax.chain(optax.clip_by_global_norm(0.5), eco.adamw(0.1))
+  plain = eco.adamw(0.1)
+  u1, _ = chained.update(g, chained.init(q), q)
+  clipped, _ = optax.clip_by_global_norm(0.5).update(g, optax.EmptyState())
+  u2, _ = plain.update(clipped, plain.init(q), q)
+  np.testing.assert_array_equal(np.asarray(u1["w"]), np.asarray(u2["w"]))
+  np.testing.assert_array_equal(np.asarray(u1["b"]), np.asarray(u2["b"]))
+
+
+def test_a_transformation_after_the_optimizer_is_refused_at_trace_time():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = optax.chain(eco.adamw(0.1), optax.scale(0.5))
+  state = tx.init(q)
+
+  @jax.jit
+  def step(q, state, g):
+    updates, state = tx.update(g, state, q)
+    return eco.apply_updates(q, updates), state
+
+  with pytest.raises(TypeError, match=r"\['w'\]: the update of this fp8_e4m3 leaf is float32"):
+    step(q, state, _grads(_params(), 0))
+
+
+def test_flax_train_state_drop_in_equals_the_functional_loop():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = eco.adamw(0.05, rounding="stochastic")
+  state = eco.TrainState.create(apply_fn=None, params=q, tx=tx)
+  opt_state, ref = tx.init(q), q
+
+  @jax.jit
+  def functional(q, opt_state, g):
+    updates, opt_state = tx.update(g, opt_state, q)
+    return eco.apply_updates(q, updates), opt_state
+
+  for i in range(3):
+    g = _grads(_params(), i)
+    state = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, g)
+    ref, opt_state = functional(ref, opt_state, g)
+  assert int(state.step) == 3
+  np.testing.assert_array_equal(_bits(state.params["w"]), _bits(ref["w"]))
+  np.testing.assert_array_equal(np.asarray(state.params["b"]), np.asarray(ref["b"]))
+
+
+def test_plain_flax_train_state_fails_loudly_not_silently():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  state = train_state.TrainState.create(apply_fn=None, params=q, tx=eco.adamw(0.1))
+  with pytest.raises(ValueError, match="QuantizedArray"):
+    state.apply_gradients(grads=_grads(_params(), 0))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_multisteps_is_one_step_on_the_mean_gradient(k):
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  acc = eco.MultiSteps(eco.adamw(0.2), every_k_schedule=k)
+  state, qa = acc.init(q), q
+  update = jax.jit(acc.update)
+  grads = [_grads(_params(), i) for i in range(k)]
+  for i, g in enumerate(grads):
+    updates, state = update(g, state, qa)
+    new = eco.apply_updates(qa, updates)
+    if i < k - 1:   # zero updates: nothing moves, not even a scale
+      assert not np.any(np.asarray(updates["w"]))
+      np.testing.assert_array_equal(_bits(new["w"]), _bits(qa["w"]))
+      np.testing.assert_array_equal(np.asarray(new["w"].scale), np.asarray(qa["w"].scale))
+    qa = new
+  # optax's running mean, as MultiSteps computes it (jitted: the same arithmetic)
+  running = jax.jit(lambda acc, g, n: jax.tree.map(lambda a, b: a + (b - a) / (n + 1), acc, g))
+  mean = jax.tree.map(jnp.zeros_like, grads[0])
+  for n, g in enumerate(grads):
+    mean = running(mean, g, jnp.asarray(n, jnp.int32))
+  one = eco.adamw(0.2)
+  updates, _ = one.update(mean, one.init(q), q)
+  ref = eco.apply_updates(q, updates)
+  np.testing.assert_array_equal(_bits(qa["w"]), _bits(ref["w"]))
+  np.testing.assert_array_equal(np.asarray(qa["b"]), np.asarray(ref["b"]))
+  assert int(state.gradient_step) == 1
+
+
+def test_optax_multisteps_and_apply_every_name_the_drop_in():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = optax.chain(eco.adamw(0.1), optax.apply_every(2))
+  with pytest.raises(TypeError, match="eco_optax.MultiSteps"):
+    jax.jit(tx.update)(_grads(_params(), 0), tx.init(q), q)
+
+
+def test_inject_hyperparams_changes_the_learning_rate_between_steps():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = optax.inject_hyperparams(eco.adamw, hyperparam_dtype=jnp.float32)(
+      learning_rate=0.1, b1=0.9)
+  state = tx.init(q)
+  update = jax.jit(tx.update)
+  g = _grads(_params(), 0)
+  _, state = update(g, state, q)
+  state.hyperparams["learning_rate"] = jnp.zeros_like(state.hyperparams["learning_rate"])
+  updates, state = update(g, state, q)
+  after = eco.apply_updates(q, updates)
+  # A zero learning rate keeps every code; the plain leaf does not move either.
+  np.testing.assert_array_equal(_bits(after["w"]), _bits(q["w"]))
+  np.testing.assert_array_equal(np.asarray(after["b"]), np.asarray(q["b"]))
+  assert update._cache_size() == 1     # the new learning rate did not recompile
+
+
+def test_multi_transform_with_labels_from_the_params():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  labels = jax.tree.map(lambda p: "eco" if eco.is_quantized(p) else "adam", q,
+                        is_leaf=eco.is_quantized)
+  tx = optax.multi_transform({"eco": eco.adamw(0.1), "adam": optax.adam(0.1)}, labels)
+  state = tx.init(q)
+  g = _grads(_params(), 0)
+  updates, state = jax.jit(tx.update)(g, state, q)
+  assert updates["w"].dtype == jnp.uint32
+  ref, _ = optax.adam(0.1).update({"b": g["b"]}, optax.adam(0.1).init({"b": q["b"]}))
+  np.testing.assert_allclose(np.asarray(updates["b"]), np.asarray(ref["b"]), rtol=1e-6)
+  new = eco.apply_updates(q, updates)
+  assert new["w"].values.dtype == q["w"].values.dtype
+
+
+def test_optax_apply_if_finite_is_refused_at_trace_time():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = optax.apply_if_finite(eco.adamw(0.1), max_consecutive_errors=3)
+  with pytest.raises(TypeError, match="uint32.* float32"):
+    jax.jit(tx.update)(_grads(_params(), 0), tx.init(q), q)
+
+
+def test_apply_if_finite_skips_the_step_exactly():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = eco.apply_if_finite(eco.adamw(0.1), max_consecutive_errors=3)
+  state = tx.init(q)
+  g = _grads(_params(), 0)
+  bad = {"w": g["w"].at[0, 0].set(jnp.nan), "b": g["b"]}
+  updates, state = jax.jit(tx.update)(bad, state, q)
+  new = eco.apply_updates(q, updates)
+  np.testing.assert_array_equal(_bits(new["w"]), _bits(q["w"]))
+  np.testing.assert_array_equal(np.asarray(new["b"]), np.asarray(q["b"]))
+  assert int(state.notfinite_count) == 1
+  good, state = jax.jit(tx.update)(g, state, q)        # a finite step goes through
+  ref, _ = eco.adamw(0.1).update(g, eco.adamw(0.1).init(q), q)
+  np.testing.assert_array_equal(np.asarray(good["w"]), np.asarray(ref["w"]))
+
+
+@pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.int4(), eco.fp4_e2m1("mxfp4", block_size=8)],
+                         ids=["fp8", "int4", "mxfp4"])
+def test_a_non_finite_gradient_shows_in_the_weights(fmt):
+  q = eco.quantize_params(_params(), fmt)
+  tx = eco.adamw(0.1)
+  g = _grads(_params(), 0)
+  updates, _ = tx.update({"w": g["w"].at[3, 2].set(jnp.inf), "b": g["b"]}, tx.init(q), q)
+  new = eco.dequantize_params(eco.apply_updates(q, updates))
+  assert np.all(np.isnan(np.asarray(new["w"])))      # the poisoned leaf: visibly NaN
+  assert np.all(np.isfinite(np.asarray(new["b"])))
+
+
+def test_a_non_finite_learning_rate_shows_in_the_weights():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = eco.adamw(lambda count: jnp.nan * count)    # a broken schedule
+  updates, _ = tx.update(_grads(_params(), 0), tx.init(q), q)
+  new = eco.dequantize_params(eco.apply_updates(q, updates))
+  assert np.all(np.isnan(np.asarray(new["w"])))
+  assert np.all(np.isnan(np.asarray(new["b"])))
+
+
+def test_state_for_other_formats_is_refused_with_both_formats():
+  params = _params()
+  tx = eco.adamw(0.1, mode="eco_exact")
+  state = tx.init(eco.quantize_params(params, eco.fp8_e4m3()))
+  with pytest.raises(ValueError, match=r"\['w'\]: params are stored as int4 .* built for fp8_e4m3"):
+    tx.update(_grads(params, 0), state, eco.quantize_params(params, eco.int4()))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: eco.adamw(0.05), lambda: eco.sgdm(0.05), lambda: eco.lion(0.01),
+    lambda: eco.adam(0.05, rounding="stochastic")], ids=["adamw", "sgdm", "lion", "adam-sr"])
+def test_parabola_and_rosenbrock(make):
+  # optax's alias tests: minimise a parabola and Rosenbrock's function from fixed starts.
+  for target, start, steps, tol in [
+      (lambda p: jnp.sum((p["x"] - 1.0) ** 2), jnp.full((4, 4), -1.0), 600, 0.1),
+      (lambda p: jnp.sum((1 - p["x"][:, 0]) ** 2
+                         + 10 * (p["x"][:, 1] - p["x"][:, 0] ** 2) ** 2),
+       jnp.zeros((8, 2)), 1500, 0.25)]:
+    q = eco.quantize_params({"x": start}, eco.int8(scale_policy="sticky", headroom=2.0))
+    tx = make()
+    state = tx.init(q)
+
+    @jax.jit
+    def step(q, state):
+      updates, state = tx.update(eco.grad(target)(q), state, q)
+      return eco.apply_updates(q, updates), state
+
+    for _ in range(steps):
+      q, state = step(q, state)
+    assert float(target(eco.dequantize_params(q))) < tol * float(target({"x": start}))
+    assert step._cache_size() == 1
+
+
+def test_state_keeps_its_shapes_and_dtypes_under_lax_cond():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = eco.adamw(0.1, mode="eco_exact", mu_dtype=jnp.bfloat16)
+  state = tx.init(q)
+  g = _grads(_params(), 0)
+  new = jax.jit(lambda s: jax.lax.cond(True, lambda s: tx.update(g, s, q)[1],
+                                       lambda s: s, s))(state)
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+    assert (a.shape, a.dtype) == (b.shape, b.dtype)
