@@ -39,7 +39,7 @@ Formats (``spec`` as accepted by :func:`as_format`):
 Non-finite values are never turned into finite ones: a NaN or infinity stays NaN /
 infinity in the float formats, and turns its whole 8-bit block into NaN (a uint8
 code cannot hold it, the block's ``absmax`` is set to NaN). The moments then carry
-the NaN as FP32 optax does; wrap the optimizer in :func:`optax.apply_if_finite` to
+the NaN as FP32 optax does; wrap the optimizer in :func:`eco_optax.apply_if_finite` to
 skip such steps. Finite values beyond a float format's range saturate to its
 largest finite value.
 

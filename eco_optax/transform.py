@@ -31,7 +31,7 @@ Guards. ``eta = 0`` (warm-up from zero, annealing to zero) makes ``alpha``
 undefined: no error is injected on such steps. A non-finite gradient or learning
 rate turns the leaf's weights into NaN (its scale, :func:`eco_optax.apply_updates`)
 as it would turn FP32 weights into NaN in optax: the fault shows. Wrap the
-optimizer in :func:`optax.apply_if_finite` to skip such steps instead.
+optimizer in :func:`eco_optax.apply_if_finite` to skip such steps instead.
 """
 
 from __future__ import annotations

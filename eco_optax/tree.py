@@ -232,7 +232,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
   (``uint32``, ``VALID | bits`` per element; :mod:`eco_optax.step`), which are copied,
   never rounded again, with the scale :func:`~eco_optax.quantize.next_scale` of
   the stored weights, the scale the optimizer stored them with. An all-zero update
-  (a step skipped by :func:`optax.apply_if_finite` or :class:`optax.MultiSteps`)
+  (a step skipped by :func:`eco_optax.apply_if_finite` or :class:`eco_optax.MultiSteps`)
   keeps codes and scale; a leaf marked as having received a non-finite gradient or
   learning rate gets a NaN scale, so the fault shows.
 
