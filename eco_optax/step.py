@@ -136,13 +136,6 @@ def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
   """
   if n == rows:
     return fn(0, None, carries, inputs)
-  # XLA:CPU updates a slice of a 16-bit float array by converting the whole array:
-  # carry such arrays as their unsigned bits.
-  dtypes = [c.dtype for c in carries]
-  as_bits = lambda x, d: (jax.lax.bitcast_convert_type(x, jnp.uint16)
-                          if d in (jnp.bfloat16, jnp.float16) else x)
-  from_bits = lambda x, d: jax.lax.bitcast_convert_type(x, d) if x.dtype != d else x
-  carries = [as_bits(c, d) for c, d in zip(carries, dtypes)]
 
   def body(k, state):
     carries, flag = state
@@ -156,15 +149,12 @@ def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
                                 lambda cs: [jnp.zeros((n,) + c.shape[1:], c.dtype) for c in cs],
                                 carries)
     input_blocks = [_rows(x, r0, n, rows) for x in inputs]
-    blocks, f = fn(r0, valid, [from_bits(b, d) for b, d in zip(carry_blocks, dtypes)],
-                   input_blocks)
-    carries = [jax.lax.dynamic_update_slice_in_dim(c, as_bits(b, d), r0, 0)
-               for c, b, d in zip(carries, blocks, dtypes)]
+    blocks, f = fn(r0, valid, carry_blocks, input_blocks)
+    carries = [jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0)
+               for c, b in zip(carries, blocks)]
     return carries, flag | f
 
-  carries, flag = jax.lax.fori_loop(0, -(-rows // n), body,
-                                    (list(carries), jnp.zeros((), bool)))
-  return [from_bits(c, d) for c, d in zip(carries, dtypes)], flag
+  return jax.lax.fori_loop(0, -(-rows // n), body, (list(carries), jnp.zeros((), bool)))
 
 
 def _dequantize_block(bits, scale, fmt):
