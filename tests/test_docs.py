@@ -1,4 +1,4 @@
-"""Every example in the docstrings and every Python block of the README runs."""
+"""Every example in the docstrings and every Python block of the README and docs/ runs."""
 import doctest
 import pathlib
 import re
@@ -6,26 +6,31 @@ import re
 import pytest
 
 import eco_optax
-from eco_optax import (alias, checkpoint, memory, moments, nnx, quantize, rules, transform,
-                       tree)
+from eco_optax import (alias, baselines, checkpoint, memory, moments, nnx, quantize, rules,
+                       step, train_state, transform, tree, wrappers)
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 @pytest.mark.parametrize("module", [eco_optax, alias, checkpoint, memory, moments, nnx,
-                                    quantize, rules, transform, tree],
+                                    quantize, rules, train_state, transform, tree, wrappers,
+                                    baselines, step],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  assert result.attempted > 0 or module in (rules,), f"{module.__name__} has no examples"
+  assert result.attempted > 0 or module in (rules, baselines, step), (
+      f"{module.__name__} has no examples")
   assert result.failed == 0
 
 
-def _readme_blocks():
-  return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def _blocks():
+  return [(page.name, i, block) for page in PAGES
+          for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(),
+                                               flags=re.S))]
 
 
-@pytest.mark.parametrize("index", range(len(_readme_blocks())))
-def test_readme_python_blocks_run(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page,index,block", _blocks(), ids=lambda x: str(x)[:20])
+def test_python_blocks_run(page, index, block, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  exec(compile(_readme_blocks()[index], f"README.md block {index}", "exec"), {})
+  exec(compile(block, f"{page} block {index}", "exec"), {})
