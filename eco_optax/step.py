@@ -14,8 +14,8 @@ bits of the new code (the scale of the new codes is the scale policy's
 :func:`eco_optax.quantize.next_scale` of the stored weights, which
 :func:`eco_optax.apply_updates` recomputes, or reuses when both run in one ``jit``).
 :func:`eco_optax.apply_updates` copies these bits: nothing is rounded twice. An
-element equal to 0 keeps its stored code, and a leaf whose update is all zero keeps
-its scale, so wrappers that zero updates (:func:`eco_optax.apply_if_finite`,
+leaf whose update is all zero keeps its codes and its scale (the first element
+decides for the leaf), so wrappers that zero updates (:func:`eco_optax.apply_if_finite`,
 :class:`optax.MultiSteps`) skip a step exactly. A transformation placed after the
 optimizer that does arithmetic on updates (``optax.scale``, ``optax.clip``...) turns
 them into floats, and :func:`eco_optax.apply_updates` refuses them at trace time.

@@ -209,9 +209,9 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: jax.Array) -> qz.Quant
         "to scale its steps, and accumulate gradients with eco_optax.MultiSteps.")
   first = (0,) * u.ndim
   applied = (u[first] & VALID) != 0
-  bits = qz.values_to_bits(p.values, p.fmt)
-  new_bits = (u & CODE_MASK).astype(bits.dtype)
-  values = qz.bits_to_values(jnp.where(u != 0, new_bits, bits), p.fmt)
+  # All or nothing, decided by the first element (a conditional, not a select per
+  # element: nothing but the new codes is written).
+  values = jax.lax.cond(applied, lambda: qz.bits_to_values(u, p.fmt), lambda: p.values)
   scale, tensor_scale = qz._next_scales(p)
   scale = jnp.where(applied, scale, p.scale)
   if tensor_scale is not None:
@@ -231,7 +231,8 @@ def apply_updates(params: Any, updates: Any) -> Any:
   :func:`optax.apply_updates`. Quantized leaves: the update holds the new codes
   (``uint32``, ``VALID | bits`` per element; :mod:`eco_optax.step`), which are copied,
   never rounded again, with the scale :func:`~eco_optax.quantize.next_scale` of
-  the stored weights, the scale the optimizer stored them with. An all-zero update
+  the stored weights, the scale the optimizer stored them with. A leaf's update is
+  applied whole when its first element carries ``VALID``; an all-zero update
   (a step skipped by :func:`eco_optax.apply_if_finite` or :class:`eco_optax.MultiSteps`)
   keeps codes and scale; a leaf marked as having received a non-finite gradient or
   learning rate gets a NaN scale, so the fault shows.
