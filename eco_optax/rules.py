@@ -82,8 +82,9 @@ class MomentumRule(NamedTuple):
 
   Attributes:
     moments: the NamedTuple class of the optimizer state's moment trees.
-    for_leaf: ``array -> (LeafRule, fields)``: the rule of a parameter leaf and the
-      moment fields it has.
+    for_leaf: ``shape-and-dtype -> (LeafRule, fields)``: the rule of a parameter leaf
+      (given as a ``jax.ShapeDtypeStruct`` of its dequantized value) and the moment
+      fields it has.
     nonnegative: moment fields that are never negative (their 8-bit storage uses
       the unsigned map of :func:`eco_optax.moments.blockwise_8bit`).
   """
@@ -202,7 +203,7 @@ def polar_preconditioner(r: jax.Array, error: jax.Array) -> jax.Array:
 
 def is_matrix(x: Any) -> bool:
   """The leaves :func:`muon_rule` orthogonalizes: 2-D, as :func:`optax.contrib.muon`."""
-  return jnp.ndim(x) == 2
+  return len(jnp.shape(x)) == 2
 
 
 def _scaled(transform: optax.GradientTransformation, scale: float) -> optax.GradientTransformation:

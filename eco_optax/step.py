@@ -347,7 +347,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
 
   def leaf_rules(params):
     leaves, treedef = jax.tree.flatten(params, is_leaf=_is_quantized)
-    out = [rule.for_leaf(p) for p in leaves]
+    out = [rule.for_leaf(jax.ShapeDtypeStruct(jnp.shape(p), jnp.float32)) for p in leaves]
     if check_beta:
       # A traced beta (optax.inject_hyperparams) has no value to check at trace time.
       betas = {float(lr.beta) for lr, _ in out if not isinstance(lr.beta, jax.core.Tracer)}
