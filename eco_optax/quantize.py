@@ -662,10 +662,11 @@ def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
     delta, inverse = _float_grid_spacing_and_inverse(y, fmt.dtype)
   steps = y * inverse                       # exact: delta is a power of two
   if rounding == "nearest":
-    return jnp.round(steps) * delta + 0.0       # + 0.0 turns -0 into +0
-  lo = jnp.floor(steps)
-  up = stochastic_uniform(key, y.shape, offset) < steps - lo
-  return (lo + up) * delta + 0.0
+    codes = jnp.round(steps) * delta
+  else:
+    lo = jnp.floor(steps)
+    codes = (lo + (stochastic_uniform(key, y.shape, offset) < steps - lo)) * delta
+  return jnp.where(codes == 0, 0.0, codes)    # -0 becomes +0 (XLA folds away a "+ 0.0")
 
 
 def _code_units(x: jax.Array, scale: jax.Array, fmt: QuantFormat) -> jax.Array:
