@@ -414,7 +414,11 @@ def test_checkpoint_round_trip_with_8bit_moments(tmp_path):
 
 def check_sharded_equals_single():
   """Given the same gradients, a sharded step (FSDP layout of examples/sharded_training.py:
-  codes and absmax split over 8 devices) equals the one-device step bit for bit.
+  codes and absmax split over 8 devices) equals the one-device step: the stored codes,
+  8-bit moment codes and PRNG keys bit for bit, the FP32 values (plain parameters,
+  moments, scales) to 1e-5. XLA compiles the partitioned elementwise
+  arithmetic of the plain leaves differently (1 ulp apart after one step, 4e-6 after five); it never
+  moves a quantized code here.
 
   (Gradients themselves differ in the last bits when the batch is split:
   tests/test_sharding.py compares the weights and the losses of whole training.)
@@ -445,7 +449,14 @@ def check_sharded_equals_single():
     if spec is EIGHT_BIT:   # 64 x 64 = 16 blocks of 256, two per device
       assert mu.codes.sharding.spec == mu.absmax.sharding.spec == jax.sharding.PartitionSpec("data")
       assert len({s.device for s in mu.codes.addressable_shards}) == 8
-    assert _raw(results[0]) == _raw(results[1]), spec
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+      if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+      a, b = np.asarray(a), np.asarray(b)
+      if a.dtype.itemsize == 4 and a.dtype.kind == "f":
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8, err_msg=str(spec))
+      else:                                   # codes (float8, uint8), keys: exact
+        assert a.tobytes() == b.tobytes(), spec
 
 
 def test_sharded_equals_single_device():
