@@ -22,6 +22,11 @@ def _regression(n_in=32, n_out=16, seed=0):
   return params, loss
 
 
+def _applied(q, updates, name="w"):
+  """The FP32 step ``Q(w') - Q(w)`` the updates of an eco_optax optimizer make."""
+  return eco.apply_updates(q, updates)[name].dequantize() - q[name].dequantize()
+
+
 def _train(tx, q, loss, steps):
   state = tx.init(q)
 
@@ -61,7 +66,7 @@ def test_injection_coefficient_with_weight_decay():
   m_tilde = (1 - beta) * g["w"]
   target = (1 - eta * lam) * w - eta * m_tilde
   new_w = qz.requantize(q["w"], target).dequantize()
-  np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(new_w - w), atol=1e-7)
+  np.testing.assert_allclose(np.asarray(_applied(q, updates)), np.asarray(new_w - w), atol=1e-7)
   expected = m_tilde + (1 - eta * lam) / eta * (1 - 1 / beta) * (target - new_w)
   assert float(jnp.max(jnp.abs(target - new_w))) > 0.01   # the error is not trivial
   np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(expected),
@@ -80,7 +85,7 @@ def test_adam_injection_uses_the_preconditioner():
   m_t, v_t = (1 - b1) * g["w"], (1 - b2) * g["w"] ** 2
   denom = (1 - b1) * (jnp.sqrt(v_t / (1 - b2)) + eps)
   target = w - eta * (m_t / denom + lam * w)
-  e = target - (w + updates["w"])
+  e = target - (w + _applied(q, updates))
   expected = m_t + (1 - eta * lam) / eta * (1 - 1 / b1) * denom * e
   np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(expected),
                              rtol=1e-5, atol=1e-7)
@@ -91,7 +96,7 @@ def test_naive_mode_drops_the_error():
   g = {"w": jnp.full((8, 8), 0.01)}
   tx = eco.sgdm(0.1, 0.9, mode="naive")
   updates, state = tx.update(g, tx.init(q), q)
-  np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)    # the update vanished
+  np.testing.assert_array_equal(np.asarray(_applied(q, updates)), 0.0)   # the step vanished
   np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), 0.001, rtol=1e-6)
 
 
@@ -120,7 +125,7 @@ def test_learning_rate_zero_warmup_and_anneal_stay_finite(mode):
   tx = eco.adamw(sched, mode=mode, rounding="stochastic")
   state = tx.init(q0)
   updates, state1 = tx.update(jax.grad(loss)(eco.dequantize_params(q0)), state, q0)
-  np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)     # eta = 0: no step
+  np.testing.assert_array_equal(np.asarray(_applied(q0, updates)), 0.0)  # eta = 0: no step
   q, state, losses = _train(tx, q0, loss, 41)                       # ends at eta = 0
   leaves = jax.tree.leaves((eco.dequantize_params(q), state.moments))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
@@ -128,11 +133,13 @@ def test_learning_rate_zero_warmup_and_anneal_stay_finite(mode):
 
 
 def test_eco_needs_momentum():
-  with pytest.raises(ValueError, match=r"momentum \(beta / b1\) in \(0, 1\)"):
-    eco.sgdm(0.1, momentum=0.0)
-  with pytest.raises(ValueError, match="in \\(0, 1\\)"):
-    eco.adamw(0.1, b1=0.0)
-  eco.sgdm(0.1, momentum=0.0, mode="naive")   # fine without error feedback
+  q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.int8())
+  with pytest.raises(ValueError, match=r"ECO needs a momentum decay \(b1 / momentum\) in "
+                                       r"\(0, 1\), got \[0.0\]"):
+    eco.sgdm(0.1, momentum=0.0).init(q)
+  with pytest.raises(ValueError, match=r"in \(0, 1\), got \[1.0\]"):
+    eco.adamw(0.1, b1=1.0).init(q)
+  eco.sgdm(0.1, momentum=0.0, mode="naive").init(q)   # fine without error feedback
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(mode="eco-sr"), "mode must be one of"),
@@ -161,21 +168,23 @@ def test_grads_with_wrong_tree_or_shape_are_clear_errors():
     tx.update({"w": jnp.ones((4, 4)), "b": jnp.ones(4, jnp.int32)}, state, q)
 
 
-def test_non_finite_grads_never_reach_the_stored_weights():
-  """Documented: NaN/inf grads leave the stored weights as they are."""
-  q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.fp8_e4m3())
+def test_non_finite_grads_show_in_the_stored_weights():
+  """Documented: a NaN/inf gradient turns the leaf's weights into NaN (never a silent freeze)."""
+  q = eco.quantize_params({"w": jnp.ones((4, 4)), "v": jnp.ones((4, 4))}, eco.fp8_e4m3())
   tx = eco.adamw(1e-2)
-  g = {"w": jnp.full((4, 4), 0.1).at[0, 0].set(jnp.nan).at[1, 2].set(jnp.inf)}
-  updates, _ = tx.update(g, tx.init(q), q)
-  out = eco.apply_updates(q, updates)["w"].dequantize()
-  assert bool(jnp.all(jnp.isfinite(out)))
-  assert float(out[0, 0]) == 1.0 and float(out[1, 2]) == 1.0
+  g = {"w": jnp.full((4, 4), 0.1).at[0, 0].set(jnp.nan).at[1, 2].set(jnp.inf),
+       "v": jnp.full((4, 4), 0.1)}
+  updates, state = tx.update(g, tx.init(q), q)
+  assert int(updates["w"][0, 0]) & eco.tree.POISON
+  out = eco.dequantize_params(eco.apply_updates(q, updates))
+  assert bool(jnp.all(jnp.isnan(out["w"])))
+  assert bool(jnp.all(jnp.isfinite(out["v"])))
 
 
 def test_apply_if_finite_skips_the_step_and_keeps_the_state():
   params, loss = _regression()
   q = eco.quantize_params(params, eco.fp8_e4m3())
-  tx = optax.apply_if_finite(eco.adamw(1e-2, rounding="stochastic"), max_consecutive_errors=3)
+  tx = eco.apply_if_finite(eco.adamw(1e-2, rounding="stochastic"), max_consecutive_errors=3)
   state = tx.init(q)
   step = jax.jit(lambda g, s, q: tx.update(g, s, q))
   updates, state = step(jax.grad(loss)(eco.dequantize_params(q)), state, q)
@@ -261,7 +270,7 @@ def test_exact_rule_injection_on_two_steps():
     target = (1 - eta * lam) * w - eta * m_tilde
     q = eco.apply_updates(q, updates)
     error = target - q["w"].dequantize()
-    stored.append(qz.decode_residual(state.previous_error["w"], q["w"]))
+    stored.append(eco.dequantize(state.previous_error["w"]))
     # bfloat16 code units, stochastically rounded: within one bf16 step (2^-7 relative).
     np.testing.assert_allclose(np.asarray(stored[-1]), np.asarray(error), rtol=2**-7, atol=1e-7)
     m = m_tilde - (1 - eta * lam) / eta * (stored[-1] / beta - stored[-2])
@@ -272,5 +281,27 @@ def test_exact_rule_injection_on_two_steps():
 def test_exact_rule_costs_two_bytes_per_parameter():
   q = eco.quantize_params({"w": jnp.ones((256, 256))}, eco.fp8_e4m3("tensor"))
   rep = eco.memory_report(q, eco.adamw(1e-3, mode="eco_exact").init(q))
-  assert rep.components["previous error"] == 2 * 256 * 256
+  assert rep.components["previous error"] == 2 * 256 * 256 + 4    # bfloat16 + its FP32 scale
   assert rep.bytes_per_param == pytest.approx(11.0, abs=0.01)
+
+
+def test_exact_rule_reads_its_error_in_the_scale_it_was_written_in():
+  """A sticky scale doubles mid-run; every kept error still reads back as target - Q(w')."""
+  eta, beta = 0.5, 0.9
+  fmt = eco.fp8_e4m3("tensor", scale_policy="sticky", headroom=2.0)
+  q = eco.quantize_params({"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)}, fmt)
+  g = {"w": jnp.full((8, 8), 0.02).at[7, 7].set(-3.0)}     # drives the largest weight up
+  tx = eco.sgdm(eta, beta, mode="eco_exact")
+  state, update = tx.init(q), jax.jit(tx.update)
+  scales = []
+  for _ in range(8):
+    w = q["w"].dequantize()
+    target = w - eta * (beta * state.moments.mu["w"] + (1 - beta) * g["w"])
+    updates, state = update(g, state, q)
+    q = eco.apply_updates(q, updates)
+    scales.append(float(q["w"].scale))
+    kept = eco.dequantize(state.previous_error["w"])
+    assert float(state.previous_error["w"].scale) == scales[-1]  # written in the new scale
+    np.testing.assert_allclose(np.asarray(kept), np.asarray(target - q["w"].dequantize()),
+                               rtol=2**-7, atol=1e-9)
+  assert max(scales) >= 2 * min(scales)                        # the scale did change
