@@ -55,6 +55,24 @@ def test_muon_equals_optax_muon_with_lossless_format(mode, nesterov):
   _assert_trees_close(ours, ref, 1e-5)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(consistent_rms=0.2, weight_decay=0.1, weight_decay_mask={"w": True, "v": False,
+                                                                  "b": False, "k": False}),
+    dict(ns_coeffs=((3.4445, -4.7750, 2.0315),) * 3, beta=0.9, eps=1e-6, adam_b1=0.8,
+         adam_b2=0.99, adam_weight_decay=0.05, preconditioning="spectral"),
+], ids=["consistent_rms-mask", "coeffs-betas-spectral"])
+def test_muon_options_and_3d_leaves_equal_optax_muon_with_lossless_format(kw):
+  """Shape scaling, the decay mask (matrices only), the Adam options, and a 3-D leaf
+  (Adam in optax: Muon orthogonalizes 2-D leaves only) as optax.contrib.muon."""
+  params, loss2d = _problem()
+  params["k"] = jax.random.normal(jax.random.key(7), (2, 4, 6)) * 0.3
+  loss = lambda p: loss2d(p) + jnp.sum(jnp.sin(p["k"]) ** 2)
+  ours, _ = _train(eco.quantize_params(params, eco.lossless()), loss,
+                   eco.muon(SCHEDULE, **kw), 30, True)
+  ref, _ = _train(params, loss, optax.contrib.muon(SCHEDULE, **kw), 30, False)
+  _assert_trees_close(ours, ref, 1e-5)
+
+
 def test_lion_equals_optax_lion_with_lossless_format():
   params, loss = _problem()
   mask = {"w": True, "v": True, "b": False}

@@ -139,7 +139,10 @@ def test_eco_needs_momentum():
     eco.sgdm(0.1, momentum=0.0).init(q)
   with pytest.raises(ValueError, match=r"in \(0, 1\), got \[1.0\]"):
     eco.adamw(0.1, b1=1.0).init(q)
-  eco.sgdm(0.1, momentum=0.0, mode="naive").init(q)   # fine without error feedback
+  state = eco.sgdm(0.1, momentum=0.0, mode="naive").init(q)   # fine without error feedback
+  assert isinstance(state, eco.ErrorFeedbackState) and int(state.count) == 0
+  with pytest.raises(ValueError, match=r"ECO needs a momentum decay .* got \[0.0\]"):
+    eco.sgdm(0.1, momentum=0.0).update({"w": jnp.ones((4, 4))}, state, q)
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(mode="eco-sr"), "mode must be one of"),
@@ -168,6 +171,28 @@ def test_grads_with_wrong_tree_or_shape_are_clear_errors():
     tx.update({"w": jnp.ones((4, 4)), "b": jnp.ones(4, jnp.int32)}, state, q)
 
 
+def test_update_refuses_params_stored_in_another_format():
+  """A state built for one tree of formats is refused for another, naming both formats."""
+  params = {"layer": {"kernel": jnp.ones((8, 8))}, "b": jnp.zeros(8)}
+  g = jax.tree.map(jnp.ones_like, params)
+  tx = eco.adamw(1e-3, mode="eco_exact")
+  state = tx.init(eco.quantize_params(params, eco.fp8_e4m3()))
+  for update in (tx.update, jax.jit(tx.update)):
+    with pytest.raises(ValueError, match=r"\['layer'\]\['kernel'\]: params are stored as "
+                                         r"int4 \(.*\) but the optimizer state was built for "
+                                         r"fp8_e4m3 \(.*\); build the state with tx.init"):
+      update(g, state, eco.quantize_params(params, eco.int4()))
+  with pytest.raises(ValueError, match=r"\['layer'\]\['kernel'\]: params are stored as not "
+                                       r"quantized but the optimizer state was built for fp8_e4m3"):
+    tx.update(g, state, params)
+  with pytest.raises(ValueError, match=r"\['layer'\]\['kernel'\]: params are stored as fp8_e4m3 "
+                                       r"\(.*scaling='tensor'.*\) but the optimizer state was "
+                                       r"built for fp8_e4m3 \(.*scaling='channel'"):
+    tx.update(g, state, eco.quantize_params(params, eco.fp8_e4m3("tensor")))
+  updates, _ = tx.update(g, state, eco.quantize_params(params, eco.fp8_e4m3()))
+  assert updates["layer"]["kernel"].dtype == jnp.uint32      # its own formats: accepted
+
+
 def test_non_finite_grads_show_in_the_stored_weights():
   """Documented: a NaN/inf gradient turns the leaf's weights into NaN (never a silent freeze)."""
   q = eco.quantize_params({"w": jnp.ones((4, 4)), "v": jnp.ones((4, 4))}, eco.fp8_e4m3())
@@ -179,6 +204,18 @@ def test_non_finite_grads_show_in_the_stored_weights():
   out = eco.dequantize_params(eco.apply_updates(q, updates))
   assert bool(jnp.all(jnp.isnan(out["w"])))
   assert bool(jnp.all(jnp.isfinite(out["v"])))
+  assert not int(updates["v"][0, 0]) & eco.tree.POISON
+
+
+def test_a_non_finite_learning_rate_poisons_every_leaf():
+  q = eco.quantize_params({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, eco.int8())
+  tx = eco.sgdm(lambda count: jnp.inf * (count + 1), 0.9)
+  updates, _ = jax.jit(tx.update)({"w": jnp.full((4, 4), 0.1), "b": jnp.full(4, 0.1)},
+                                  tx.init(q), q)
+  assert int(updates["w"][0, 0]) & eco.tree.POISON
+  out = eco.dequantize_params(eco.apply_updates(q, updates))
+  assert bool(jnp.all(jnp.isnan(out["w"])))
+  assert not bool(jnp.any(jnp.isfinite(out["b"])))    # a plain leaf, as in optax: -inf
 
 
 def test_apply_if_finite_skips_the_step_and_keeps_the_state():
@@ -208,6 +245,50 @@ def test_composes_in_optax_chain_under_jit():
   q, state, losses = _train(tx, q, loss, 50)
   assert float(losses[-1]) < float(losses[0])
   assert int(state[1].count) == 50
+
+
+def test_a_gradient_transformation_before_the_optimizer_transforms_the_gradients():
+  """chain(clip, eco.adamw) is eco.adamw on the clipped gradients, bit for bit."""
+  params, loss = _regression()
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  g = jax.tree.map(lambda x: 50.0 * x, jax.grad(loss)(eco.dequantize_params(q)))
+  assert float(optax.tree.norm(g)) > 1.0                    # clipping is active
+  chained = optax.chain(optax.clip_by_global_norm(1.0), eco.adamw(1e-2, rounding="stochastic"))
+  alone = eco.adamw(1e-2, rounding="stochastic")
+  clip = optax.clip_by_global_norm(1.0)
+  clipped = jax.jit(lambda g: clip.update(g, clip.init(g))[0])(g)
+  u1, s1 = jax.jit(chained.update)(g, chained.init(q), q)
+  u2, s2 = jax.jit(alone.update)(clipped, alone.init(q), q)
+  u3, _ = jax.jit(alone.update)(g, alone.init(q), q)
+  assert u1["w"].dtype == jnp.uint32 and u1["b"].dtype == jnp.float32
+  for a, b in zip(jax.tree.leaves((u1, s1[1].moments)), jax.tree.leaves((u2, s2.moments))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(u1["b"]), np.asarray(u3["b"]))   # clipping mattered
+  assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_transformation_after_the_optimizer_is_refused_at_trace_time():
+  """chain(eco.adamw, optax.scale) turns the codes into floats: apply_updates refuses them."""
+  params = {"layer": {"kernel": jnp.ones((8, 8))}, "b": jnp.zeros(8)}
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  g = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
+  tx = optax.chain(eco.adamw(1e-2), optax.scale(0.5))
+  state = tx.init(q)
+
+  def step(g, state, q):
+    updates, state = tx.update(g, state, q)
+    return eco.apply_updates(q, updates), state
+
+  match = (r"\['layer'\]\['kernel'\]: the update of this fp8_e4m3 leaf is float32.*"
+           r"A transformation after the eco_optax optimizer in optax.chain changed them")
+  with pytest.raises(TypeError, match=match):
+    jax.jit(step).lower(g, state, q)                # tracing alone raises: nothing ran
+  with pytest.raises(TypeError, match=match):
+    jax.jit(step)(g, state, q)
+  with pytest.raises(TypeError, match=match):
+    step(g, state, q)
+  updates, _ = tx.update(g, state, q)               # the culprit: scale made floats of codes
+  assert updates["layer"]["kernel"].dtype == jnp.float32
 
 
 def test_stochastic_rounding_depends_on_the_seed_only():
@@ -285,23 +366,55 @@ def test_exact_rule_costs_two_bytes_per_parameter():
   assert rep.bytes_per_param == pytest.approx(11.0, abs=0.01)
 
 
+def _bf16_ulp(x):
+  """The spacing of bfloat16 at ``|x|`` (8 significant bits), for normal ``x``."""
+  return 2.0 ** (np.floor(np.log2(np.maximum(np.abs(x), 1e-30))) - 7)
+
+
 def test_exact_rule_reads_its_error_in_the_scale_it_was_written_in():
-  """A sticky scale doubles mid-run; every kept error still reads back as target - Q(w')."""
+  """A sticky scale doubles mid-run; every kept error still reads back as target - Q(w').
+
+  Each error is kept in bfloat16 code units of the scale it was written with (the new
+  weights' scale). At the step where the weights' scale doubles, the error of the step
+  before, written with the old scale, is read back with the old scale: the momentum
+  shows it (read with the new scale, it would count twice).
+  """
   eta, beta = 0.5, 0.9
   fmt = eco.fp8_e4m3("tensor", scale_policy="sticky", headroom=2.0)
   q = eco.quantize_params({"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)}, fmt)
   g = {"w": jnp.full((8, 8), 0.02).at[7, 7].set(-3.0)}     # drives the largest weight up
   tx = eco.sgdm(eta, beta, mode="eco_exact")
   state, update = tx.init(q), jax.jit(tx.update)
-  scales = []
-  for _ in range(8):
+  kept_before = eco.dequantize(state.previous_error["w"])
+  np.testing.assert_array_equal(np.asarray(kept_before), 0.0)  # e_0 = 0
+  doubled = []
+  for t in range(8):
+    old_scale = float(q["w"].scale)
+    assert float(state.previous_error["w"].scale) == old_scale   # e_t: written with s_t
     w = q["w"].dequantize()
-    target = w - eta * (beta * state.moments.mu["w"] + (1 - beta) * g["w"])
+    m_tilde = beta * state.moments.mu["w"] + (1 - beta) * g["w"]
+    target = w - eta * m_tilde
     updates, state = update(g, state, q)
     q = eco.apply_updates(q, updates)
-    scales.append(float(q["w"].scale))
-    kept = eco.dequantize(state.previous_error["w"])
-    assert float(state.previous_error["w"].scale) == scales[-1]  # written in the new scale
-    np.testing.assert_allclose(np.asarray(kept), np.asarray(target - q["w"].dequantize()),
-                               rtol=2**-7, atol=1e-9)
-  assert max(scales) >= 2 * min(scales)                        # the scale did change
+    new_scale = float(q["w"].scale)
+    if new_scale == 2 * old_scale:
+      doubled.append(t)
+    assert state.previous_error["w"].values.dtype == jnp.bfloat16
+    assert float(state.previous_error["w"].scale) == new_scale   # e_{t+1}: written with s_{t+1}
+    # Read back: target - Q(w') to bfloat16 precision. It is rounded stochastically, so
+    # each element is within one bfloat16 step of it (2^-8 to 2^-7 relative), and on
+    # average within 2^-8.
+    kept = np.asarray(eco.dequantize(state.previous_error["w"]))
+    error = np.asarray(target - q["w"].dequantize())
+    assert np.max(np.abs(error)) > 0.01                       # not a trivial error
+    assert np.all(np.abs(kept - error) <= _bf16_ulp(error / new_scale) * new_scale + 1e-9)
+    assert np.mean(np.abs(kept - error) / np.abs(error)) < 2**-8
+    # The momentum paid e_t (read with s_t) and took on e_{t+1} (with s_{t+1}).
+    m = m_tilde - (1 / eta) * (kept / beta - kept_before)
+    np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(m),
+                               rtol=1e-5, atol=1e-6)
+    if doubled and doubled[-1] == t:   # e_t read with the new scale would be 2 e_t
+      wrong = m_tilde - (1 / eta) * (kept / beta - 2 * kept_before)
+      assert np.max(np.abs(np.asarray(state.moments.mu["w"]) - np.asarray(wrong))) > 1e-3
+    kept_before = kept
+  assert doubled and doubled[0] >= 1, doubled     # the scale doubled after a kept error

@@ -60,17 +60,33 @@ def _step(q, lr, rounding, seed=0, mode="eco"):
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_apply_updates_copies_the_codes_the_optimizer_computed(fmt, rounding):
-  """The new codes are the update's bits; the scale is the policy's next scale."""
+  """The new codes are the update's bits, bit for bit; the scale is the policy's next scale."""
   q = eco.quantize_params(_params(), fmt)
+  mask = (1 << fmt.bits) - 1
   for step, lr in enumerate([1.0, 1e-2, 1e-5]):          # large to vanishing steps
     updates, new = _step(q, lr, rounding, seed=step)
-    u, old, got = updates["head"], q["head"], new["head"]
-    assert u.dtype == jnp.uint32 and bool(jnp.all(u & eco.tree.VALID))
-    np.testing.assert_array_equal(np.asarray(qz.values_to_bits(got.values, fmt)),
-                                  np.asarray((u & 0xFFFF).astype(qz.bits_dtype(fmt))))
-    np.testing.assert_array_equal(np.asarray(got.effective_scale),
-                                  np.asarray(qz.next_scale(old)))
-    assert got.scale.dtype == fmt.scale_dtype
+    for path in (("head",), ("layer", "kernel")):
+      u, old, got = updates, q, new
+      for key in path:
+        u, old, got = u[key], old[key], got[key]
+      assert u.dtype == jnp.uint32 and u.shape == old.shape
+      assert bool(jnp.all(u & eco.tree.VALID))                 # every element carries a code
+      assert not bool(jnp.any(u & ~np.uint32(eco.tree.VALID | mask)))   # and nothing else
+      np.testing.assert_array_equal(np.asarray(qz.values_to_bits(got.values, fmt)),
+                                    np.asarray((u & mask).astype(qz.bits_dtype(fmt))))
+      assert got.values.dtype == fmt.dtype and got.scale.dtype == fmt.scale_dtype
+      expected_scale, expected_tensor_scale = qz._next_scales(old)
+      np.testing.assert_array_equal(np.asarray(got.scale.astype(jnp.float32)),
+                                    np.asarray(expected_scale.astype(jnp.float32)))
+      if fmt.has_tensor_scale:
+        assert float(got.tensor_scale) == float(expected_tensor_scale)
+      else:
+        assert got.tensor_scale is None
+      np.testing.assert_array_equal(np.asarray(got.effective_scale),
+                                    np.asarray(qz.next_scale(old)))
+      if step == 0:                                           # the large step moved codes
+        assert not np.array_equal(np.asarray(qz.values_to_bits(got.values, fmt)),
+                                  np.asarray(qz.values_to_bits(old.values, fmt)))
     q = new
 
 
@@ -89,13 +105,25 @@ def test_the_optimizers_rounding_is_the_quantizers(fmt):
                                 np.asarray(expected.effective_scale))
 
 
-def test_apply_updates_on_plain_leaves_is_optax():
-  q = eco.quantize_params(_params(), eco.int8())
+def test_apply_updates_on_plain_and_lossless_leaves_is_optax():
+  policy = lambda path, x: (eco.lossless() if "head" in jax.tree_util.keystr(path)
+                            else eco.int8() if x.ndim >= 2 else None)
+  q = eco.quantize_params(_params(), policy)
   updates, out = _step(q, 0.1, "nearest")
-  np.testing.assert_array_equal(
-      np.asarray(out["scale"]),
-      np.asarray(optax.apply_updates({"scale": _params()["scale"]},
-                                     {"scale": updates["scale"]})["scale"]))
+  for leaf in ("scale", "head"):                   # plain, lossless: FP32 differences
+    assert updates[leaf].dtype == jnp.float32
+  assert updates["layer"]["kernel"].dtype == jnp.uint32
+  expected = optax.apply_updates(_params(), {k: updates[k] for k in ("scale", "head")}
+                                 | {"layer": {"bias": updates["layer"]["bias"],
+                                              "kernel": jnp.zeros((32, 48))}})
+  for path in (("scale",), ("layer", "bias")):
+    a, b = out, expected
+    for key in path:
+      a, b = a[key], b[key]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert eco.is_quantized(out["head"]) and out["head"].values.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out["head"].dequantize()),
+                                np.asarray(expected["head"]))
 
 
 def test_optax_apply_updates_refuses_float8():
@@ -105,46 +133,114 @@ def test_optax_apply_updates_refuses_float8():
     optax.apply_updates(q["w"].values, jnp.ones((4, 4)))
 
 
-def test_zero_update_keeps_weights_and_scale_even_when_the_policy_would_move():
-  fmt = eco.int8("tensor", scale_policy="sticky", headroom=2.0)
-  x = jnp.linspace(-1, 1, 64).reshape(8, 8)
-  leaf = qz.quantize_with_scale(x, jnp.asarray(1 / 127), fmt)  # saturated: sticky would grow
-  assert float(qz.next_scale(leaf)) == 2 * float(leaf.scale)
-  out = eco.apply_updates({"w": leaf}, {"w": jnp.zeros((8, 8), jnp.uint32)})
-  np.testing.assert_array_equal(np.asarray(out["w"].values), np.asarray(leaf.values))
-  assert float(out["w"].scale) == float(leaf.scale)
+def _would_move(name):
+  """A leaf whose scale policy moves its scale at the next step, by format."""
+  x = jnp.linspace(-1, 1, 256).reshape(16, 16)
+  if name == "int8-sticky":             # codes saturated at 127: sticky grows the scale
+    return qz.quantize_with_scale(x, jnp.asarray(1 / 127), eco.int8(
+        "tensor", scale_policy="sticky", headroom=2.0))
+  if name == "e4m3-dynamic":            # codes up to 4 of 448: dynamic shrinks the scale
+    return qz.quantize_with_scale(x, jnp.asarray(0.25), eco.fp8_e4m3(
+        "tensor", scale_policy="dynamic"))
+  fmt = eco.fp4_e2m1("nvfp4")           # codes saturated at 6: the block scales grow
+  return qz.quantize_with_scale(x, jnp.full(fmt.scale_shape(x.shape), 1 / 6), fmt)
+
+
+@pytest.mark.parametrize("name", ["int8-sticky", "e4m3-dynamic", "nvfp4-sticky"])
+def test_zero_update_keeps_weights_and_scale_even_when_the_policy_would_move(name):
+  leaf = _would_move(name)
+  assert not np.array_equal(np.asarray(qz.next_scale(leaf)),
+                            np.asarray(leaf.effective_scale))          # the policy moves
+  for apply in (eco.apply_updates, jax.jit(eco.apply_updates)):
+    out = apply({"w": leaf}, {"w": jnp.zeros((16, 16), jnp.uint32)})["w"]
+    np.testing.assert_array_equal(np.asarray(qz.values_to_bits(out.values, leaf.fmt)),
+                                  np.asarray(qz.values_to_bits(leaf.values, leaf.fmt)))
+    np.testing.assert_array_equal(np.asarray(out.scale.astype(jnp.float32)),
+                                  np.asarray(leaf.scale.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(out.effective_scale),
+                                  np.asarray(leaf.effective_scale))
+  # The same codes marked VALID do move the scale: the zeros, not the codes, kept it.
+  valid = qz.values_to_bits(leaf.values, leaf.fmt).astype(jnp.uint32) | eco.tree.VALID
+  moved = eco.apply_updates({"w": leaf}, {"w": valid})["w"]
+  np.testing.assert_array_equal(np.asarray(moved.effective_scale),
+                                np.asarray(qz.next_scale(leaf)))
 
 
 def test_a_float_update_of_a_quantized_leaf_is_refused_at_trace_time():
   q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.fp8_e4m3())
   with pytest.raises(TypeError, match=r"\['w'\]: the update of this fp8_e4m3 leaf is "
                                       r"float32.*optax.scale"):
-    jax.jit(eco.apply_updates)(q, {"w": jnp.full((4, 4), 0.5)})
+    jax.jit(eco.apply_updates).lower(q, {"w": jnp.full((4, 4), 0.5)})   # tracing only
+  with pytest.raises(TypeError, match=r"\['w'\]: the update of this fp8_e4m3 leaf is int32"):
+    eco.apply_updates(q, {"w": jnp.zeros((4, 4), jnp.int32)})
 
 
-def test_poison_gives_the_leaf_a_nan_scale():
-  q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.int4())
+@pytest.mark.parametrize("fmt", [eco.int4(), eco.fp8_e4m3(), eco.fp4_e2m1("nvfp4")],
+                         ids=["int4-tensor", "e4m3-channel", "nvfp4"])
+def test_poison_gives_the_leaf_a_nan_scale_and_leaves_the_others(fmt):
+  q = eco.quantize_params({"w": jnp.ones((16, 16)), "v": jnp.ones((16, 16))}, fmt)
+  updates, clean = _step(q, 0.1, "nearest")
+  poisoned = dict(updates, w=updates["w"].at[0, 0].set(updates["w"][0, 0] | eco.tree.POISON))
+  out = eco.apply_updates(q, poisoned)
+  assert bool(jnp.all(jnp.isnan(out["w"].dequantize())))
+  if fmt.has_tensor_scale:                       # NVFP4: the FP32 tensor scale is NaN
+    assert bool(jnp.isnan(out["w"].tensor_scale))
+  np.testing.assert_array_equal(np.asarray(qz.values_to_bits(out["w"].values, fmt)),
+                                np.asarray(qz.values_to_bits(clean["w"].values, fmt)))
+  np.testing.assert_array_equal(np.asarray(out["v"].dequantize()),
+                                np.asarray(clean["v"].dequantize()))
+  assert bool(jnp.all(jnp.isfinite(out["v"].dequantize())))
+
+
+@pytest.mark.parametrize("policy", ["fixed", "sticky", "dynamic"])
+def test_applying_a_step_allocates_nothing_the_size_of_the_weights_in_fp32(policy):
+  n = 1024 * 1024
+  q = eco.quantize_params({"w": jax.random.normal(jax.random.key(0), (1024, 1024))},
+                          eco.fp8_e4m3(scale_policy=policy))
   updates, _ = _step(q, 0.1, "nearest")
-  poisoned = {"w": updates["w"].at[0, 0].set(updates["w"][0, 0] | eco.tree.POISON)}
-  assert bool(jnp.all(jnp.isnan(eco.apply_updates(q, poisoned)["w"].dequantize())))
-
-
-def test_applying_a_step_allocates_nothing_the_size_of_the_weights_in_fp32():
-  q = eco.quantize_params({"w": jnp.ones((1024, 1024))}, eco.fp8_e4m3())
-  updates, _ = _step(q, 0.1, "nearest")
-  compiled = jax.jit(eco.apply_updates, donate_argnums=0).lower(q, updates).compile()
-  temp = compiled.memory_analysis().temp_size_in_bytes
-  # An FP32 copy of the weights would be 4 MiB. What is there (2 MiB): the codes with
-  # their sign bit cleared, reduced by the sticky policy, and the conditional's codes.
-  assert temp <= 2 * 1024 * 1024 + 4096, temp
+  memory = jax.jit(eco.apply_updates, donate_argnums=0).lower(
+      q, updates).compile().memory_analysis()
+  assert memory.alias_size_in_bytes >= n          # the new codes go into the donated buffer
+  if policy == "fixed":
+    # Nothing is read but the update: no temporary the size of the weights at all.
+    assert memory.temp_size_in_bytes < n, memory.temp_size_in_bytes
+  else:
+    # An FP32 copy of the weights would be 4 MiB. What XLA:CPU allocates (2 MiB, 1 byte
+    # per code twice): the codes with their sign bit cleared, the input of the policy's
+    # reduction, and a copy of the old codes around the conditional.
+    assert memory.temp_size_in_bytes <= 2 * n + 4096, memory.temp_size_in_bytes
 
 
 def test_apply_updates_jits():
   q = eco.quantize_params(_params(), eco.fp8_e4m3())
   updates, b = _step(q, 0.1, "stochastic")
   a = jax.jit(eco.apply_updates)(q, updates)
+  assert jax.tree.structure(a, is_leaf=eco.is_quantized) == jax.tree.structure(
+      q, is_leaf=eco.is_quantized)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("has_aux", [False, True])
+def test_grad_is_the_gradient_at_the_dequantized_weights(has_aux):
+  q = eco.quantize_params(_params(), eco.int4())
+  x = jax.random.normal(jax.random.key(3), (4, 32))
+
+  def loss(p, x):
+    y = jnp.tanh(x @ p["layer"]["kernel"] + p["layer"]["bias"]) * p["scale"]
+    value = jnp.sum((y @ p["head"]) ** 2)
+    return (value, {"y": y}) if has_aux else value
+
+  (value, grads) = eco.value_and_grad(loss, has_aux=has_aux)(q, x)
+  expected_value, expected = jax.value_and_grad(loss, has_aux=has_aux)(
+      eco.dequantize_params(q), x)
+  assert jax.tree.structure(grads) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves((value, grads)), jax.tree.leaves((expected_value, expected))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  only = eco.grad(loss, has_aux=has_aux)(q, x)
+  for a, b in zip(jax.tree.leaves(only), jax.tree.leaves((grads, value[1]) if has_aux else grads)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---- bad input: each a clear error naming the leaf ----
