@@ -21,8 +21,9 @@ Formats (``spec`` as accepted by :func:`as_format`):
   mantissa bits but only 5 exponent bits: second moments of gradients below about
   ``1e-2`` fall into its subnormals, so prefer bfloat16 for ``nu``.
 * :func:`blockwise_8bit` (about 1.016 bytes): the block-wise 8-bit quantization of
-  bitsandbytes' 8-bit optimizers (Dettmers et al., arXiv 2110.02861). The moment is
-  flattened, zero-padded and cut into blocks of ``B = 256`` elements; each block
+  bitsandbytes' 8-bit optimizers (Dettmers et al., arXiv 2110.02861). The moment's
+  last axis is cut into blocks of ``B = 256`` elements (or fewer: one block per row
+  when the axis is shorter; the last block of a row may be shorter); each block
   stores ``a = max|x|`` in FP32 (recomputed from the block at every encoding) and
   one ``uint8`` code per element, the index of ``x / a`` in the 256-entry
   *dynamic* map of :func:`dynamic_map`, signed for the first moment, unsigned (all
@@ -30,6 +31,11 @@ Formats (``spec`` as accepted by :func:`as_format`):
 
       encode:  a_b = max_{i in b} |x_i|,   c_i = R_map(x_i / a_b)
       decode:  x_i ~ map[c_i] * a_b
+
+  The codes have the moment's shape and the absmax ``shape[:-1] + (blocks,)``, so
+  both shard like the parameter along every axis but the last (and along the last
+  too where each shard holds whole blocks): a jitted step keeps the shardings it
+  was given.
 
   ``R_map`` picks the nearest entry, or one of the two neighbours ``lo <= y <= hi``
   with ``P(hi) = (y - lo) / (hi - lo)`` (stochastic, ``E = y``). The one exception
@@ -50,7 +56,7 @@ Example:
   >>> x = jnp.linspace(-1.0, 2.0, 512)
   >>> stored = fmt.encode(x)
   >>> stored.codes.shape, stored.codes.dtype, stored.absmax.tolist()   # 2 blocks of 256
-  ((2, 256), dtype('uint8'), [1.0, 2.0])
+  ((512,), dtype('uint8'), [1.0, 2.0])
   >>> error = jnp.abs(fmt.decode(stored) - x)       # half the map's widest gap, 0.0070
   >>> bool(jnp.all(error[:256] <= 0.0071 * 1.0)), bool(jnp.all(error[256:] <= 0.0071 * 2.0))
   (True, True)
@@ -177,10 +183,10 @@ class BlockCodes:
   """A tensor of ``shape`` stored by :class:`Blockwise8bit`.
 
   Attributes:
-    codes: ``uint8`` of shape ``(num_blocks, block_size)``: indices into the map;
-      the padding after the last element holds the code of 0.
-    absmax: FP32 ``(num_blocks,)``: each block's ``max|x|`` (NaN: the block held a
-      non-finite value).
+    codes: ``uint8`` of the tensor's shape (``(1,)`` for a scalar): indices into
+      the map.
+    absmax: FP32 ``codes.shape[:-1] + (blocks,)``: the ``max|x|`` of each block of
+      the last axis (NaN: the block held a non-finite value).
     shape: the tensor's shape (static pytree metadata).
   """
   codes: jax.Array
@@ -216,16 +222,23 @@ class Blockwise8bit:
                        "or resolve it with eco_optax.moments.as_format(spec, nonnegative=...)")
     return _MAPS[self.signed]
 
+  def _blocks(self, n: int) -> tuple[int, int]:
+    """``(block length, number of blocks)`` of a last axis of ``n`` elements."""
+    size = min(self.block_size, n)
+    return size, -(-n // size)
+
   def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> BlockCodes:
     """Block absmax and map codes of ``x`` (any shape, scalars included)."""
     _check_key(self.rounding, key)
     table = self.table
     x = jnp.asarray(x, jnp.float32)
-    flat = x.reshape(-1)
-    pad = -flat.size % self.block_size
-    blocks = jnp.pad(flat, (0, pad)).reshape(-1, self.block_size)
-    finite = jnp.all(jnp.isfinite(blocks), axis=1, keepdims=True)
-    absmax = jnp.where(finite, jnp.max(jnp.abs(blocks), axis=1, keepdims=True), jnp.nan)
+    rows = x.reshape(x.shape or (1,))
+    n = rows.shape[-1]
+    size, count = self._blocks(n)
+    padding = [(0, 0)] * (rows.ndim - 1) + [(0, size * count - n)]
+    blocks = jnp.pad(rows, padding).reshape(rows.shape[:-1] + (count, size))
+    finite = jnp.all(jnp.isfinite(blocks), axis=-1, keepdims=True)
+    absmax = jnp.where(finite, jnp.max(jnp.abs(blocks), axis=-1, keepdims=True), jnp.nan)
     inverse = jnp.where(absmax > 0, 1.0 / absmax, 0.0)    # 0 for all-zero and NaN blocks
     y = jnp.where(finite, blocks, 0.0) * inverse
     if self.rounding == "nearest":    # the entry whose midpoint interval holds y
@@ -236,13 +249,15 @@ class Blockwise8bit:
       inverse_gap = jnp.asarray(1.0 / np.diff(table))[i - 1]
       up = qz.stochastic_uniform(key, y.shape) < (y - jnp.asarray(table)[i - 1]) * inverse_gap
       codes = i - 1 + up
-    return BlockCodes(codes.astype(jnp.uint8), absmax[:, 0], tuple(x.shape))
+    codes = codes.astype(jnp.uint8).reshape(rows.shape[:-1] + (-1,))[..., :n]
+    return BlockCodes(codes, absmax[..., 0], tuple(x.shape))
 
   def decode(self, stored: BlockCodes) -> jax.Array:
     """``map[c] * absmax``, in the stored shape."""
-    blocks = jnp.asarray(self.table)[stored.codes] * stored.absmax[:, None]
-    size = int(np.prod(stored.shape, dtype=np.int64))
-    return blocks.reshape(-1)[:size].reshape(stored.shape)
+    n = stored.codes.shape[-1]
+    size, _ = self._blocks(n)
+    absmax = jnp.repeat(stored.absmax, size, axis=-1)[..., :n]
+    return (jnp.asarray(self.table)[stored.codes] * absmax).reshape(stored.shape)
 
 
 MomentFormat = Union[FloatStorage, Blockwise8bit]

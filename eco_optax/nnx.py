@@ -58,7 +58,7 @@ def quantize_model(model: nnx.Module, fmt_or_policy: qtree.FormatOrPolicy,
     model: an NNX module with float parameters.
     fmt_or_policy: a format (quantizes leaves with ``ndim >= 2``) or a policy
       ``(path, leaf) -> QuantFormat | None``, as :func:`eco_optax.quantize_params`;
-      paths are those of ``nnx.state(model, wrt).to_pure_dict()``, e.g.
+      paths are those of ``nnx.to_pure_dict(nnx.state(model, wrt))``, e.g.
       ``('layers', 0, 'kernel')``.
     wrt: NNX filter of the variables to consider (default ``nnx.Param``).
 
@@ -71,7 +71,7 @@ def quantize_model(model: nnx.Module, fmt_or_policy: qtree.FormatOrPolicy,
     >>> model.kernel.get_value().values.dtype, model.bias.get_value().dtype
     (dtype(int4), dtype('float32'))
   """
-  pure = nnx.state(model, wrt).to_pure_dict()
+  pure = nnx.to_pure_dict(nnx.state(model, wrt))
   nnx.update(model, qtree.quantize_params(pure, fmt_or_policy))
 
 
@@ -160,7 +160,7 @@ class Optimizer(nnx.Optimizer):
     self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
     self.tx = tx
     self.opt_state = nnx.data(nnx.training.optimizer.to_opt_state(
-        tx.init(nnx.state(model, wrt).to_pure_dict())))
+        tx.init(nnx.to_pure_dict(nnx.state(model, wrt)))))
     self.wrt = wrt
 
   def update(self, model: nnx.Module, grads: nnx.State, /, **kwargs) -> optax.Updates:
@@ -169,8 +169,8 @@ class Optimizer(nnx.Optimizer):
     Returns:
       The updates (dequantized structure) that were applied.
     """
-    params = nnx.state(model, self.wrt).to_pure_dict()
-    grads = nnx.state(grads, self.wrt).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, self.wrt))
+    grads = nnx.to_pure_dict(nnx.state(grads, self.wrt))
     updates, opt_state = self.tx.update(grads, nnx.as_pure(self.opt_state),
                                         params, **nnx.as_pure(kwargs))
     nnx.update(model, qtree.apply_updates(params, updates))

@@ -360,6 +360,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     return leaves, treedef, out
 
   def init(params):
+    qtree.check_pure(params)
     leaves, treedef, lrules = leaf_rules(params)
     key = jax.random.key(seed)
     moments = {}

@@ -9,6 +9,7 @@ structure of the *dequantized* tree: one plain array per parameter.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -115,6 +116,27 @@ def dequantize_params(params: Any, dtype=jnp.float32) -> Any:
   return jax.tree.map(
       lambda x: qz.dequantize(x, dtype) if is_quantized(x) else x,
       params, is_leaf=is_quantized)
+
+
+def check_pure(params: Any) -> None:
+  """Refuses quantized leaves wrapped in ``flax.nnx`` Variables (``TypeError``).
+
+  ``flax.nnx.Optimizer`` builds its state from the model's Variables and applies
+  updates with ``optax.apply_updates``, which cannot store quantized weights; the
+  drop-in :class:`eco_optax.nnx.Optimizer` passes plain arrays. Raised from
+  ``tx.init``, so the mistake shows where the optimizer is built.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:   # no Variable can exist before flax.nnx is imported
+    return
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]:
+    if is_variable(leaf) and is_quantized(leaf.get_value()):
+      raise TypeError(
+          f"{path_str(path)}: this quantized weight is a flax.nnx Variable; "
+          "flax.nnx.Optimizer applies updates with optax.apply_updates, which cannot "
+          "store quantized weights. Use eco_optax.nnx.Optimizer(model, tx, wrt=nnx.Param) "
+          "(same interface).")
 
 
 def check_updates_match(params: Any, updates: Any, what: str = "updates") -> None:

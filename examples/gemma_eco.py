@@ -242,7 +242,7 @@ def main() -> None:
   print(f"{args.mode}: train loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}, "
         f"valid loss {valid:.3f} nats/byte, {time.time() - start:.0f} s")
   print(f"MLP kernel stored as {kernel.values.dtype} with scales {kernel.scale.shape}")
-  print(eco.memory_report(nnx.state(model, nnx.Param).to_pure_dict(),
+  print(eco.memory_report(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                           nnx.as_pure(optimizer.opt_state)))
 
 

@@ -230,3 +230,54 @@ def test_state_keeps_its_shapes_and_dtypes_under_lax_cond():
   assert jax.tree.structure(new) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
     assert (a.shape, a.dtype) == (b.shape, b.dtype)
+
+
+@pytest.mark.parametrize("spec", [eco.moments.blockwise_8bit(), jnp.bfloat16, None],
+                         ids=["8bit", "bf16", "fp32"])
+def test_every_state_leaf_keeps_its_sharding_through_a_jitted_step(spec):
+  # A 2-D mesh, weights split over both axes, no out_shardings: what the user placed stays.
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  P = jax.sharding.PartitionSpec
+  params = {"w": jax.random.normal(jax.random.key(0), (64, 512)) * 0.1, "b": jnp.zeros(512)}
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  tx = eco.adamw(1e-2, rounding="stochastic", mu_dtype=spec, nu_dtype=spec)
+  state = tx.init(q)
+
+  def place(x):   # rows over "data" as the weight's; the last axis over "model" if it splits
+    last = ["model" if x.ndim and x.shape[-1] % 2 == 0 else None]
+    rows = ["data" if x.shape[0] == 64 else None] if x.ndim == 2 else []
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, P(*rows, *last[:x.ndim])))
+
+  q, state = jax.tree.map(place, (q, state))
+
+  @jax.jit
+  def step(q, state, g):
+    updates, state = tx.update(g, state, q)
+    return eco.apply_updates(q, updates), state
+
+  grads = jax.tree.map(place, _grads(params, 0))
+  new = step(*step(q, state, grads), grads)
+  old_leaves = jax.tree_util.tree_flatten_with_path((q, state))[0]
+  for (path, old), fresh in zip(old_leaves, jax.tree.leaves(new)):
+    assert fresh.sharding.is_equivalent_to(old.sharding, old.ndim), (
+        jax.tree_util.keystr(path), old.sharding, fresh.sharding)
+  mu = new[1].moments.mu["w"]
+  assert getattr(mu, "codes", mu).sharding.spec == P("data", "model")
+  assert step._cache_size() == 1
+
+
+def test_plain_nnx_optimizer_is_refused_where_it_is_built_and_names_the_drop_in():
+  from flax import nnx
+  from eco_optax import nnx as eco_nnx
+  model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+  eco_nnx.quantize_model(model, eco.fp8_e4m3())
+  with pytest.raises(TypeError, match=r"\['kernel'\]: this quantized weight is a flax.nnx "
+                                      r"Variable.*eco_optax.nnx.Optimizer\(model, tx"):
+    nnx.Optimizer(model, eco.adamw(1e-2), wrt=nnx.Param)
+  optimizer = eco_nnx.Optimizer(model, eco.adamw(1e-2), wrt=nnx.Param)   # the drop-in
+  grads = eco_nnx.grad(lambda m: jnp.mean(m(jnp.ones((2, 8))) ** 2))(model)
+  before = _bits(model.kernel.get_value())
+  optimizer.update(model, grads)
+  assert model.kernel.get_value().values.dtype == jnp.float8_e4m3fn
+  assert np.any(_bits(model.kernel.get_value()) != before)
+  assert int(optimizer.step[...]) == 1

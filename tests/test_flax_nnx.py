@@ -48,7 +48,7 @@ def test_quantize_model_stores_only_codes_and_scales():
   kernel = model.up.kernel.get_value()
   assert eco.is_quantized(kernel) and kernel.values.dtype == jnp.float8_e4m3fn
   assert model.up.bias.get_value().dtype == jnp.float32
-  dense = nnx.state(eco_nnx.dequantized(model), nnx.Param).to_pure_dict()
+  dense = nnx.to_pure_dict(nnx.state(eco_nnx.dequantized(model), nnx.Param))
   np.testing.assert_array_equal(dense["up"]["kernel"], kernel.dequantize())
 
 
@@ -56,8 +56,8 @@ def test_nnx_optimizer_matches_functional_eco_bit_for_bit():
   """NNX path == quantize_params + tx.update + apply_updates on the split dict."""
   model = MLP(nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  q = eco.quantize_params(params.to_pure_dict(), eco.fp8_e4m3())
-  rest = rest.to_pure_dict()
+  q = eco.quantize_params(nnx.to_pure_dict(params), eco.fp8_e4m3())
+  rest = nnx.to_pure_dict(rest)
   tx = make_tx()
   state = tx.init(q)
 
@@ -65,7 +65,7 @@ def test_nnx_optimizer_matches_functional_eco_bit_for_bit():
   def functional_step(q, state, rest):
     def loss_fn(p, rest):
       m = nnx.merge(graphdef, p, rest)
-      return mse(m), nnx.state(m, nnx.Not(nnx.Param)).to_pure_dict()
+      return mse(m), nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
     grads, rest = jax.grad(loss_fn, has_aux=True)(eco.dequantize_params(q), rest)
     updates, state = tx.update(grads, state, q)
     return eco.apply_updates(q, updates), state, rest
@@ -77,7 +77,7 @@ def test_nnx_optimizer_matches_functional_eco_bit_for_bit():
     q, state, rest = functional_step(q, state, rest)
     losses.append(float(nnx_step(model, optimizer)))
 
-  got = nnx.state(model, nnx.Param).to_pure_dict()
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(q)):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -36,11 +36,6 @@ def _half_widest_gap(table):
   return float(np.max(np.diff(table))) / 2
 
 
-def _blocks_of(absmax, size, block_size=256):
-  """The absmax of each element's block, in flat element order."""
-  return np.repeat(np.asarray(absmax), block_size)[:size]
-
-
 # The map ------------------------------------------------------------------
 
 
@@ -73,21 +68,23 @@ def test_dynamic_map_properties(signed):
 
 @pytest.mark.parametrize("fmt,nonnegative", [(SIGNED, False), (UNSIGNED, True)])
 def test_blockwise_nearest_is_the_nearest_map_entry(fmt, nonnegative):
-  x = _spread((3, 200), nonnegative=nonnegative)       # 600: two full blocks and a padded one
+  x = _spread((3, 600), nonnegative=nonnegative)   # per row: two blocks of 256 and one of 88
   stored = fmt.encode(x)
-  assert stored.codes.shape == (3, 256) and stored.codes.dtype == np.uint8
-  assert stored.absmax.shape == (3,) and stored.shape == (3, 200)
-  flat = np.asarray(x).reshape(-1)
-  absmax = _blocks_of(stored.absmax, flat.size)
-  np.testing.assert_array_equal(stored.absmax, [np.abs(flat[i:i + 256]).max()
-                                                for i in range(0, 600, 256)])
+  assert stored.codes.shape == (3, 600) and stored.codes.dtype == np.uint8
+  assert stored.absmax.shape == (3, 3) and stored.shape == (3, 600)
+  rows = np.asarray(x)
+  np.testing.assert_array_equal(stored.absmax, [[np.abs(row[i:i + 256]).max()
+                                                 for i in range(0, 600, 256)] for row in rows])
+  absmax = np.repeat(np.asarray(stored.absmax), 256, axis=1)[:, :600]
   table = fmt.table
-  brute = np.argmin(np.abs(table[None, :] * absmax[:, None] - flat[:, None]), axis=1)
-  codes = np.asarray(stored.codes).reshape(-1)
-  np.testing.assert_array_equal(codes[:600], brute)
-  assert np.all(codes[600:] == np.searchsorted(table, 0.0))   # padding holds 0
-  error = np.abs(np.asarray(fmt.decode(stored)).reshape(-1) - flat)
+  brute = np.argmin(np.abs(table[None, None, :] * absmax[..., None] - rows[..., None]), axis=-1)
+  np.testing.assert_array_equal(np.asarray(stored.codes), brute)
+  error = np.abs(np.asarray(fmt.decode(stored)) - rows)
   assert np.all(error <= _half_widest_gap(table) * absmax * (1 + 1e-5))
+  # A last axis shorter than a block is one block per row.
+  short = fmt.encode(x[:, :100])
+  assert short.codes.shape == (3, 100) and short.absmax.shape == (3, 1)
+  np.testing.assert_array_equal(short.absmax[:, 0], np.abs(rows[:, :100]).max(axis=1))
   # Half a gap is about 0.7% (signed) / 0.35% (unsigned) of the block's absmax.
   assert _half_widest_gap(table) == pytest.approx(0.9 / 64 / 2 if fmt.signed else 0.9 / 128 / 2,
                                                   rel=1e-5)

@@ -132,7 +132,7 @@ def init(cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, Params]:
     ``(graphdef, params)`` with ``params`` a nested dict of float32 arrays.
   """
   graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
-  return graphdef, state.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state)
 
 
 def make_loss_fn(graphdef: nnx.GraphDef) -> Callable[[Params, jax.Array], jax.Array]:
