@@ -197,7 +197,8 @@ def test_state_for_other_formats_is_refused_with_both_formats():
 
 @pytest.mark.parametrize("make", [
     lambda: eco.adamw(0.05), lambda: eco.sgdm(0.05), lambda: eco.lion(0.01),
-    lambda: eco.adam(0.05, rounding="stochastic")], ids=["adamw", "sgdm", "lion", "adam-sr"])
+    lambda: eco.adam(0.05, rounding="stochastic"), lambda: eco.muon(0.05)],
+    ids=["adamw", "sgdm", "lion", "adam-sr", "muon"])
 def test_parabola_and_rosenbrock(make):
   # optax's alias tests: minimise a parabola and Rosenbrock's function from fixed starts.
   for target, start, steps, tol in [
