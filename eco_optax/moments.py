@@ -22,8 +22,9 @@ Formats (``spec`` as accepted by :func:`as_format`):
   ``1e-2`` fall into its subnormals, so prefer bfloat16 for ``nu``.
 * :func:`blockwise_8bit` (about 1.016 bytes): the block-wise 8-bit quantization of
   bitsandbytes' 8-bit optimizers (Dettmers et al., arXiv 2110.02861). The moment's
-  last axis is cut into blocks of ``B = 256`` elements (or fewer: one block per row
-  when the axis is shorter; the last block of a row may be shorter); each block
+  last axis is cut into blocks of ``B = 256`` elements (the last block of a row may
+  be shorter); where that axis has ``n < B`` elements, a block takes ``B // n`` whole
+  rows instead, so a block holds ``B`` elements or fewer either way. Each block
   stores ``a = max|x|`` in FP32 (recomputed from the block at every encoding) and
   one ``uint8`` code per element, the index of ``x / a`` in the 256-entry
   *dynamic* map of :func:`dynamic_map`, signed for the first moment, unsigned (all
@@ -32,10 +33,9 @@ Formats (``spec`` as accepted by :func:`as_format`):
       encode:  a_b = max_{i in b} |x_i|,   c_i = R_map(x_i / a_b)
       decode:  x_i ~ map[c_i] * a_b
 
-  The codes have the moment's shape and the absmax ``shape[:-1] + (blocks,)``, so
-  both shard like the parameter along every axis but the last (and along the last
-  too where each shard holds whole blocks): a jitted step keeps the shardings it
-  was given.
+  The codes have the moment's shape and the absmax ``shape[:-2] + (row blocks,
+  column blocks)``, so both shard like the parameter (the absmax wherever a shard
+  holds whole blocks): a jitted step keeps the shardings it was given.
 
   ``R_map`` picks the nearest entry, or one of the two neighbours ``lo <= y <= hi``
   with ``P(hi) = (y - lo) / (hi - lo)`` (stochastic, ``E = y``). The one exception
@@ -183,10 +183,10 @@ class BlockCodes:
   """A tensor of ``shape`` stored by :class:`Blockwise8bit`.
 
   Attributes:
-    codes: ``uint8`` of the tensor's shape (``(1,)`` for a scalar): indices into
-      the map.
-    absmax: FP32 ``codes.shape[:-1] + (blocks,)``: the ``max|x|`` of each block of
-      the last axis (NaN: the block held a non-finite value).
+    codes: ``uint8`` of the tensor's shape: indices into the map.
+    absmax: FP32, the ``max|x|`` of each block (NaN: the block held a non-finite
+      value): ``shape[:-2] + (row blocks, column blocks)``, ``(blocks,)`` for a
+      vector or a scalar.
     shape: the tensor's shape (static pytree metadata).
   """
   codes: jax.Array
@@ -222,23 +222,30 @@ class Blockwise8bit:
                        "or resolve it with eco_optax.moments.as_format(spec, nonnegative=...)")
     return _MAPS[self.signed]
 
-  def _blocks(self, n: int) -> tuple[int, int]:
-    """``(block length, number of blocks)`` of a last axis of ``n`` elements."""
-    size = min(self.block_size, n)
-    return size, -(-n // size)
+  def _layout(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
+    """``(shape as rows x columns, rows per block, columns per block)``.
+
+    Blocks run along the last axis; where it is shorter than ``block_size`` (and
+    the tensor has rows) a block takes ``block_size // n`` whole rows instead.
+    """
+    matrix = (1,) * (2 - len(shape)) + tuple(shape)
+    n = matrix[-1]
+    if n >= self.block_size or len(shape) < 2:
+      return matrix, 1, min(self.block_size, n)
+    return matrix, self.block_size // n, n
 
   def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> BlockCodes:
     """Block absmax and map codes of ``x`` (any shape, scalars included)."""
     _check_key(self.rounding, key)
     table = self.table
     x = jnp.asarray(x, jnp.float32)
-    rows = x.reshape(x.shape or (1,))
-    n = rows.shape[-1]
-    size, count = self._blocks(n)
-    padding = [(0, 0)] * (rows.ndim - 1) + [(0, size * count - n)]
-    blocks = jnp.pad(rows, padding).reshape(rows.shape[:-1] + (count, size))
-    finite = jnp.all(jnp.isfinite(blocks), axis=-1, keepdims=True)
-    absmax = jnp.where(finite, jnp.max(jnp.abs(blocks), axis=-1, keepdims=True), jnp.nan)
+    matrix, k, size = self._layout(x.shape)
+    *lead, r, n = matrix
+    rb, nb = -(-r // k), -(-n // size)
+    padding = [(0, 0)] * len(lead) + [(0, rb * k - r), (0, nb * size - n)]
+    blocks = jnp.pad(x.reshape(matrix), padding).reshape(*lead, rb, k, nb, size)
+    finite = jnp.all(jnp.isfinite(blocks), axis=(-3, -1), keepdims=True)
+    absmax = jnp.where(finite, jnp.max(jnp.abs(blocks), axis=(-3, -1), keepdims=True), jnp.nan)
     inverse = jnp.where(absmax > 0, 1.0 / absmax, 0.0)    # 0 for all-zero and NaN blocks
     y = jnp.where(finite, blocks, 0.0) * inverse
     if self.rounding == "nearest":    # the entry whose midpoint interval holds y
@@ -249,15 +256,18 @@ class Blockwise8bit:
       inverse_gap = jnp.asarray(1.0 / np.diff(table))[i - 1]
       up = qz.stochastic_uniform(key, y.shape) < (y - jnp.asarray(table)[i - 1]) * inverse_gap
       codes = i - 1 + up
-    codes = codes.astype(jnp.uint8).reshape(rows.shape[:-1] + (-1,))[..., :n]
-    return BlockCodes(codes, absmax[..., 0], tuple(x.shape))
+    codes = codes.astype(jnp.uint8).reshape(*lead, rb * k, nb * size)[..., :r, :n]
+    absmax = absmax.reshape((*lead, rb, nb) if x.ndim >= 2 else (nb,))
+    return BlockCodes(codes.reshape(x.shape), absmax, tuple(x.shape))
 
   def decode(self, stored: BlockCodes) -> jax.Array:
     """``map[c] * absmax``, in the stored shape."""
-    n = stored.codes.shape[-1]
-    size, _ = self._blocks(n)
-    absmax = jnp.repeat(stored.absmax, size, axis=-1)[..., :n]
-    return (jnp.asarray(self.table)[stored.codes] * absmax).reshape(stored.shape)
+    matrix, k, size = self._layout(stored.shape)
+    *lead, r, n = matrix
+    absmax = stored.absmax.reshape(*lead, -(-r // k), -(-n // size))
+    absmax = jnp.repeat(jnp.repeat(absmax, k, axis=-2), size, axis=-1)[..., :r, :n]
+    values = jnp.asarray(self.table)[stored.codes.reshape(matrix)] * absmax
+    return values.reshape(stored.shape)
 
 
 MomentFormat = Union[FloatStorage, Blockwise8bit]

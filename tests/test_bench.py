@@ -62,9 +62,11 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
   qbytes = {n: results[n]["quantized_bytes_per_param"] for n in names}
   assert qbytes["fp32"] is None
   assert 9.0 < qbytes["fp8-eco-sr"] < 9.2 and qbytes["fp8-mw"] - qbytes["fp8-eco-sr"] == pytest.approx(4)
-  # 8 B of FP32 moments become 4 B of bfloat16, or 2 B of codes + two FP32 absmax per 256.
+  # 8 B of FP32 moments become 4 B of bfloat16, or 2 B of codes + two FP32 absmax per
+  # block (this model's blocks hold 192 to 256 elements: a row of 192, or 256).
   assert qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-bf16-moments"] == pytest.approx(4)
-  assert qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-8bit-moments"] == pytest.approx(8 - 2 - 8 / 256)
+  saved = qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-8bit-moments"]
+  assert 8 - 2 - 8 / 192 <= saved <= 8 - 2 - 8 / 256
   assert {c["verdict"] for c in report["checks"]} <= {"PASS", "MISS"}
   assert len(report["checks"]) == 12
   assert (tmp_path / "curves.png").stat().st_size > 10_000
