@@ -9,6 +9,7 @@ import pytest
 import eco_optax as eco
 from eco_optax.bench import __main__ as bench
 from eco_optax.bench import data as bdata
+from eco_optax.bench import memory as bmemory
 from eco_optax.bench import model as bmodel
 from eco_optax.bench import step as bstep
 
@@ -129,3 +130,18 @@ def test_step_benchmark_small_size():
   assert timings[0].ratio == 1.0
   assert all(t.seconds > 0 and t.bandwidth > 0 and t.num_params > 16_000 for t in timings)
   assert bstep.parse_size("50M") == 50_000_000 and bstep.parse_size("250k") == 250_000
+
+
+def test_memory_benchmark_reads_peaks_from_the_compiled_step():
+  problem = bmemory.mlp_problem(sizes=(64, 256, 64), batch=4)
+  rows = {r.method: r for r in bmemory.measure("mlp", problem)}
+  adamw = rows["optax.adamw (fp32)"]
+  assert adamw.static == pytest.approx(12.0, abs=0.01) and adamw.step_temp < 0.01
+  # FP8 kernels, FP32 biases (320 of 33k parameters at 12 or 8 B) and the row scales.
+  assert 9.0 < rows["ECO fp8, fp32 moments"].static < 9.1
+  assert 5.0 < rows["ECO fp8, bf16 moments"].static < 5.1
+  for r in rows.values():                       # the arguments alone are the state
+    assert r.peak >= r.static
+  # XLA:CPU keeps every gradient alive when each leaf's update is a loop or a conditional.
+  probe = bmemory.control_flow_probe(problem)
+  assert probe["arithmetic"] < probe["fori_loop"] and probe["arithmetic"] < probe["cond"]
