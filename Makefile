@@ -1,6 +1,6 @@
 # Two commands for a fresh machine with only Python and pip:
 #   make test   creates .venv, installs eco_optax with its test extras, runs the suite
-#   make demo   creates .venv, installs, runs the benchmark (python -m eco_optax.bench)
+#   make demo   creates .venv, installs, runs the benchmark (python -m benchmarks)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,10 +19,10 @@ test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q
 
 demo: install
-	$(BIN)/python -m eco_optax.bench $(DEMO_ARGS)
+	$(BIN)/python -m benchmarks $(DEMO_ARGS)
 
 step: install
-	$(BIN)/python -m eco_optax.bench.step
+	$(BIN)/python -m benchmarks.step
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

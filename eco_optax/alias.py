@@ -150,7 +150,7 @@ def muon(learning_rate: optax.ScalarOrSchedule,
   Measured: neither rule makes ECO beat naive rounding for Muon. Muon's step has a
   fixed size, so a debt held in the momentum can turn the step but not lengthen it:
   entries smaller than half a grid step vanish either way. ``python -m
-  eco_optax.bench --quick --optimizer muon``: FP8 val loss naive RTN 3.970, ECO RTN
+  benchmarks --quick --optimizer muon``: FP8 val loss naive RTN 3.970, ECO RTN
   3.993, naive SR 3.418, ECO SR 3.442 (master weights 3.413); INT4 naive RTN = ECO
   RTN 4.171, naive SR 3.468, ECO SR 3.553 (MW 3.463). Tuned (``consistent_rms=0.2``,
   peak lr 0.012, default benchmark config; README "Muon vs AdamW"), vs FP32 Muon 1.5776:

@@ -17,13 +17,13 @@ the blocks are stored in FP8 E4M3 with row-wise scales; the embedding and the
 norm gains stay FP32. Training uses :mod:`eco_optax.nnx`: the model's kernels
 *are* the FP8 codes, the loss sees the dequantized model, and the optimizer
 re-stores the codes. Data: bytes of the Python standard library
-(:mod:`eco_optax.bench.data`).
+(:mod:`benchmarks.data`).
 
 Run::
 
-    python examples/gemma_eco.py                 # ~1M parameters, 300 steps: minutes on CPU
-    python examples/gemma_eco.py --mode master_weights   # the FP32-master baseline
-    python examples/gemma_eco.py --quick         # a few seconds (used by the tests)
+    python -m examples.gemma_eco                 # ~1M parameters, 300 steps: minutes on CPU
+    python -m examples.gemma_eco --mode master_weights   # the FP32-master baseline
+    python -m examples.gemma_eco --quick         # a few seconds (used by the tests)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from flax import nnx
 
 import eco_optax as eco
 from eco_optax import nnx as eco_nnx
-from eco_optax.bench import data
+from benchmarks import data
 
 
 @dataclasses.dataclass(frozen=True)

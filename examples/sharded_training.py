@@ -10,7 +10,7 @@ whole tensor (XLA inserts the cross-device ``max``).
 
 Run on 8 simulated CPU devices::
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/sharded_training.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m examples.sharded_training
 """
 
 from __future__ import annotations
@@ -166,6 +166,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=100)
   args = parser.parse_args()
+  if jax.device_count() == 1:
+    print("one device found: nothing is sharded. On CPU, simulate 8 with "
+          "XLA_FLAGS=--xla_force_host_platform_device_count=8")
   mesh = make_mesh()
   print(f"mesh: {dict(mesh.shape)} over {jax.devices()[0].platform} devices")
   q, state, losses = train(eco.fp8_e4m3(), "stochastic", args.steps, mesh)

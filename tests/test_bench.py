@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import eco_optax as eco
-from eco_optax.bench import __main__ as bench
-from eco_optax.bench import data as bdata
-from eco_optax.bench import memory as bmemory
-from eco_optax.bench import model as bmodel
-from eco_optax.bench import step as bstep
+from benchmarks import __main__ as bench
+from benchmarks import data as bdata
+from benchmarks import memory as bmemory
+from benchmarks import model as bmodel
+from benchmarks import step as bstep
 
 
 def test_stdlib_corpus_split_and_batches_are_deterministic():

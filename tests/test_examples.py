@@ -1,13 +1,11 @@
 """The example scripts run end to end (quick configurations)."""
 
-import pathlib
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-import gemma_eco  # noqa: E402
+from examples import gemma_eco
 
 
 def test_gemma_eco_quick(monkeypatch, capsys):

@@ -2,15 +2,10 @@
 
 Grid, rounding (RTN half to even, unbiased SR), saturation, zero blocks, scale
 storage and policies, jit, ECO and the baselines end to end, and sharding over 8
-devices (run as a script, this file executes the sharding check: the
-subprocess half of :func:`test_sharded_fp4_training_equals_one_device`).
+devices.
 """
 
 import dataclasses
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -318,8 +313,7 @@ DEVICES = 8
 def check_sharded_fp4_training():
   """FSDP-sharded ECO-SR training of MXFP4 / NVFP4 kernels equals one device, bit for bit."""
   from jax.sharding import NamedSharding, PartitionSpec as P
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-  import sharded_training as st
+  from examples import sharded_training as st
 
   mesh = st.make_mesh()
   fmts = {"layer_0": eco.fp4_e2m1("mxfp4"), "layer_1": eco.fp4_e2m1("nvfp4"),
@@ -363,15 +357,5 @@ def check_sharded_fp4_training():
 
 
 def test_sharded_fp4_training_equals_one_device():
-  if jax.device_count() >= DEVICES:
-    check_sharded_fp4_training()
-    return
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + f" --xla_force_host_platform_device_count={DEVICES}")
-  subprocess.run([sys.executable, __file__], env=env, check=True, timeout=600)
-
-
-if __name__ == "__main__":
-  assert jax.device_count() >= DEVICES, f"needs {DEVICES} devices, got {jax.device_count()}"
+  assert jax.device_count() >= DEVICES, "tests/conftest.py asks for 8 host devices"
   check_sharded_fp4_training()

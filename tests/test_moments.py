@@ -1,13 +1,4 @@
-"""Low-precision optimizer moments: codecs, rounding, the optimizers on top, sharding, checkpoints.
-
-Run as a script (``python tests/test_moments.py sharded``, with 8 host devices) it
-runs the sharding check: the subprocess half of :func:`test_sharded_equals_single_device`.
-"""
-import os
-import pathlib
-import subprocess
-import sys
-
+"""Low-precision optimizer moments: codecs, rounding, the optimizers on top, sharding, checkpoints."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +8,7 @@ import pytest
 import eco_optax as eco
 from eco_optax import checkpoint, moments, rules, transform
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-import sharded_training as st  # noqa: E402
+from examples import sharded_training as st
 
 SIGNED = moments.blockwise_8bit(signed=True, rounding="nearest")
 UNSIGNED = moments.blockwise_8bit(signed=False, rounding="nearest")
@@ -461,14 +451,5 @@ def check_sharded_equals_single():
 
 
 def test_sharded_equals_single_device():
-  if jax.device_count() >= 8:
-    check_sharded_equals_single()
-    return
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  subprocess.run([sys.executable, __file__, "sharded"], env=env, check=True, timeout=600)
-
-
-if __name__ == "__main__":
-  assert sys.argv[1:] == ["sharded"] and jax.device_count() >= 8
+  assert jax.device_count() >= 8, "tests/conftest.py asks for 8 host devices"
   check_sharded_equals_single()

@@ -26,6 +26,8 @@ def test_stored_without_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
   monkeypatch.setenv("ECO_NOTEBOOK_QUICK", "1")
+  # The kernel runs in tmp_path, outside the checkout: it finds benchmarks/ on its path.
+  monkeypatch.setenv("PYTHONPATH", str(pathlib.Path(__file__).resolve().parents[1]))
   nb = nbformat.read(path, as_version=4)
   NotebookClient(nb, timeout=300, kernel_name="python3",
                  resources={"metadata": {"path": str(tmp_path)}}).execute()

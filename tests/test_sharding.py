@@ -1,14 +1,8 @@
 """Sharded (data-parallel + FSDP) ECO training equals one-device training, bit for bit.
 
-Needs 8 devices: ``make test`` sets ``--xla_force_host_platform_device_count=8``.
-With fewer devices the checks run in a subprocess with that flag instead (run
-as a script, this file executes them all), so nothing is skipped.
+Runs on 8 CPU devices (``tests/conftest.py`` sets
+``--xla_force_host_platform_device_count=8``).
 """
-
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eco_optax as eco
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-import sharded_training as st  # noqa: E402
+from examples import sharded_training as st
 
 DEVICES = 8
 SCALINGS = {"layer_0": eco.fp8_e4m3("tensor"),          # one scale, replicated
@@ -68,23 +61,11 @@ def check_tensor_scale_spans_all_shards():
     np.testing.assert_array_equal(q.values, eco.quantize_array(x, fmt).values)
 
 
-CHECKS = {"rtn": lambda: check_sharded_equals_single("nearest"),
-          "sr": lambda: check_sharded_equals_single("stochastic"),
-          "tensor_scale": check_tensor_scale_spans_all_shards}
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_sharded_training_equals_one_device(rounding):
+  assert jax.device_count() >= DEVICES, "tests/conftest.py asks for 8 host devices"
+  check_sharded_equals_single(rounding)
 
 
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_sharding(name):
-  if jax.device_count() >= DEVICES:
-    CHECKS[name]()
-    return
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + f" --xla_force_host_platform_device_count={DEVICES}")
-  env["JAX_PLATFORMS"] = "cpu"
-  subprocess.run([sys.executable, __file__, name], env=env, check=True, timeout=600)
-
-
-if __name__ == "__main__":
-  assert jax.device_count() >= DEVICES, f"needs {DEVICES} devices, got {jax.device_count()}"
-  CHECKS[sys.argv[1]]()
+def test_a_tensor_scale_spans_all_shards():
+  check_tensor_scale_spans_all_shards()

@@ -10,9 +10,9 @@ with ``Compiled.memory_analysis()``::
 the model, side by side with ``optax.adamw`` on FP32 parameters. The optimizer step
 alone (``update`` + ``apply_updates``, gradients as an argument) is reported too, by
 its temporaries. Two models: an MLP, and the byte-level transformer of
-``python -m eco_optax.bench`` (its block linears quantized).
+``python -m benchmarks`` (its block linears quantized).
 
-Run: ``python -m eco_optax.bench.memory [--batch 32]``.
+Run: ``python -m benchmarks.memory [--batch 32]``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 import eco_optax as eco
-from eco_optax.bench import model as lm
+from benchmarks import model as lm
 
 
 class Memory(NamedTuple):

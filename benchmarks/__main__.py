@@ -1,7 +1,7 @@
 """Quality benchmark: ECO against master weights and naive quantized training.
 
-Trains the byte-level transformer of :mod:`eco_optax.bench.model` on the
-standard-library corpus of :mod:`eco_optax.bench.data` once per method, with
+Trains the byte-level transformer of :mod:`benchmarks.model` on the
+standard-library corpus of :mod:`benchmarks.data` once per method, with
 identical initialisation, batches and hyper-parameters: AdamW, linear warm-up
 from 0.01x peak over 10% of the steps then cosine decay to 0.1x peak (the
 paper's recipe), global-norm clipping at 1.0. The methods are the paper's
@@ -39,7 +39,7 @@ for the targets of the issue.
 (:func:`optax.contrib.muon` / :func:`optax.lion` for ``fp32``, :func:`eco_optax.muon`
 / :func:`eco_optax.lion` otherwise; Muon's AdamW leaves take ``b1``, ``b2``, ``eps``).
 
-Run: ``python -m eco_optax.bench [--quick] [--optimizer adamw] [--methods paper,fp4,fp8-eco-sr,...]``.
+Run: ``python -m benchmarks [--quick] [--optimizer adamw] [--methods paper,fp4,fp8-eco-sr,...]``.
 """
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ import optax
 from tqdm import tqdm
 
 import eco_optax as eco
-from eco_optax.bench import data as bdata
-from eco_optax.bench import model as bmodel
-from eco_optax.bench import step as bstep
+from benchmarks import data as bdata
+from benchmarks import model as bmodel
+from benchmarks import step as bstep
 
 
 @dataclasses.dataclass(frozen=True)

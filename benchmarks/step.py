@@ -19,7 +19,7 @@ host ``nbytes``: the traffic of an ideal single-pass kernel. It is compared with
 the bandwidth of a jitted ``x + 1`` over a large FP32 array (read + write), a
 practical ceiling on the same machine.
 
-Run: ``python -m eco_optax.bench.step [--sizes 1M,10M,50M] [--repeats 20]``.
+Run: ``python -m benchmarks.step [--sizes 1M,10M,50M] [--repeats 20]``.
 """
 
 from __future__ import annotations
