@@ -153,7 +153,7 @@ def muon(learning_rate: optax.ScalarOrSchedule,
   benchmarks --quick --optimizer muon``: FP8 val loss naive RTN 3.970, ECO RTN
   3.993, naive SR 3.418, ECO SR 3.442 (master weights 3.413); INT4 naive RTN = ECO
   RTN 4.171, naive SR 3.468, ECO SR 3.553 (MW 3.463). Tuned (``consistent_rms=0.2``,
-  peak lr 0.012, default benchmark config; README "Muon vs AdamW"), vs FP32 Muon 1.5776:
+  peak lr 0.012, default benchmark config; docs/results.md, "Muon vs AdamW"), vs FP32 Muon 1.5776:
   FP8 naive RTN +13.0%, ECO-RTN +13.1%, naive SR +1.1%, ECO-SR +2.6%, master weights
   +0.9%; INT4 master weights +2.3% (AdamW +14.6%). Prefer ``rounding="stochastic"``
   with ``mode="naive"`` for Muon, or master weights.

@@ -1,10 +1,10 @@
-"""The README's feature table: every optimizer x format x rounding, in ECO mode.
+"""The feature table of docs/guide.md: every optimizer x format x rounding, in ECO mode.
 
 Each combination fits a small linear regression (a quantized ``(32, 64)`` kernel
 and an FP32 bias, weights initialised at the scale of the solution) for 40 jitted
 steps. Its *progress* is the fraction of the loss reduction that the same optimizer
 achieves in FP32 (``eco.lossless()``): ``(1 - L_T/L_0) / (1 - L_T^fp32/L_0)``. The
-table of the README states the measured class of every cell, and this test holds
+table of docs/guide.md states the measured class of every cell, and this test holds
 it to that: ``full`` (progress >= 0.8), ``partial`` (0.15 to 0.8) or ``stalls``
 (< 0.15: the steps are below half a grid step and round back). Modes other than
 ``"eco"`` are covered format by format in ``tests/test_transform.py`` and
@@ -32,7 +32,7 @@ OPTIMIZERS = {
     "lion": lambda **kw: eco.lion(0.01, weight_decay=0.0, **kw),
 }
 STEPS = 40
-# Every cell is "full" except these (README, "Feature table"): round-to-nearest with
+# Every cell is "full" except these (docs/guide.md, "Feature table"): round-to-nearest with
 # optimizers whose steps are small or of fixed size (SGDM at this rate, Muon, Lion).
 _FOUR_BIT = ("int4", "mxfp4", "nvfp4")
 EXPECTED = (
