@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
 
-.PHONY: install test demo step clean
+.PHONY: install test test-min demo step clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ install: $(BIN)/python
 test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q
 
+# The suite at the lower bounds of pyproject.toml (run before each release; about 10 minutes).
+test-min:
+	$(PYTHON) -m venv .venv-min
+	.venv-min/bin/python -m pip install --upgrade pip
+	.venv-min/bin/python -m pip install $$($(PYTHON) .ci/min_requirements.py) -e ".[dev]"
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv-min/bin/python -m pytest -n 2 -q
+
 demo: install
 	$(BIN)/python -m benchmarks $(DEMO_ARGS)
 
@@ -25,4 +32,4 @@ step: install
 	$(BIN)/python -m benchmarks.step
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) .venv-min results .pytest_cache

@@ -31,9 +31,10 @@ bfloat16 (``m = bf16``) or 8-bit block-wise codes (``m = 8bit``), compared with
 ``fp8-mw`` (FP32 moments). ``--methods all`` runs every row.
 
 Only the linear kernels inside the transformer blocks are quantized. Outputs
-in ``--out``: ``results.json`` (every number), ``curves.png`` (train and
-validation loss) and the table printed to stdout, followed by PASS/MISS lines
-for the targets of the issue.
+in ``--out``: ``results.json`` (every number; rewritten after each row, so an
+interrupted run keeps the finished rows), ``curves.png`` (train and validation
+loss) and the table printed to stdout, followed by PASS/MISS lines for the
+paper's findings that the rows run can check.
 
 ``--optimizer muon`` or ``lion`` runs every row with that optimizer instead
 (:func:`optax.contrib.muon` / :func:`optax.lion` for ``fp32``, :func:`eco_optax.muon`
@@ -274,8 +275,8 @@ def time_step(setup: Setup, opt_step: Callable, grads: Any, repeats: int) -> flo
   return seconds
 
 
-def target_checks(results: dict[str, dict]) -> list[tuple[str, str, str]]:
-  """The issue's quality targets as ``(verdict, claim, figures)``.
+def paper_checks(results: dict[str, dict]) -> list[tuple[str, str, str]]:
+  """The paper's findings at this scale, as ``(verdict, claim, figures)``.
 
   Verdict is ``PASS``, ``MISS``, or ``SKIP`` when a needed method was not run.
   Deltas are relative to the same format with master weights.
@@ -489,6 +490,20 @@ def main(argv: list[str] | None = None) -> dict:
   # The reference: the optax optimizer on FP32 params (also the fp32 row's own timing).
   baseline_seconds = time_step(*setup_and_step("fp32"), grads, cfg.timing_repeats)
 
+  base = dict(
+      config=dataclasses.asdict(cfg), formats={k: describe(v) for k, v in formats.items()},
+      quantize_embedding=args.quantize_embedding, num_params=num_params,
+      data=dict(source=corpus.source, train_bytes=len(corpus.train),
+                valid_bytes=len(corpus.valid)),
+      environment=dict(jax=jax.__version__, optax=optax.__version__,
+                       eco_optax=eco.__version__, device=jax.devices()[0].device_kind,
+                       cpus=os.cpu_count(), python=platform.python_version()),
+      baseline_step_seconds=baseline_seconds)
+
+  def save(report):
+    (out / "results.json").write_text(json.dumps(finite_or_none(report), indent=1,
+                                                 allow_nan=False))
+
   results = {}
   for name in names:
     method, (setup, opt_step) = METHODS[name], setup_and_step(name)
@@ -501,36 +516,30 @@ def main(argv: list[str] | None = None) -> dict:
       r["format"] += f", {method.moments} moments"
     r.update(mode=method.mode, rounding=method.rounding, moments=method.moments)
     results[name] = r
+    save(dict(base, results=results, complete=False))   # an interrupted run keeps its rows
   for name, r in results.items():
     mw = results.get(f"{METHODS[name].fmt}-mw")
     r["delta_vs_mw_pct"] = (None if mw is None or METHODS[name].fmt is None else
                             100 * (r["final_val_loss"] / mw["final_val_loss"] - 1))
 
   table = format_table(results)
-  checks = target_checks(results)
+  checks = paper_checks(results)
   wall = time.perf_counter() - wall_start
   print()
   print(table)
   print(f"\nstep time: jitted tx.update + apply_updates, median of {cfg.timing_repeats}; "
         f"optax {cfg.optimizer} on FP32 params: {baseline_seconds * 1e3:.3f} ms")
-  print("targets (val loss vs the same format with master weights):")
+  print("the paper's findings, checked on this run (val loss vs the same format with "
+        "master weights):")
   for verdict, claim, figures in checks:
-    print(f"  {verdict} {claim}: {figures}")
+    if verdict != "SKIP":
+      print(f"  {verdict} {claim}: {figures}")
   print(f"wall time {wall:.1f} s")
 
   plot(results, out / "curves.png")
-  report = dict(
-      config=dataclasses.asdict(cfg), formats={k: describe(v) for k, v in formats.items()},
-      quantize_embedding=args.quantize_embedding, num_params=num_params,
-      data=dict(source=corpus.source, train_bytes=len(corpus.train),
-                valid_bytes=len(corpus.valid)),
-      environment=dict(jax=jax.__version__, optax=optax.__version__,
-                       eco_optax=eco.__version__, device=jax.devices()[0].device_kind,
-                       cpus=os.cpu_count(), python=platform.python_version()),
-      baseline_step_seconds=baseline_seconds, wall_seconds=wall, results=results,
-      checks=[dict(verdict=v, claim=c, figures=f) for v, c, f in checks])
-  (out / "results.json").write_text(json.dumps(finite_or_none(report), indent=1,
-                                               allow_nan=False))
+  report = dict(base, wall_seconds=wall, results=results, complete=True,
+                checks=[dict(verdict=v, claim=c, figures=f) for v, c, f in checks])
+  save(report)
   (out / "table.txt").write_text(table + "\n")
   print(f"wrote {out / 'results.json'}, {out / 'curves.png'}, {out / 'table.txt'}")
   return report

@@ -90,12 +90,12 @@ def test_fp4_rows_run(tmp_path):
   assert 8.5 < results["nvfp4-eco-sr"]["quantized_bytes_per_param"] < 8.65
 
 
-def test_target_checks_report_misses_and_skips():
+def test_paper_checks_report_misses_and_skips():
   def row(loss, delta):
     return {"final_val_loss": loss, "delta_vs_mw_pct": delta}
   results = {"fp8-mw": row(2.0, 0.0), "fp8-eco-sr": row(2.01, 0.5),
              "fp8-eco-rtn": row(2.01, 0.5), "fp8-naive-rtn": row(2.1, 5.0)}
-  verdicts = {claim: v for v, claim, _ in bench.target_checks(results)}
+  verdicts = {claim: v for v, claim, _ in bench.paper_checks(results)}
   assert verdicts == {
       "fp8-eco-sr within +0.2% of fp8-mw": "MISS",
       "fp8-eco-rtn within +1.0% of fp8-mw": "PASS",
@@ -145,3 +145,21 @@ def test_memory_benchmark_reads_peaks_from_the_compiled_step():
   # XLA:CPU keeps every gradient alive when each leaf's update is a loop or a conditional.
   probe = bmemory.control_flow_probe(problem)
   assert probe["arithmetic"] < probe["fori_loop"] and probe["arithmetic"] < probe["cond"]
+
+
+def test_an_interrupted_benchmark_keeps_its_finished_rows(tmp_path, monkeypatch):
+  real_train = bench.train
+  calls = []
+
+  def train_then_stop(*args, **kwargs):   # the second row is interrupted
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real_train(*args, **kwargs)
+
+  monkeypatch.setattr(bench, "train", train_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    bench.main(["--quick", "--steps", "4", "--methods", "fp32,fp8-eco-sr", "--out", str(tmp_path)])
+  report = json.loads((tmp_path / "results.json").read_text())
+  assert list(report["results"]) == ["fp32"] and report["complete"] is False
+  assert len(report["results"]["fp32"]["train_loss"]) == 4
