@@ -231,13 +231,16 @@ def train(method: Method, setup: Setup, opt_step: Callable, grad_fn: Callable,
   """
   params = jax.tree.map(jnp.copy, setup.params)  # donated to opt_step
   state = setup.tx.init(params)
-  train_loss, val_loss, diverged = [], [], False
+  train_loss, val_loss, diverged, unchanged = [], [], False, []
   start = time.perf_counter()
   bar = tqdm(range(cfg.steps), desc=f"{method.name:<14}", dynamic_ncols=True)
   for i in bar:
     batch = bdata.get_batch(corpus.train, starts[i], cfg.model.seq_len)
     loss, grads = grad_fn(setup.to_f32(params), batch)
+    codes = stored_codes(params)
     params, state = opt_step(grads, params, state)
+    if codes:
+      unchanged.append(float(unchanged_fraction(codes, stored_codes(params))))
     train_loss.append(float(loss))
     if not math.isfinite(train_loss[-1]):
       diverged = True
@@ -247,10 +250,28 @@ def train(method: Method, setup: Setup, opt_step: Callable, grad_fn: Callable,
       bar.set_postfix(train=f"{train_loss[-1]:.3f}", val=f"{val_loss[-1][1]:.3f}")
   bar.close()
   return dict(train_loss=train_loss, val_loss=val_loss, diverged=diverged,
+              unchanged_codes=float(np.mean(unchanged)) if unchanged else None,
               final_val_loss=val_loss[-1][1] if val_loss and not diverged else math.nan,
               train_seconds=time.perf_counter() - start,
               quantized_bytes_per_param=quantized_bytes_per_param(setup),
               bytes_per_param=eco.memory_report(params, state).bytes_per_param)
+
+
+def stored_codes(params: Any) -> list[jax.Array]:
+  """Copies of the codes of the lossy quantized leaves (the step donates its params)."""
+  return [jnp.copy(x.values) for x in jax.tree.leaves(params, is_leaf=eco.is_quantized)
+          if eco.is_quantized(x) and not x.fmt.lossless]
+
+
+@jax.jit
+def unchanged_fraction(before: list[jax.Array], after: list[jax.Array]) -> jax.Array:
+  """The fraction of stored codes a step left as they were.
+
+  Under naive round-to-nearest the weights sit on the grid, so this is the fraction
+  of updates below half a grid step: the ones that round back and are lost.
+  """
+  same = sum(jnp.sum(a == b) for a, b in zip(before, after))
+  return same / sum(a.size for a in before)
 
 
 def quantized_bytes_per_param(setup: Setup) -> float | None:
@@ -414,7 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       "learning rate suits both); default: optax's shape scaling")
   p.add_argument("--quantize-embedding", action="store_true",
                  help="also store the tied embedding quantized")
-  for field in ("steps", "batch_size", "learning_rate", "eval_every", "seed", "weight_decay"):
+  for field in ("steps", "batch_size", "learning_rate", "eval_every", "seed", "weight_decay",
+                "timing_repeats"):
     p.add_argument("--" + field.replace("_", "-"), type=type(getattr(DEFAULT, field)))
   for field in ("width", "depth", "heads", "seq_len"):
     p.add_argument("--" + field.replace("_", "-"), type=int)

@@ -11,6 +11,7 @@ from benchmarks import __main__ as bench
 from benchmarks import data as bdata
 from benchmarks import memory as bmemory
 from benchmarks import model as bmodel
+from benchmarks import sweep
 from benchmarks import step as bstep
 
 
@@ -163,3 +164,23 @@ def test_an_interrupted_benchmark_keeps_its_finished_rows(tmp_path, monkeypatch)
   report = json.loads((tmp_path / "results.json").read_text())
   assert list(report["results"]) == ["fp32"] and report["complete"] is False
   assert len(report["results"]["fp32"]["train_loss"]) == 4
+
+
+def test_learning_rate_sweep_on_a_tiny_config(tmp_path):
+  table = sweep.main(["--quick", "--steps", "4", "--eval-every", "2", "--timing-repeats", "1",
+                      "--learning-rates", "1e-2,1e-4", "--formats", "int4",
+                      "--variants", "naive-rtn,eco-sr", "--out", str(tmp_path)])
+  assert list(table) == [1e-2, 1e-4]
+  for lr, row in table.items():
+    assert list(row) == ["fp32", "int4-naive-rtn", "int4-eco-sr"]
+    assert all(math.isfinite(r["loss"]) for r in row.values())
+    assert row["fp32"]["unchanged_codes"] is None
+    lost = row["int4-naive-rtn"]["unchanged_codes"]
+    assert 0.0 <= lost <= 1.0
+  # A learning rate 100x smaller rounds back at least as many of naive RTN's updates.
+  assert (table[1e-4]["int4-naive-rtn"]["unchanged_codes"]
+          >= table[1e-2]["int4-naive-rtn"]["unchanged_codes"])
+  saved = json.loads((tmp_path / "sweep.json").read_text())
+  assert set(saved) == {"0.01", "0.0001"}
+  assert (tmp_path / "sweep.png").stat().st_size > 10_000
+  assert "int4 lost" in (tmp_path / "sweep.txt").read_text()
