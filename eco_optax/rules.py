@@ -22,7 +22,9 @@ rule                        optax transformation               ``P(e)``
 
 The optax transformation runs unchanged, one leaf (or one block of rows of a leaf,
 for elementwise rules) at a time: with the lossless format an eco optimizer is the
-optax optimizer, bit for bit.
+optax optimizer (the same arithmetic; XLA may fuse the bias-correction and
+learning-rate scalars differently in the two programs, a few ulps apart after
+100 steps, ``tests/test_alias.py``).
 """
 
 from __future__ import annotations

@@ -168,7 +168,9 @@ def check_updates_match(params: Any, updates: Any, what: str = "updates") -> Non
 
 
 # The update of a quantized leaf (eco_optax.step): uint32, VALID | storage bits per
-# element; 0 keeps the stored code; POISON in the first element marks a non-finite value.
+# element. The first element decides for the whole leaf: VALID there applies every
+# element's bits, an update without it (all zeros: MultiSteps, apply_if_finite) keeps
+# the codes and the scale; POISON there marks a non-finite value.
 VALID = 1 << 16
 POISON = 1 << 17
 CODE_MASK = 0xFFFF
