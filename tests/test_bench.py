@@ -42,6 +42,7 @@ def test_policy_quantizes_only_block_linear_kernels():
   assert eco.is_quantized(q["embed"]["embedding"])
 
 
+@pytest.mark.slow
 def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
   moment_rows = ["fp8-eco-sr-bf16-moments", "fp8-eco-sr-8bit-moments"]
   bench.main(["--quick", "--steps", "60", "--methods", ",".join(["paper", *moment_rows]),
@@ -77,6 +78,7 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
   assert out.count("PASS") + out.count("MISS") >= 12
 
 
+@pytest.mark.slow
 def test_fp4_rows_run(tmp_path):
   names = ["mxfp4-mw", "mxfp4-eco-sr", "nvfp4-naive-rtn", "nvfp4-eco-sr"]
   assert set(names) <= set(bench.GROUPS["fp4"])
@@ -148,6 +150,7 @@ def test_memory_benchmark_reads_peaks_from_the_compiled_step():
   assert probe["arithmetic"] < probe["fori_loop"] and probe["arithmetic"] < probe["cond"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_benchmark_keeps_its_finished_rows(tmp_path, monkeypatch):
   real_train = bench.train
   calls = []
@@ -166,6 +169,7 @@ def test_an_interrupted_benchmark_keeps_its_finished_rows(tmp_path, monkeypatch)
   assert len(report["results"]["fp32"]["train_loss"]) == 4
 
 
+@pytest.mark.slow
 def test_learning_rate_sweep_on_a_tiny_config(tmp_path):
   table = sweep.main(["--quick", "--steps", "4", "--eval-every", "2", "--timing-repeats", "1",
                       "--learning-rates", "1e-2,1e-4", "--formats", "int4",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -105,6 +106,7 @@ def test_restore_into_abstract_template(tmp_path):
   assert as_bytes(got) == as_bytes((q, state))
 
 
+@pytest.mark.slow
 def test_fp4_weights_and_scales_round_trip_bit_identical(tmp_path):
   """float4_e2m1fn codes, float8_e8m0fnu / float8_e4m3fn block scales and NVFP4's
   FP32 tensor scale are stored natively by orbax and come back bit for bit."""

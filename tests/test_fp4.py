@@ -356,6 +356,7 @@ def check_sharded_fp4_training():
   assert loss_dp[-1] < loss_dp[0]
 
 
+@pytest.mark.slow
 def test_sharded_fp4_training_equals_one_device():
   assert jax.device_count() >= DEVICES, "tests/conftest.py asks for 8 host devices"
   check_sharded_fp4_training()

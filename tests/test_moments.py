@@ -316,6 +316,7 @@ def test_fp32_moments_are_bit_identical_to_the_default(name):
   assert _raw(default) == _raw(explicit)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("mode", transform.MODES)
 def test_every_optimizer_and_mode_with_low_precision_moments(name, mode):
@@ -367,6 +368,7 @@ def _train_mlp(steps=200, mode="eco", **moment_kw):
   return float(st.loss_fn(eco.dequantize_params(q), st.make_batch(10**6, 1024, 32, 32)))
 
 
+@pytest.mark.slow
 def test_training_with_low_precision_moments_matches_fp32_moments():
   """Measured (200 steps, model seeds 0/1/2): held-out loss 0.0941 / 0.0928 / 0.0927 with FP32
   moments; bf16 and 8-bit moments within 0.35% of it (0.4% at 400 steps). The tolerance,
@@ -450,6 +452,7 @@ def check_sharded_equals_single():
         assert a.tobytes() == b.tobytes(), spec
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device():
   assert jax.device_count() >= 8, "tests/conftest.py asks for 8 host devices"
   check_sharded_equals_single()

@@ -23,6 +23,7 @@ def test_stored_without_outputs(path):
           f"{path.name}: strip the outputs before committing")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
   monkeypatch.setenv("ECO_NOTEBOOK_QUICK", "1")

@@ -6,6 +6,7 @@ ECO keeps a radius set by the grid alone (paper: ``sigma_q^2 -> 4 L^2 sigma^2 /
 (1 - beta^2)``), as master weights do.
 """
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,6 +45,7 @@ def test_naive_error_grows_as_lr_shrinks_while_eco_stays_in_a_constant_radius():
     assert errors[("eco", lr)] < 1.5 * errors[("master_weights", lr)]
 
 
+@pytest.mark.slow
 def test_consecutive_quantization_errors_are_aligned():
   """The approximation e_t ~ e_{t+1} behind ECO's memory-free rule (paper Fig. 3)."""
   lr, beta = 0.02, 0.9

@@ -57,6 +57,7 @@ def _step(q, lr, rounding, seed=0, mode="eco"):
   return updates, eco.apply_updates(q, updates)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_apply_updates_copies_the_codes_the_optimizer_computed(fmt, rounding):
