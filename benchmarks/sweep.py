@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 
 from benchmarks import __main__ as bench
 
-VARIANTS = ("mw", "naive-rtn", "naive-sr", "eco-rtn", "eco-sr")
+VARIANTS = tuple(v for v in bench.VARIANTS if v != "eco-exact-rtn")   # the paper's set
 FORMATS = ("fp8", "int4")
 
 
@@ -44,22 +44,23 @@ def sweep(learning_rates: list[float], passed_on: list[str], out: pathlib.Path,
   return table
 
 
-def format_table(table: dict[float, dict], methods: list[str]) -> str:
+def format_table(table: dict[float, dict], methods: list[str], formats: list[str]) -> str:
   """Loss per method and learning rate; the naive-RTN rows' share of rounded-back updates."""
   lines = ["peak lr   " + "".join(f"{m:>16}" for m in methods)
-           + "".join(f"{f + ' lost':>11}" for f in FORMATS)]
+           + "".join(f"{f + ' lost':>11}" for f in formats)]
   for lr, row in table.items():
-    lost = [row.get(f"{f}-naive-rtn", {}).get("unchanged_codes") for f in FORMATS]
+    lost = [row.get(f"{f}-naive-rtn", {}).get("unchanged_codes") for f in formats]
     lines.append(f"{lr:<10g}" + "".join(f"{row[m]['loss']:16.4f}" for m in methods)
                  + "".join(f"{x:11.1%}" if x is not None else f"{'':>11}" for x in lost))
   return "\n".join(lines)
 
 
-def plot(table: dict[float, dict], path: pathlib.Path) -> None:
+def plot(table: dict[float, dict], formats: list[str], path: pathlib.Path) -> None:
   """Final validation loss against the peak learning rate, one panel per format."""
   lrs = sorted(table)
-  fig, axes = plt.subplots(1, len(FORMATS), figsize=(12, 4.5), sharey=True)
-  for ax, fmt in zip(axes, FORMATS):
+  fig, axes = plt.subplots(1, len(formats), figsize=(6 * len(formats), 4.5), sharey=True,
+                           squeeze=False)
+  for ax, fmt in zip(axes[0], formats):
     for name in ["fp32", *(f"{fmt}-{v}" for v in VARIANTS)]:
       if name in table[lrs[0]]:
         losses = [table[lr][name]["loss"] for lr in lrs]
@@ -68,7 +69,7 @@ def plot(table: dict[float, dict], path: pathlib.Path) -> None:
     ax.set(xscale="log", title=fmt, xlabel="peak learning rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  axes[0].set_ylabel("final validation loss (nats/byte)")
+  axes[0, 0].set_ylabel("final validation loss (nats/byte)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -83,15 +84,15 @@ def main(argv: list[str] | None = None) -> dict[float, dict]:
   args, passed_on = parser.parse_known_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  methods = ["fp32", *(f"{f}-{v}" for f in args.formats.split(",")
-                       for v in args.variants.split(","))]
+  formats = args.formats.split(",")
+  methods = ["fp32", *(f"{f}-{v}" for f in formats for v in args.variants.split(","))]
   start = time.perf_counter()
   table = sweep([float(x) for x in args.learning_rates.split(",")], passed_on, out, methods)
-  text = format_table(table, methods)
+  text = format_table(table, methods, formats)
   print(f"\n{text}\n\n'lost': the share of naive RTN's updates that rounded back (below half "
         f"a grid step). Wall time {time.perf_counter() - start:.0f} s.")
   (out / "sweep.txt").write_text(text + "\n")
-  plot(table, out / "sweep.png")
+  plot(table, formats, out / "sweep.png")
   return table
 
 

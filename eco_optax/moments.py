@@ -222,26 +222,26 @@ class Blockwise8bit:
                        "or resolve it with eco_optax.moments.as_format(spec, nonnegative=...)")
     return _MAPS[self.signed]
 
-  def _layout(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
-    """``(shape as rows x columns, rows per block, columns per block)``.
+  def _layout(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int, int, int]:
+    """``(shape as rows x columns, rows per block, columns per block, row blocks,
+    column blocks)``.
 
     Blocks run along the last axis; where it is shorter than ``block_size`` (and
     the tensor has rows) a block takes ``block_size // n`` whole rows instead.
     """
     matrix = (1,) * (2 - len(shape)) + tuple(shape)
-    n = matrix[-1]
-    if n >= self.block_size or len(shape) < 2:
-      return matrix, 1, min(self.block_size, n)
-    return matrix, self.block_size // n, n
+    r, n = matrix[-2:]
+    k, size = ((1, min(self.block_size, n)) if n >= self.block_size or len(shape) < 2
+               else (self.block_size // n, n))
+    return matrix, k, size, -(-r // k), -(-n // size)
 
   def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> BlockCodes:
     """Block absmax and map codes of ``x`` (any shape, scalars included)."""
     _check_key(self.rounding, key)
     table = self.table
     x = jnp.asarray(x, jnp.float32)
-    matrix, k, size = self._layout(x.shape)
+    matrix, k, size, rb, nb = self._layout(x.shape)
     *lead, r, n = matrix
-    rb, nb = -(-r // k), -(-n // size)
     padding = [(0, 0)] * len(lead) + [(0, rb * k - r), (0, nb * size - n)]
     blocks = jnp.pad(x.reshape(matrix), padding).reshape(*lead, rb, k, nb, size)
     finite = jnp.all(jnp.isfinite(blocks), axis=(-3, -1), keepdims=True)
@@ -262,9 +262,9 @@ class Blockwise8bit:
 
   def decode(self, stored: BlockCodes) -> jax.Array:
     """``map[c] * absmax``, in the stored shape."""
-    matrix, k, size = self._layout(stored.shape)
+    matrix, k, size, rb, nb = self._layout(stored.shape)
     *lead, r, n = matrix
-    absmax = stored.absmax.reshape(*lead, -(-r // k), -(-n // size))
+    absmax = stored.absmax.reshape(*lead, rb, nb)
     absmax = jnp.repeat(jnp.repeat(absmax, k, axis=-2), size, axis=-1)[..., :r, :n]
     values = jnp.asarray(self.table)[stored.codes.reshape(matrix)] * absmax
     return values.reshape(stored.shape)
