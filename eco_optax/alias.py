@@ -116,7 +116,7 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
 def muon(learning_rate: optax.ScalarOrSchedule,
          ns_coeffs: Union[Sequence[float], Sequence[Sequence[float]]] = (3.4445, -4.7750, 2.0315),
          ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8,
-         weight_decay: float = 0.0, weight_decay_mask: Any = None, *,
+         weight_decay: float = 0.0, mask: Any = None, *,
          nesterov: bool = True,
          preconditioning: Literal["frobenius", "spectral", "aol", "schatten"] = "frobenius",
          adam_b1: float = 0.9, adam_b2: float = 0.999, adam_eps_root: float = 0.0,
@@ -129,9 +129,11 @@ def muon(learning_rate: optax.ScalarOrSchedule,
   2-D leaves take Muon's orthogonalized momentum step ``-eta (s NS(N) + lambda w)``,
   the others AdamW's (``adam_*``, ``eps``, ``nesterov``, one ``learning_rate`` for
   both, as optax's default ``adam_learning_rate=None``); with the lossless format
-  it equals :func:`optax.contrib.muon`. ``weight_decay`` and ``weight_decay_mask``
-  apply to the matrices, ``adam_weight_decay`` to the rest. ``mu_dtype`` stores the
-  momentum of every leaf, ``nu_dtype`` Adam's second moment of the other leaves.
+  it equals :func:`optax.contrib.muon`. ``weight_decay`` and ``mask`` apply to the
+  matrices, ``adam_weight_decay`` to the rest (``mask`` is optax's
+  ``weight_decay_mask``, named as in :func:`adamw`, :func:`sgdm` and :func:`lion`).
+  ``mu_dtype`` stores the momentum of every leaf, ``nu_dtype`` Adam's second moment
+  of the other leaves.
 
   In ECO mode the error ``E = W~ - Q(W~)`` of a quantized matrix enters the
   momentum as ``M = M~ + ((1-eta*lambda)/eta)(1 - 1/beta) P(E)``.
@@ -173,11 +175,11 @@ def muon(learning_rate: optax.ScalarOrSchedule,
                          injection=injection)
 
   def decay(params):
-    mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
-    mask = jax.tree.map(lambda _: True, params) if mask is None else mask
+    flags = mask(params) if callable(mask) else mask
+    flags = jax.tree.map(lambda _: True, params) if flags is None else flags
     return jax.tree.map(
         lambda p, m: (weight_decay if m else 0.0) if rules.is_matrix(p) else adam_weight_decay,
-        params, mask)
+        params, flags)
 
   return transform.error_feedback(rule, learning_rate, decay, mode, rounding, seed,
                                   moment_formats={"mu": mu_dtype, "nu": nu_dtype})

@@ -1,4 +1,6 @@
 """Conformance: with the lossless format the ECO optimizers are the plain optimizers."""
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,22 @@ def test_sgdm_equals_reference_ema_momentum_sgd():
     ref = jax.tree.map(lambda w, m: w - lr * (m + wd * w), ref, m)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name,theirs,shared", [
+    ("adam", optax.adam, "b1 b2 eps eps_root mu_dtype"),
+    ("adamw", optax.adamw, "b1 b2 eps eps_root mu_dtype weight_decay mask"),
+    ("lion", optax.lion, "b1 b2 mu_dtype weight_decay mask"),
+    ("sgdm", optax.sgd, "momentum"),
+    ("muon", optax.contrib.muon, "ns_coeffs ns_steps beta eps weight_decay mu_dtype nesterov "
+                                 "preconditioning adam_b1 adam_b2 adam_eps_root "
+                                 "adam_weight_decay consistent_rms"),
+])
+def test_arguments_carry_optaxs_names(name, theirs, shared):
+  """One naming scheme: optax's names, and the decay mask is ``mask`` in every optimizer
+  that decays (optax.contrib.muon calls it ``weight_decay_mask``)."""
+  ours = inspect.signature(getattr(eco, name)).parameters
+  for arg in ["learning_rate", *shared.split()]:
+    assert arg in ours and arg in inspect.signature(theirs).parameters, arg
+  if "weight_decay" in ours:
+    assert "mask" in ours and "weight_decay_mask" not in ours
