@@ -36,12 +36,20 @@ from eco_optax.tree import (apply_updates, default_policy, dequantize_params, gr
 
 __version__ = "0.1.0"
 
+# The curated public API (`from eco_optax import *`, the names a user needs). The
+# submodules (baselines, moments, quantize, rules, step, transform) and the lower-level
+# names imported above stay attributes of the package, e.g. eco.moments.blockwise_8bit().
 __all__ = [
-    "MemoryReport", "MultiSteps", "QuantFormat", "QuantizedArray", "ErrorFeedbackState",
-    "TrainState",
-    "adam", "adamw", "apply_if_finite", "apply_updates", "baselines", "bf16", "default_policy", "dequantize",
-    "dequantize_params", "error_feedback", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "grad",
-    "int4", "int8", "is_quantized", "lion", "lossless", "memory_report", "moments", "muon",
-    "quantize_array", "quantize_params", "rules", "sgdm", "step", "transform",
-    "value_and_grad",
+    # optimizers
+    "adam", "adamw", "lion", "muon", "sgdm",
+    # formats
+    "QuantFormat", "bf16", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "int4", "int8", "lossless",
+    # quantized parameters
+    "QuantizedArray", "dequantize_params", "is_quantized", "quantize_params",
+    # training
+    "apply_updates", "grad", "value_and_grad",
+    # wrappers
+    "MultiSteps", "TrainState", "apply_if_finite",
+    # memory
+    "memory_report",
 ]
