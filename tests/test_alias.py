@@ -1,6 +1,7 @@
 """Conformance: with the lossless format the ECO optimizers are the plain optimizers."""
 import inspect
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +47,7 @@ def test_adamw_equals_optax_adamw_with_lossless_format(mode):
   q = eco.quantize_params(params, eco.lossless())
   ours = _train(q, loss, eco.adamw(SCHEDULE, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, mode=mode), 100, True)
   ref = _train(params, loss, optax.adamw(SCHEDULE, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1), 100, False)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  chex.assert_trees_all_close(ours, ref, atol=1e-6, rtol=0)
 
 
 def test_adam_equals_optax_adam_with_lossless_format():
@@ -55,8 +55,7 @@ def test_adam_equals_optax_adam_with_lossless_format():
   q = eco.quantize_params(params, eco.lossless())
   ours = _train(q, loss, eco.adam(SCHEDULE, rounding="stochastic"), 100, True)
   ref = _train(params, loss, optax.adam(SCHEDULE), 100, False)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  chex.assert_trees_all_close(ours, ref, atol=1e-6, rtol=0)
 
 
 def test_weight_decay_mask_matches_optax():
@@ -65,8 +64,7 @@ def test_weight_decay_mask_matches_optax():
   q = eco.quantize_params(params, eco.lossless())
   ours = _train(q, loss, eco.adamw(1e-2, weight_decay=0.5, mask=mask), 30, True)
   ref = _train(params, loss, optax.adamw(1e-2, weight_decay=0.5, mask=mask), 30, False)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  chex.assert_trees_all_close(ours, ref, atol=1e-6, rtol=0)
 
 
 def test_sgdm_equals_reference_ema_momentum_sgd():
@@ -80,8 +78,7 @@ def test_sgdm_equals_reference_ema_momentum_sgd():
     g = jax.grad(loss)(ref)
     m = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g, m, g)
     ref = jax.tree.map(lambda w, m: w - lr * (m + wd * w), ref, m)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  chex.assert_trees_all_close(ours, ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name,theirs,shared", [

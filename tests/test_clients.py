@@ -1,4 +1,5 @@
 """eco_optax in the training code people already have: optax wrappers and Flax."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,9 +240,7 @@ def test_state_keeps_its_shapes_and_dtypes_under_lax_cond(name):
   g = _grads(_params(), 0)
   new = jax.jit(lambda s: jax.lax.cond(True, lambda s: tx.update(g, s, q)[1],
                                        lambda s: s, s))(state)
-  assert jax.tree.structure(new) == jax.tree.structure(state)
-  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
-    assert (a.shape, a.dtype) == (b.shape, b.dtype)
+  chex.assert_trees_all_equal_shapes_and_dtypes(new, state)    # and the same structure
 
 
 @pytest.mark.parametrize("spec", [eco.moments.blockwise_8bit(), jnp.bfloat16, None],

@@ -1,4 +1,5 @@
 """Low-precision optimizer moments: codecs, rounding, the optimizers on top, sharding, checkpoints."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,8 +208,7 @@ def test_jit_matches_eager():
   for fmt in (moments.as_format(EIGHT_BIT, nonnegative=False), SIGNED, moments.float_storage()):
     eager = fmt.encode(x, jax.random.key(5))
     jitted = jax.jit(fmt.encode)(x, jax.random.key(5))
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
-      np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(eager, jitted)
     np.testing.assert_array_equal(fmt.decode(eager), jax.jit(fmt.decode)(jitted))
 
 

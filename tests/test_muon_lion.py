@@ -1,4 +1,5 @@
 """ECO for Muon and Lion: optax conformance, Muon's injection, ECO against naive RTN."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,11 +40,6 @@ def _train(params, loss, tx, steps, quantized):
   return (eco.dequantize_params(params) if quantized else params), losses
 
 
-def _assert_trees_close(a, b, atol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
-
-
 @pytest.mark.parametrize("mode,nesterov", [("eco", True), ("naive", False),
                                            ("master_weights", True)])
 def test_muon_equals_optax_muon_with_lossless_format(mode, nesterov):
@@ -52,7 +48,7 @@ def test_muon_equals_optax_muon_with_lossless_format(mode, nesterov):
   ours, _ = _train(eco.quantize_params(params, eco.lossless()), loss,
                    eco.muon(SCHEDULE, mode=mode, **kw), 30, True)
   ref, _ = _train(params, loss, optax.contrib.muon(SCHEDULE, **kw), 30, False)
-  _assert_trees_close(ours, ref, 1e-5)
+  chex.assert_trees_all_close(ours, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kw", [
@@ -73,7 +69,7 @@ def test_muon_options_and_3d_leaves_equal_optax_muon_with_lossless_format(kw):
   if "mask" in optax_kw:
     optax_kw["weight_decay_mask"] = optax_kw.pop("mask")
   ref, _ = _train(params, loss, optax.contrib.muon(SCHEDULE, **optax_kw), 30, False)
-  _assert_trees_close(ours, ref, 1e-5)
+  chex.assert_trees_all_close(ours, ref, atol=1e-5, rtol=0)
 
 
 def test_lion_equals_optax_lion_with_lossless_format():
@@ -82,7 +78,7 @@ def test_lion_equals_optax_lion_with_lossless_format():
   ours, _ = _train(eco.quantize_params(params, eco.lossless()), loss,
                    eco.lion(SCHEDULE, weight_decay=0.5, mask=mask), 30, True)
   ref, _ = _train(params, loss, optax.lion(SCHEDULE, weight_decay=0.5, mask=mask), 30, False)
-  _assert_trees_close(ours, ref, 1e-5)
+  chex.assert_trees_all_close(ours, ref, atol=1e-5, rtol=0)
 
 
 def _random(shape, seed):

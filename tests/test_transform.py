@@ -1,4 +1,5 @@
 """The error feedback: modes, injection coefficient, guards, optax composition, bad input."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,12 +230,9 @@ def test_apply_if_finite_skips_the_step_and_keeps_the_state():
   bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), eco.dequantize_params(q))
   updates, new_state = step(bad, state, q)
   q2 = eco.apply_updates(q, updates)
-  for a, b in zip(jax.tree.leaves(q2), jax.tree.leaves(q)):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  chex.assert_trees_all_equal(q2, q)
   assert int(new_state.notfinite_count) == 1
-  for a, b in zip(jax.tree.leaves(new_state.inner_state.moments),
-                  jax.tree.leaves(state.inner_state.moments)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(new_state.inner_state.moments, state.inner_state.moments)
 
 
 def test_composes_in_optax_chain_under_jit():
@@ -261,8 +259,7 @@ def test_a_gradient_transformation_before_the_optimizer_transforms_the_gradients
   u2, s2 = jax.jit(alone.update)(clipped, alone.init(q), q)
   u3, _ = jax.jit(alone.update)(g, alone.init(q), q)
   assert u1["w"].dtype == jnp.uint32 and u1["b"].dtype == jnp.float32
-  for a, b in zip(jax.tree.leaves((u1, s1[1].moments)), jax.tree.leaves((u2, s2.moments))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal((u1, s1[1].moments), (u2, s2.moments))
   assert not np.array_equal(np.asarray(u1["b"]), np.asarray(u3["b"]))   # clipping mattered
   assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
 

@@ -1,4 +1,5 @@
 """quantize_params / dequantize_params / apply_updates and their errors."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,9 +219,7 @@ def test_apply_updates_jits():
   a = jax.jit(eco.apply_updates)(q, updates)
   assert jax.tree.structure(a, is_leaf=eco.is_quantized) == jax.tree.structure(
       q, is_leaf=eco.is_quantized)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert x.dtype == y.dtype
-    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  chex.assert_trees_all_equal(a, b)           # values, shapes and dtypes
 
 
 @pytest.mark.parametrize("has_aux", [False, True])
@@ -236,12 +235,9 @@ def test_grad_is_the_gradient_at_the_dequantized_weights(has_aux):
   (value, grads) = eco.value_and_grad(loss, has_aux=has_aux)(q, x)
   expected_value, expected = jax.value_and_grad(loss, has_aux=has_aux)(
       eco.dequantize_params(q), x)
-  assert jax.tree.structure(grads) == jax.tree.structure(expected)
-  for a, b in zip(jax.tree.leaves((value, grads)), jax.tree.leaves((expected_value, expected))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close((value, grads), (expected_value, expected), rtol=1e-6, atol=1e-6)
   only = eco.grad(loss, has_aux=has_aux)(q, x)
-  for a, b in zip(jax.tree.leaves(only), jax.tree.leaves((grads, value[1]) if has_aux else grads)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(only, (grads, value[1]) if has_aux else grads)
 
 
 # ---- bad input: each a clear error naming the leaf ----
