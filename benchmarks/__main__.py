@@ -427,7 +427,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(f"--{f}-scale-policy", default=None, choices=["fixed", "sticky", "dynamic"],
                    help="default: the format's own")
     p.add_argument(f"--{f}-headroom", type=float, default=None,
-                   help="initial scale and growth factor h; default: the format's own")
+                   help="initial scale factor h; default: the format's own")
+    p.add_argument(f"--{f}-growth-factor", type=float, default=None,
+                   help="sticky growth factor; default: the format's own")
+    p.add_argument(f"--{f}-saturated-fraction", type=float, default=None,
+                   help="sticky scales grow past this fraction of codes at the max; "
+                        "default: the format's own")
   p.add_argument("--block-size", type=int, default=32, help="for --*-scaling block")
   p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw")
   p.add_argument("--muon-consistent-rms", type=float,
@@ -461,7 +466,7 @@ def formats_from_args(args: argparse.Namespace) -> dict[str, eco.QuantFormat]:
   """FP8 E4M3 and INT4 with the chosen scaling; scale policy default: the format's."""
   def kwargs(f):
     kw = dict(block_size=args.block_size)
-    for option in ("scale_policy", "headroom"):
+    for option in ("scale_policy", "headroom", "growth_factor", "saturated_fraction"):
       if getattr(args, f"{f}_{option}") is not None:
         kw[option] = getattr(args, f"{f}_{option}")
     return kw

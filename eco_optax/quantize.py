@@ -22,12 +22,31 @@ Scale policies. The scale of step ``t+1`` is a function of the *stored* weights
 of step ``t`` only (delayed scaling, as in FP8 training recipes)::
 
     fixed:    s' = s
-    sticky:   s' = s * h        if max|c| >= rho             (a code saturated: grow)
-              s' = s / h        if max|c| * h**2 < rho       (two growth steps unused: shrink)
+    sticky:   s' = s * g        if #{|c| = rho} > p * n      (codes saturated: grow)
+              s' = s / g        if max|c| * h * g < rho      (room for h after a shrink: shrink)
               s' = s            otherwise
     dynamic:  s' = h * max|c| * s / rho                      (absmax every step, with headroom h)
 
-then stored in the format's scale dtype (below; a no-op for FP32 scales).
+with ``g`` the growth factor (``h`` unless given), ``n`` the group's size and
+``p`` the saturated fraction (0 for the float formats: one saturated code
+grows the scale; 1/64 for INT4, whose few clipped outliers cost less than a
+coarser grid for all). An integer ``dynamic`` scale is ``max|c| * s / k`` with
+``k = floor(rho / h)``, so that the largest code lands on an integer and the
+scale is a fixed point (rounding ``rho / h`` up would grow it every step).
+The scale is then stored in the format's scale dtype (below; a no-op for FP32
+scales).
+
+What a rescale does to ECO's error bookkeeping: a scale that moves re-rounds
+every code of its group onto the new grid within the same step, so the step's
+quantization error ``e`` holds that re-rounding too and ECO injects it into the
+momentum like any other error (master weights simply re-round their FP32 copy).
+The memory-free rule assumes ``e_t ~ e_{t+1}``, which a rescale breaks for one
+step; it is exact for float formats rescaled by a power of two (every normal
+code stays where it is), which is why their growth factor is 2. ``fixed``
+never re-rounds but clips: an update that would take a weight past ``rho * s``
+is lost (naive, master weights' stored copy) or kept as a debt in the momentum
+that can never be paid (ECO), and :func:`eco_optax.apply_updates` warns when
+more than :data:`SATURATION_WARNING` of a fixed-scale leaf's codes saturate.
 
 Float formats round every absmax scale up to a power of two (no precision is
 lost: a float grid looks the same in every binade).
@@ -58,6 +77,7 @@ a power of two, which is exact for every normal code.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -103,7 +123,13 @@ class QuantFormat:
     axis: the channel axis, or the axis cut into blocks.
     block_size: elements per block for ``scaling="block"``.
     scale_policy: ``"fixed"``, ``"sticky"`` or ``"dynamic"`` (module docstring).
-    headroom: ``h`` above: initial scale ``h * absmax / rho`` and growth factor.
+    headroom: ``h`` above: initial scale ``h * absmax / rho`` (and the dynamic
+      policy's room).
+    growth_factor: ``g``, the factor by which a sticky scale grows or shrinks;
+      ``None`` means ``g = h``.
+    saturated_fraction: ``p``: a sticky scale grows when more than this
+      fraction of its group's codes sit at ``+-rho``; ``0`` (the float formats'
+      default): as soon as one does.
     scale_dtype: storage dtype of the scales (:data:`SCALE_DTYPES`): ``float32``,
       ``float8_e8m0fnu`` (powers of two) or ``float8_e4m3fn`` (block scale codes
       times an FP32 tensor scale, :attr:`has_tensor_scale`).
@@ -117,6 +143,8 @@ class QuantFormat:
   scale_policy: ScalePolicy = "sticky"
   headroom: float = 2.0
   scale_dtype: np.dtype = np.dtype(np.float32)
+  growth_factor: float | None = None
+  saturated_fraction: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "dtype", np.dtype(self.dtype))
@@ -137,11 +165,23 @@ class QuantFormat:
       raise ValueError(f"{self.name}: block_size must be >= 1, got {self.block_size}")
     if not self.headroom >= 1.0:
       raise ValueError(f"{self.name}: headroom must be >= 1, got {self.headroom}")
-    if (self.scale_policy == "sticky" and self.headroom == 1.0 and not self.lossless
-        and self.scaling != "none"):
-      raise ValueError(f"{self.name}: a sticky scale moves by the headroom factor, so "
-                       "headroom=1 would never move it; use headroom > 1 (e.g. 2) or "
-                       "scale_policy='fixed'")
+    if not 0.0 <= self.saturated_fraction < 1.0:
+      raise ValueError(f"{self.name}: saturated_fraction must be in [0, 1), got "
+                       f"{self.saturated_fraction}")
+    scaled = not self.lossless and self.scaling != "none"
+    if self.scale_policy == "sticky" and scaled and not self.growth > 1.0:
+      raise ValueError(f"{self.name}: a sticky scale moves by growth_factor (the headroom "
+                       f"when not given), so {self.growth} would never move it; use a "
+                       "factor > 1 (e.g. 2) or scale_policy='fixed'")
+    if self.scale_policy == "dynamic" and scaled and self.headroom == 1.0:
+      raise ValueError(f"{self.name}: a dynamic scale is h * max|Q(w)| / rho, so with "
+                       "headroom=1 no weight can ever grow past the current maximum; use "
+                       "headroom > 1 (e.g. 2) or scale_policy='sticky'")
+
+  @property
+  def growth(self) -> float:
+    """``g``: the sticky policy's growth (and shrink) factor."""
+    return self.headroom if self.growth_factor is None else self.growth_factor
 
   @property
   def lossless(self) -> bool:
@@ -209,15 +249,18 @@ def _normalize_axis(axis: int, ndim: int, name: str) -> int:
   return axis % ndim
 
 
-def _make(name, dtype, scaling, block_size, scale_policy, headroom, axis):
+def _make(name, dtype, scaling, block_size, scale_policy, headroom, axis,
+          growth_factor=None, saturated_fraction=0.0):
   return QuantFormat(name=name, dtype=dtype, scaling=scaling, axis=axis,
                      block_size=block_size, scale_policy=scale_policy,
-                     headroom=headroom)
+                     headroom=headroom, growth_factor=growth_factor,
+                     saturated_fraction=saturated_fraction)
 
 
 def fp8_e4m3(scaling: Scaling = "channel", *, block_size: int = 32,
              scale_policy: ScalePolicy = "sticky", headroom: float = 2.0,
-             axis: int = -1) -> QuantFormat:
+             axis: int = -1, growth_factor: float | None = None,
+             saturated_fraction: float = 0.0) -> QuantFormat:
   """FP8 E4M3 (``float8_e4m3fn``, max 448, no inf); the paper's row-wise default.
 
   Example:
@@ -226,32 +269,53 @@ def fp8_e4m3(scaling: Scaling = "channel", *, block_size: int = 32,
     448.0
   """
   return _make("fp8_e4m3", ml_dtypes.float8_e4m3fn, scaling, block_size,
-               scale_policy, headroom, axis)
+               scale_policy, headroom, axis, growth_factor, saturated_fraction)
 
 
 def fp8_e5m2(scaling: Scaling = "channel", *, block_size: int = 32,
              scale_policy: ScalePolicy = "sticky", headroom: float = 2.0,
-             axis: int = -1) -> QuantFormat:
+             axis: int = -1, growth_factor: float | None = None,
+             saturated_fraction: float = 0.0) -> QuantFormat:
   """FP8 E5M2 (``float8_e5m2``, max 57344): more range, one mantissa bit less."""
   return _make("fp8_e5m2", ml_dtypes.float8_e5m2, scaling, block_size,
-               scale_policy, headroom, axis)
+               scale_policy, headroom, axis, growth_factor, saturated_fraction)
 
 
 def int8(scaling: Scaling = "channel", *, block_size: int = 32,
-         scale_policy: ScalePolicy = "fixed", headroom: float = 1.0,
-         axis: int = -1) -> QuantFormat:
-  """INT8, symmetric codes in ``[-127, 127]``; fixed absmax scales by default.
+         scale_policy: ScalePolicy = "sticky", headroom: float = 1.25,
+         axis: int = -1, growth_factor: float | None = 1.25,
+         saturated_fraction: float = 0.0) -> QuantFormat:
+  """INT8, symmetric codes in ``[-127, 127]``; row-wise sticky scales, ``h = 1.25``.
 
-  A weight that must outgrow its initial range needs ``scale_policy="sticky"``
-  with a headroom above 1 (e.g. 2: it starts with one bit of room and doubles).
+  The largest weight of a channel (one scale per index of ``axis``) starts at
+  code 102 (``127 / 1.25``); the scale grows by 1.25 when a code reaches 127
+  and shrinks by 1.25 when every code stays below 81. A growth re-rounds the
+  channel on a grid 127 steps fine, cheaper than clipping a weight that has to
+  grow (``docs/guide.md`` has the measurements).
+
+  Example:
+    >>> import jax.numpy as jnp, eco_optax as eco
+    >>> q = eco.quantize_array(jnp.array([[1.0], [-0.5]]), eco.int8())
+    >>> q.values.tolist()
+    [[102], [-51]]
   """
-  return _make("int8", np.int8, scaling, block_size, scale_policy, headroom, axis)
+  return _make("int8", np.int8, scaling, block_size, scale_policy, headroom, axis,
+               growth_factor, saturated_fraction)
 
 
 def int4(scaling: Scaling = "tensor", *, block_size: int = 32,
-         scale_policy: ScalePolicy = "fixed", headroom: float = 1.0,
-         axis: int = -1) -> QuantFormat:
+         scale_policy: ScalePolicy = "sticky", headroom: float = 1.0,
+         axis: int = -1, growth_factor: float | None = 1.25,
+         saturated_fraction: float = 1 / 64) -> QuantFormat:
   """INT4 (ml_dtypes ``int4``), symmetric codes in ``[-7, 7]``; tensor-wise as in the paper.
+
+  The scale starts at the exact absmax (``h = 1``: all 15 codes in use) and is
+  sticky: it grows by ``growth_factor`` 1.25 once more than ``saturated_fraction``
+  (1/64) of the tensor's codes sit at +-7, and shrinks by 1.25 when every code
+  stays within +-5 (below ``7 / 1.25``). On a grid this coarse a few weights clipped at the top cost
+  less than a coarser grid for all (the MSE-optimal 4-bit clip of a Gaussian
+  leaves about 1% of it saturated), while weights that all have to grow (a small
+  initialisation, a fine-tune that moves far) still can.
 
   Example:
     >>> import eco_optax as eco
@@ -260,12 +324,13 @@ def int4(scaling: Scaling = "tensor", *, block_size: int = 32,
     (64, 4)
   """
   return _make("int4", ml_dtypes.int4, scaling, block_size, scale_policy,
-               headroom, axis)
+               headroom, axis, growth_factor, saturated_fraction)
 
 
 def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
              block_size: int | None = None, scale_policy: ScalePolicy = "sticky",
-             headroom: float | None = None) -> QuantFormat:
+             headroom: float | None = None, growth_factor: float | None = None,
+             saturated_fraction: float = 0.0) -> QuantFormat:
   """FP4 E2M1 weights with one-byte block scales: OCP MXFP4 or NVIDIA NVFP4.
 
   Elements are ``float4_e2m1fn`` (magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6, so
@@ -317,7 +382,8 @@ def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
       block_size=(32 if mx else 16) if block_size is None else block_size,
       scale_policy=scale_policy,
       headroom=(2.0 if mx else 1.5) if headroom is None else headroom,
-      scale_dtype=ml_dtypes.float8_e8m0fnu if mx else ml_dtypes.float8_e4m3fn)
+      scale_dtype=ml_dtypes.float8_e8m0fnu if mx else ml_dtypes.float8_e4m3fn,
+      growth_factor=growth_factor, saturated_fraction=saturated_fraction)
 
 
 def bf16() -> QuantFormat:
@@ -551,11 +617,64 @@ def _code_absmax(values: jax.Array, fmt: QuantFormat) -> jax.Array:
   return jax.lax.bitcast_convert_type(top, fmt.dtype).astype(jnp.float32)
 
 
+def _group_size(shape: tuple[int, ...], fmt: QuantFormat) -> int:
+  """Elements per scale group."""
+  return math.prod(shape) // math.prod(fmt.scale_shape(shape))
+
+
+def _at_max(values: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """Where a code sits at ``+-rho`` (bool)."""
+  if fmt.is_integer:
+    return jnp.abs(values.astype(jnp.int8)) >= int(fmt.max_value)
+  bits = jnp.dtype(f"uint{fmt.bits}")
+  sign_cleared = bits.type((1 << (fmt.bits - 1)) - 1)
+  top = jax.lax.bitcast_convert_type(jnp.asarray(fmt.max_value, fmt.dtype), bits)
+  return (jax.lax.bitcast_convert_type(values, bits) & sign_cleared) == top
+
+
+def _saturated_count(values: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """How many codes of each scale group sit at ``+-rho`` (int32, shaped like the scale)."""
+  at_max = _at_max(values, fmt).astype(jnp.int32)
+  if fmt.scaling == "tensor":
+    return jnp.sum(at_max)
+  axis = _normalize_axis(fmt.axis, values.ndim, fmt.name)
+  if fmt.scaling == "channel":
+    others = tuple(i for i in range(values.ndim) if i != axis)
+    return jnp.sum(at_max, axis=others, keepdims=True)
+  return jnp.sum(_blocked(at_max, fmt), axis=axis + 1)
+
+
+def saturation(q: QuantizedArray) -> jax.Array:
+  """The fraction of ``q``'s codes at the format's largest magnitude ``+-rho`` (FP32 scalar).
+
+  Weights pinned there cannot grow under a ``fixed`` scale (and trigger a
+  ``sticky`` one). :func:`eco_optax.apply_updates` warns when more than
+  :data:`SATURATION_WARNING` of a fixed-scale leaf's codes saturate.
+
+  Example:
+    >>> import jax.numpy as jnp, eco_optax as eco
+    >>> q = eco.quantize_array(jnp.array([[1.0, -1.0, 0.5, 0.0]]),
+    ...                        eco.int8("tensor", scale_policy="fixed"))
+    >>> float(eco.quantize.saturation(q))
+    0.5
+  """
+  if q.fmt.lossless or q.fmt.scaling == "none":
+    return jnp.zeros((), jnp.float32)
+  at_max = _at_max(q.values, q.fmt).reshape(-1)
+  if q.size % 64 == 0:   # XLA:CPU materializes a reduction's input: keep it 1 byte wide
+    at_max = at_max.astype(jnp.uint8).reshape(-1, 64).sum(axis=1, dtype=jnp.uint8)
+  return jnp.sum(at_max, dtype=jnp.int32).astype(jnp.float32) / q.size
+
+
+# apply_updates warns when a fixed-scale leaf has more than this fraction of its codes at +-rho.
+SATURATION_WARNING = 0.01
+
+
 def _sticky(scale: jax.Array, grow: jax.Array, used: jax.Array, limit: float,
-            h: float, floor: float) -> jax.Array:
-  """``scale * h`` where ``grow``; ``scale / h`` where ``0 < used < limit / h**2``."""
-  shrink = (used > 0) & (used * h * h < limit) & (scale / h >= floor)
-  return jnp.where(shrink, scale / h, jnp.where(grow, scale * h, scale))
+            h: float, g: float, floor: float) -> jax.Array:
+  """``scale * g`` where ``grow``; ``scale / g`` where ``0 < used < limit / (h * g)``."""
+  shrink = (used > 0) & (used * h * g < limit) & (scale / g >= floor)
+  return jnp.where(shrink, scale / g, jnp.where(grow, scale * g, scale))
 
 
 def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
@@ -563,10 +682,18 @@ def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
   fmt = q.fmt
   if fmt.lossless or fmt.scale_policy == "fixed" or fmt.scaling == "none":
     return q.scale, q.tensor_scale
-  rho, h, scale = fmt.max_value, fmt.headroom, q.effective_scale
+  rho, scale = fmt.max_value, q.effective_scale
   code_max = _code_absmax(q.values, fmt)
   if fmt.scale_policy == "sticky":
-    new = _sticky(scale, code_max >= rho, code_max, rho, h, _MIN_SCALE)
+    grow = code_max >= rho
+    if fmt.saturated_fraction > 0:
+      grow = _saturated_count(q.values, fmt) > fmt.saturated_fraction * _group_size(q.shape, fmt)
+    new = _sticky(scale, grow, code_max, rho, fmt.headroom, fmt.growth, _MIN_SCALE)
+  elif fmt.is_integer:
+    # The largest code lands on the integer k = floor(rho / h), exactly: a fixed
+    # point (h * max|Q(w)| / rho re-rounded would drift by a code every step).
+    new = code_max * scale / math.floor(rho / fmt.headroom)
+    new = jnp.where(new >= _MIN_SCALE, new, scale)
   else:
     new = _absmax_scale(code_max * scale, fmt)
     new = jnp.where(new >= _MIN_SCALE, new, scale)
@@ -575,7 +702,7 @@ def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
     old = q.tensor_scale
     used = jnp.max(jnp.where(code_max > 0, new, 0.0)) / old   # largest block code
     tensor_scale = _clip_tensor_scale(
-        _sticky(old, used > _E4M3_MAX, used, _E4M3_MAX, 2.0, 0.0), fmt)
+        _sticky(old, used > _E4M3_MAX, used, _E4M3_MAX, 2.0, 2.0, 0.0), fmt)
   return _encode_scale(new, fmt, tensor_scale, active=code_max > 0)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -220,6 +221,21 @@ def check_formats_match(params: Any, formats: Optional[LeafFormats]) -> None:
   raise ValueError(f"the optimizer state has parameters these params lack: {missing[:5]}")
 
 
+def _warn_if_saturated(path: str, fmt: qz.QuantFormat, fraction: jax.Array) -> None:
+  """Warns (from the running step, once per leaf) when a fixed scale pins many codes at +-rho."""
+
+  def warn(fraction):
+    warnings.warn(
+        f"{path}: more than {qz.SATURATION_WARNING:.0%} of this {fmt.name} leaf's codes sit "
+        f"at the format's largest magnitude +-{fmt.max_value:g} under scale_policy='fixed', "
+        "which never grows: updates that would move these weights further out are clipped. "
+        "Use scale_policy='sticky' (it grows the scale when codes saturate) or a "
+        f"larger headroom (now {fmt.headroom:g}).", RuntimeWarning, stacklevel=2)
+
+  jax.lax.cond(fraction > qz.SATURATION_WARNING,
+               lambda: jax.debug.callback(warn, fraction), lambda: None)
+
+
 def _quantized_update(path: str, p: qz.QuantizedArray, u: jax.Array) -> qz.QuantizedArray:
   if jnp.shape(u) != p.shape:
     raise ValueError(f"{path}: update has shape {jnp.shape(u)}, expected {p.shape}")
@@ -240,6 +256,9 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: jax.Array) -> qz.Quant
   scale = jnp.where(applied, scale, p.scale)
   if tensor_scale is not None:
     tensor_scale = jnp.where(applied, tensor_scale, p.tensor_scale)
+  if p.fmt.scale_policy == "fixed" and p.fmt.scaling != "none":
+    new = dataclasses.replace(p, values=qz.bits_to_values(u, p.fmt))
+    _warn_if_saturated(path, p.fmt, jnp.where(applied, qz.saturation(new), 0.0))
   poisoned = (u[first] & POISON) != 0
   if p.fmt.has_tensor_scale:
     tensor_scale = jnp.where(poisoned, jnp.nan, tensor_scale)

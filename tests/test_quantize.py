@@ -158,7 +158,7 @@ def test_stochastic_rounding_is_deterministic_given_the_key():
 
 @pytest.mark.parametrize("policy", ["fixed", "sticky", "dynamic"])
 def test_scale_policies(policy):
-  fmt = eco.int8("tensor", scale_policy=policy, headroom=2.0)
+  fmt = eco.int8("tensor", scale_policy=policy, headroom=2.0, growth_factor=2.0)
   x = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)
   q = eco.quantize_array(x, fmt)
   s0 = float(q.scale)
@@ -171,9 +171,31 @@ def test_scale_policies(policy):
   elif policy == "sticky":
     assert grow == 2 * s0 and shrink == s0 / 2
     assert float(qz.next_scale(q)) == s0   # codes up to 64: no reason to move
-  else:
-    np.testing.assert_allclose(grow, 2 * 127 * s0 / 127, rtol=1e-6)
-    np.testing.assert_allclose(shrink, 2 * 6 * s0 / 127, rtol=1e-6)
+  else:   # the largest code lands on floor(127 / 2) = 63 exactly
+    np.testing.assert_allclose(grow, 127 * s0 / 63, rtol=1e-6)
+    np.testing.assert_allclose(shrink, 6 * s0 / 63, rtol=1e-6)
+    regrown = qz.requantize(saturated, saturated.dequantize())
+    assert float(jnp.max(jnp.abs(regrown.values.astype(jnp.int32)))) == 63
+    assert float(qz.next_scale(regrown)) == float(regrown.scale)   # a fixed point
+
+
+@pytest.mark.parametrize("fmt", [eco.int8("tensor", scale_policy="dynamic", headroom=2.0),
+                                 eco.int4("tensor", scale_policy="dynamic", headroom=1.25),
+                                 eco.int8(scale_policy="dynamic", headroom=1.5),
+                                 eco.fp8_e4m3(scale_policy="dynamic"),
+                                 eco.fp4_e2m1("mxfp4", scale_policy="dynamic"),
+                                 eco.fp4_e2m1("nvfp4", scale_policy="dynamic")])
+def test_dynamic_scale_does_not_drift_when_the_weights_do_not_change(fmt):
+  """Re-storing the same weights must not move the scale: rounding the largest code up
+  (INT4 at headroom 1.25: 7/1.25 = 5.6 -> 6) once grew an integer scale by 7% a step, to inf."""
+  x = jax.random.normal(jax.random.key(0), (64, 64))
+  q = eco.quantize_array(x, fmt)
+  scales = []
+  for _ in range(4):
+    q = qz.requantize(q, q.dequantize())
+    scales.append(np.asarray(q.effective_scale))
+  for s in scales[2:]:
+    np.testing.assert_array_equal(s, scales[1])
 
 
 def test_sticky_float_rescale_by_headroom_is_exact():
@@ -189,7 +211,10 @@ def test_sticky_float_rescale_by_headroom_is_exact():
     (dict(scaling="row"), "scaling must be one of"),
     (dict(scale_policy="amax"), "scale_policy must be one of"),
     (dict(headroom=0.5), "headroom must be"),
-    (dict(headroom=1.0), "headroom=1 would never move it"),   # sticky by default
+    (dict(headroom=1.0), "so 1.0 would never move it"),   # sticky by default
+    (dict(growth_factor=1.0), "so 1.0 would never move it"),
+    (dict(scale_policy="dynamic", headroom=1.0), "with headroom=1 no weight can ever grow"),
+    (dict(saturated_fraction=1.0), r"saturated_fraction must be in \[0, 1\)"),
 ])
 def test_bad_format_arguments_raise(bad, match):
   with pytest.raises(ValueError, match=match):

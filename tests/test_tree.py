@@ -204,8 +204,9 @@ def test_applying_a_step_allocates_nothing_the_size_of_the_weights_in_fp32(polic
       q, updates).compile().memory_analysis()
   assert memory.alias_size_in_bytes >= n          # the new codes go into the donated buffer
   if policy == "fixed":
-    # Nothing is read but the update: no temporary the size of the weights at all.
-    assert memory.temp_size_in_bytes < n, memory.temp_size_in_bytes
+    # The update is copied; the saturation check (a fixed scale cannot grow) reads the
+    # codes once, one byte per code: nothing the size of the weights in FP32.
+    assert memory.temp_size_in_bytes <= n + 65536, memory.temp_size_in_bytes
   else:
     # An FP32 copy of the weights would be 4 MiB. What XLA:CPU allocates (2 MiB, 1 byte
     # per code twice): the codes with their sign bit cleared, the input of the policy's
