@@ -353,8 +353,10 @@ def test_the_weights_random_numbers_do_not_depend_on_the_moments(mode):
 
 
 def _train_mlp(steps=200, mode="eco", **moment_kw):
-  """FP8 ECO-SR AdamW on the regression MLP of examples/sharded_training.py: held-out loss."""
-  q = eco.quantize_params(st.init_mlp(jax.random.key(0), (32, 64, 64, 32)), eco.fp8_e4m3())
+  """FP8 ECO-SR AdamW on the regression MLP of examples/sharded_training.py: held-out loss.
+
+  One executable from the initial weights to the held-out loss (eager, the setup and
+  the evaluation took more compiles than the training)."""
   tx = eco.adamw(optax.cosine_decay_schedule(1e-2, steps, 0.05), weight_decay=1e-4,
                  mode=mode, rounding="stochastic", seed=1, **moment_kw)
 
@@ -364,8 +366,13 @@ def _train_mlp(steps=200, mode="eco", **moment_kw):
     updates, state = tx.update(grads, state, q)
     return (eco.apply_updates(q, updates), state), None
 
-  (q, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, jnp.arange(steps)))((q, tx.init(q)))
-  return float(st.loss_fn(eco.dequantize_params(q), st.make_batch(10**6, 1024, 32, 32)))
+  @jax.jit
+  def train():
+    q = eco.quantize_params(st.init_mlp(jax.random.key(0), (32, 64, 64, 32)), eco.fp8_e4m3())
+    (q, _), _ = jax.lax.scan(body, (q, tx.init(q)), jnp.arange(steps))
+    return st.loss_fn(eco.dequantize_params(q), st.make_batch(10**6, 1024, 32, 32))
+
+  return float(train())
 
 
 @pytest.mark.slow
@@ -416,18 +423,23 @@ def check_sharded_equals_single():
   (Gradients themselves differ in the last bits when the batch is split:
   tests/test_sharding.py compares the weights and the losses of whole training.)
   """
-  q = eco.quantize_params(st.init_mlp(jax.random.key(0), (32, 64, 64, 32)), eco.fp8_e4m3())
-  dense = eco.dequantize_params(q)
-  grads = [jax.tree.map(lambda p, i=i: 0.1 * jax.random.normal(jax.random.key(i), p.shape), dense)
-           for i in range(5)]
+  @jax.jit        # the setup in one executable, not an eager compile per operation
+  def setup():
+    q = eco.quantize_params(st.init_mlp(jax.random.key(0), (32, 64, 64, 32)), eco.fp8_e4m3())
+    dense = eco.dequantize_params(q)
+    return q, [jax.tree.map(lambda p, i=i: 0.1 * jax.random.normal(jax.random.key(i), p.shape),
+                            dense) for i in range(5)]
+
+  q, grads = setup()
   mesh = st.make_mesh()
   for spec in (EIGHT_BIT, jnp.bfloat16):
     tx = eco.adamw(1e-2, rounding="stochastic", seed=1, mu_dtype=spec, nu_dtype=spec)
+    init = jax.jit(tx.init)(q)
     results = []
     for sharded in (False, True):
-      qm, state = q, tx.init(q)
-      if sharded:
-        qm, state = st.shard((qm, state), mesh)
+      # Committed placement from the start: the second step does not compile again.
+      qm, state = (st.shard if sharded else lambda t, _: jax.device_put(t, jax.devices()[0]))(
+          (q, init), mesh)
       shardings = jax.tree.map(lambda x: x.sharding, (qm, state))
 
       def step(q, state, g):
