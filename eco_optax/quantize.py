@@ -654,7 +654,7 @@ def saturation(q: QuantizedArray) -> jax.Array:
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
     >>> q = eco.quantize_array(jnp.array([[1.0, -1.0, 0.5, 0.0]]),
-    ...                        eco.int8("tensor", scale_policy="fixed"))
+    ...                        eco.int8("tensor", scale_policy="fixed", headroom=1.0))
     >>> float(eco.quantize.saturation(q))
     0.5
   """

@@ -121,7 +121,8 @@ def test_command_line_overrides_the_chosen_config():
   fmts = bench.formats_from_args(bench.parse_args(["--int4-scaling", "block",
                                                    "--fp8-scale-policy", "dynamic"]))
   assert fmts["int4"].scaling == "block" and fmts["fp8"].scale_policy == "dynamic"
-  assert fmts["fp8"].scaling == "channel" and fmts["int4"].scale_policy == "fixed"
+  assert fmts["fp8"].scaling == eco.fp8_e4m3().scaling
+  assert fmts["int4"].scale_policy == eco.int4().scale_policy
 
 
 def test_step_benchmark_small_size():
