@@ -30,7 +30,7 @@ learning-rate scalars differently in the two programs, a few ulps apart after
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, NamedTuple, Sequence, Union
+from typing import Any, Callable, Literal, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,11 @@ class LeafRule(NamedTuple):
     precondition: ``(old_state, new_state, grad, error) -> P(error)``.
     elementwise: whether the transformation acts on each element alone, so that
       a leaf may be stepped one block of rows at a time.
+    precondition_before: ``(old_state, error) -> P_{t-1}(error)``, the previous
+      step's ``P`` from the state that step returned, in which the debt the
+      momentum carries was written (Adam's moves with ``v`` and the bias
+      correction). ``None`` where the state does not determine it (Lion and
+      Muon read the previous gradient): the current ``P`` stands in.
   """
   transform: optax.GradientTransformation
   beta: float
@@ -77,6 +82,7 @@ class LeafRule(NamedTuple):
   unpack: Callable[[Any], dict]
   precondition: Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
   elementwise: bool = True
+  precondition_before: Optional[Callable[[Any, jax.Array], jax.Array]] = None
 
 
 class MomentumRule(NamedTuple):
@@ -100,6 +106,11 @@ def _identity_precondition(old, new, grad, error):
   return error
 
 
+def _identity_precondition_before(old, error):
+  del old
+  return error
+
+
 def sgdm_rule(momentum: float = 0.9) -> MomentumRule:
   """EMA-momentum SGD (the paper's Algorithm 2): ``m~ = b*m + (1-b)*g``, ``d = m~``.
 
@@ -109,7 +120,8 @@ def sgdm_rule(momentum: float = 0.9) -> MomentumRule:
   leaf = LeafRule(
       transform=optax.ema(momentum, debias=False), beta=momentum,
       pack=lambda count, m: optax.EmaState(count=count, ema=m["mu"]),
-      unpack=lambda s: {"mu": s.ema}, precondition=_identity_precondition)
+      unpack=lambda s: {"mu": s.ema}, precondition=_identity_precondition,
+      precondition_before=_identity_precondition_before)
   return MomentumRule(SGDMMoments, lambda p: (leaf, ("mu",)))
 
 
@@ -127,7 +139,8 @@ def _adam_leaf(b1, b2, eps, eps_root, nesterov) -> LeafRule:
   return LeafRule(
       transform=optax.scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov), beta=b1,
       pack=lambda count, m: optax.ScaleByAdamState(count=count, mu=m["mu"], nu=m["nu"]),
-      unpack=lambda s: {"mu": s.mu, "nu": s.nu}, precondition=precondition)
+      unpack=lambda s: {"mu": s.mu, "nu": s.nu}, precondition=precondition,
+      precondition_before=lambda old, error: precondition(None, old, None, error))
 
 
 def adam_rule(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,

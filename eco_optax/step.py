@@ -67,6 +67,8 @@ class Block(NamedTuple):
       (``value = Q(target)`` in FP32).
     encode_error: ``e -> (stored, value)``: an error as kept between steps
       (bfloat16 code units, :func:`error_format`) and the FP32 value of that.
+    eta_before: the previous step's learning rate ``eta_{t-1}`` (0 at the first
+      step): the debt the momentum carries was written in its units.
   """
   grad: jax.Array
   stored: jax.Array
@@ -74,6 +76,7 @@ class Block(NamedTuple):
   extra: Optional[jax.Array]
   quantize: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
   encode_error: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+  eta_before: jax.Array
 
 
 # (rule, eta, decay, block) -> (codes, new optax state, new extra or None)
@@ -180,8 +183,8 @@ class _Quantizer:
 
 
 def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.QuantizedArray,
-                    grad, stored_moments: dict, extra, count, eta, decay, rounding,
-                    key, moment_keys: dict):
+                    grad, stored_moments: dict, extra, count, eta, eta_before, decay,
+                    rounding, key, moment_keys: dict):
   """Steps one quantized leaf: returns ``(update, stored moments, extra)``."""
   fmt, shape = q.fmt, q.shape
   row_size = math.prod(shape[1:])
@@ -224,7 +227,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
                                    err_fmt)
     block = Block(g.astype(jnp.float32), _dequantize_block(bits, s, fmt),
                   rule.pack(count, decoded), extra_in, quantizer,
-                  lambda e: error_store(e))
+                  lambda e: error_store(e), eta_before)
     codes, state, extra_out = mode.step(rule, eta, decay, block)
     new = rule.unpack(state)
     out = [qz.grid_to_bits(codes, fmt) | VALID]
@@ -393,6 +396,8 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     g_leaves = treedef.flatten_up_to(grads)
     eta = jnp.asarray(schedule(state.count), jnp.float32)
     count = state.count
+    eta_before = jnp.where(count > 0, jnp.asarray(schedule(jnp.maximum(count - 1, 0)),
+                                                  jnp.float32), 0.0)
     n_lossy = sum(map(_is_lossy, leaves))
     keys = jax.random.split(state.key, n_lossy + 1)
     next_key, leaf_keys = keys[0], iter(keys[1:])
@@ -418,7 +423,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
             error[i] if mode.extra == "error" else None)
         u, moments_out, extra = _quantized_leaf(
             mode, leaf_rule, fields, formats, p, g, moments_in, extra, count, eta,
-            0.0 if lam is None else lam, rounding, next(leaf_keys), mkeys)
+            eta_before, 0.0 if lam is None else lam, rounding, next(leaf_keys), mkeys)
       else:
         value = p.values if _is_quantized(p) else p
         u, moments_out = _plain_leaf(leaf_rule, fields, formats, value, g, moments_in,
