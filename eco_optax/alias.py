@@ -139,9 +139,9 @@ def muon(learning_rate: optax.ScalarOrSchedule,
   of the other leaves.
 
   In ECO mode the error ``E = W~ - Q(W~)`` of a quantized matrix enters the
-  momentum as ``M = M~ + c_{t-1} P(E) - c_t P(E) / beta``, ``c = (1-eta*lambda)/eta``
-  (``c (1 - 1/beta) P(E)`` at a constant learning rate; ``P`` is this step's, since
-  the previous step's depends on its gradient).
+  momentum as ``M = M~ + ((1-eta*lambda)/eta)(1 - 1/beta) P(E)``, the paper's
+  constant-units form: ``P`` reads the step's gradient, so the previous step's ``P``
+  is not in the state (:func:`eco_optax.transform.debt_written_before`).
   ``injection="frozen"`` is the blog's first-order rule for updates ``g(X) X h(X)``
   with ``g, h`` frozen; for Muon's ``s X (X^T X)^-1/2`` (``s = sqrt(max(1, n/m))``):
 
@@ -198,7 +198,7 @@ def lion(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
 
   ``w~ = (1-eta*lambda) w - eta sign(b1 m + (1-b1) g)``, ``m = b2 m + (1-b2) g``;
   with the lossless format it equals :func:`optax.lion`. In ECO mode
-  ``m = m~ + (k_{t-1} - k_t / b2) (b2/b1) |c| e``, ``k = (1-eta*lambda)/eta``, with
+  ``m = m~ + ((1-eta*lambda)/eta)(1 - 1/b2) (b2/b1) |c| e`` with
   ``c = b1 m + (1-b1) g`` (:func:`eco_optax.rules.lion_rule`, the sign frozen as
   ``c/|c|``). A debt can flip a step's sign, never lengthen it: when ``eta`` is below
   half a grid step ECO equals naive rounding. Measured on a 32x16 regression

@@ -73,19 +73,20 @@ def _inject(rule: rules.LeafRule, state, delta: jax.Array):
   return rule.pack(state.count, moments)
 
 
-def debt_written_before(rule: rules.LeafRule, decay, b: Block, state,
+def debt_written_before(rule: rules.LeafRule, eta: jax.Array, decay, b: Block, state,
                         error: jax.Array) -> jax.Array:
   """``c_{t-1} P_{t-1}(error)``: a debt in the units of the previous step (0 at the first).
 
   The momentum ``m_t`` carries ``-c_{t-1} P_{t-1}(e_t)`` (times ``beta`` after its
   decay): ``c_{t-1} = (1 - eta_{t-1} lambda) / eta_{t-1}`` and ``P_{t-1}`` as the
-  previous step applied them (:attr:`rules.LeafRule.precondition_before`; the
-  current ``P`` where the state does not determine it).
+  previous step applied them (:attr:`rules.LeafRule.precondition_before`). Where
+  the state does not determine ``P_{t-1}`` (Lion's and Muon's read the previous
+  gradient) this is ``c_t P_t(error)``, which makes the injection the paper's
+  constant-units ``c_t (1 - 1/beta) P_t(e)``.
   """
   if rule.precondition_before is None:
-    p_error = rule.precondition(b.state, state, b.grad, error)
-  else:
-    p_error = rule.precondition_before(b.state, error)
+    return payback(eta, decay) * rule.precondition(b.state, state, b.grad, error)
+  p_error = rule.precondition_before(b.state, error)
   return jnp.where(b.eta_before > 0, payback(b.eta_before, decay) * p_error, 0.0)
 
 
@@ -107,7 +108,7 @@ def eco_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
   target = b.stored - eta * (direction + decay * b.stored)
   codes, new_w = b.quantize(target)
   error = jnp.where((eta > 0) & jnp.isfinite(target), target - new_w, 0.0)
-  delta = (debt_written_before(rule, decay, b, state, error)
+  delta = (debt_written_before(rule, eta, decay, b, state, error)
            - payback(eta, decay) * rule.precondition(b.state, state, b.grad, error) / rule.beta)
   return codes, _inject(rule, state, delta), None
 
@@ -131,7 +132,7 @@ def eco_exact_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
   codes, new_w = b.quantize(target)
   error = jnp.where((eta > 0) & jnp.isfinite(target), target - new_w, 0.0)
   kept, kept_value = b.encode_error(error)
-  delta = (debt_written_before(rule, decay, b, state, b.extra)
+  delta = (debt_written_before(rule, eta, decay, b, state, b.extra)
            - payback(eta, decay) * rule.precondition(b.state, state, b.grad, kept_value)
            / rule.beta)
   return codes, _inject(rule, state, delta), kept
