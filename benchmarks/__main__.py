@@ -106,13 +106,13 @@ METHODS = (
     {"fp32": Method("fp32")}
     | {f"{f}-{v}": Method(f"{f}-{v}", f, v) for f in FORMATS for v in VARIANTS}
     | {f"fp8-{v}-{m}-moments": Method(f"fp8-{v}-{m}-moments", "fp8", v, m)
-       for m in MOMENTS for v in ("mw", "eco-sr")})
+       for m in MOMENTS for v in ("mw", "eco-sr", "eco-exact-rtn")})
 # --methods groups: the paper's Table 1 set (the default), and the rows beyond it.
 GROUPS = {
     "paper": ["fp32", *(f"{f}-{v}" for f in ("fp8", "int4") for v in VARIANTS)],
     "fp4": [f"{f}-{v}" for f in ("mxfp4", "nvfp4") for v in VARIANTS if v != "eco-exact-rtn"],
     "moments": ["fp8-mw", "fp8-eco-sr",
-                *(f"fp8-{v}-{m}-moments" for m in MOMENTS for v in ("mw", "eco-sr"))],
+                *(f"fp8-{v}-{m}-moments" for m in MOMENTS for v in ("mw", "eco-sr", "eco-exact-rtn"))],
     "all": list(METHODS),
 }
 
