@@ -73,11 +73,8 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   ``e = w~ - Q(w~)`` enters the first moment as
 
   .. math::
-    m = \tilde m + c_{t-1} P_{t-1}(e) - \frac{c_t}{\beta_1} P_t(e),\quad
-    c = \frac{1-\eta\lambda}{\eta},\quad
-    P_t(e) = (1-\beta_1^t)\left(\sqrt{\hat v_t} + \epsilon\right) e
-
-  (the paper's ``c (1 - 1/b1) P(e)`` when ``eta`` and ``v_hat`` stay put).
+    m = m~ + \frac{(1-\beta_1^t)(1-\eta\lambda)}{\eta}\,(1 - \tfrac{1}{\beta_1})
+        \left(\sqrt{\hat v} + \epsilon\right) e
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, eco_optax as eco
@@ -139,9 +136,7 @@ def muon(learning_rate: optax.ScalarOrSchedule,
   of the other leaves.
 
   In ECO mode the error ``E = W~ - Q(W~)`` of a quantized matrix enters the
-  momentum as ``M = M~ + ((1-eta*lambda)/eta)(1 - 1/beta) P(E)``, the paper's
-  constant-units form: ``P`` reads the step's gradient, so the previous step's ``P``
-  is not in the state (:func:`eco_optax.transform.debt_written_before`).
+  momentum as ``M = M~ + ((1-eta*lambda)/eta)(1 - 1/beta) P(E)``.
   ``injection="frozen"`` is the blog's first-order rule for updates ``g(X) X h(X)``
   with ``g, h`` frozen; for Muon's ``s X (X^T X)^-1/2`` (``s = sqrt(max(1, n/m))``):
 

@@ -9,8 +9,8 @@ direction (before the learning rate)::
 and adds what the error feedback of :mod:`eco_optax.transform` needs beyond it:
 ``beta`` and the preconditioner ``P``, the inverse of the direction's first-order
 response to the momentum. ECO pays a quantization error ``e`` back through
-``m += c_{t-1} P_{t-1}(e) - c_t P_t(e) / beta``, ``c = (1 - eta*lambda) / eta``
-(``((1 - eta*lambda) / eta) (1 - 1/beta) P(e)`` when ``eta`` and ``P`` are constant).
+``m += ((1 - eta*lambda) / eta) * (1 - 1/beta) * P(e)``; its exact rule also needs
+the previous step's ``P`` (``precondition_before``).
 
 ==========================  =================================  ===============================
 rule                        optax transformation               ``P(e)``

@@ -55,54 +55,42 @@ def test_eco_rtn_recovers_what_naive_rtn_loses():
   assert final["eco"] < 2.0 * final["master_weights"], final
 
 
-def test_injection_keeps_each_debt_in_the_units_it_was_written_in():
-  """SGDM, weight decay, a learning rate that halves: m = m~ + c_{t-1} e - c_t e / beta.
-
-  ``c = (1 - eta*lambda)/eta`` of the step before and of this one, ``e = target - Q(target)``:
-  the first step injects ``-c_1 e / beta`` (no debt before it); with a constant
-  learning rate the two terms are the paper's ``c (1 - 1/beta) e``.
-  """
-  etas, beta, lam = (0.1, 0.05), 0.9, 0.5
+def test_injection_coefficient_with_weight_decay():
+  """m = m~ + ((1 - eta*lambda)/eta) (1 - 1/beta) e, with e = target - Q(target)."""
+  eta, beta, lam = 0.1, 0.9, 0.5
   fmt = eco.int4("tensor", headroom=1.0)
   q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, fmt)
   g = {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
-  tx = eco.sgdm(lambda count: jnp.where(count == 0, etas[0], etas[1]), beta, weight_decay=lam)
-  state, m, c_before = tx.init(q), jnp.zeros((8, 8)), 0.0
-  for eta in etas:
-    updates, state = tx.update(g, state, q)
-    w = q["w"].dequantize()
-    m_tilde = beta * m + (1 - beta) * g["w"]
-    target = (1 - eta * lam) * w - eta * m_tilde
-    new_w = qz.requantize(q["w"], target).dequantize()
-    np.testing.assert_allclose(np.asarray(_applied(q, updates)), np.asarray(new_w - w), atol=1e-7)
-    assert float(jnp.max(jnp.abs(target - new_w))) > 0.01   # the error is not trivial
-    c = (1 - eta * lam) / eta
-    m = m_tilde + c_before * (target - new_w) - c * (target - new_w) / beta
-    np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(m),
-                               rtol=1e-5, atol=1e-6)
-    q, c_before = eco.apply_updates(q, updates), c
+  tx = eco.sgdm(eta, beta, weight_decay=lam)
+  state = tx.init(q)
+  updates, state = tx.update(g, state, q)
+  w = q["w"].dequantize()
+  m_tilde = (1 - beta) * g["w"]
+  target = (1 - eta * lam) * w - eta * m_tilde
+  new_w = qz.requantize(q["w"], target).dequantize()
+  np.testing.assert_allclose(np.asarray(_applied(q, updates)), np.asarray(new_w - w), atol=1e-7)
+  expected = m_tilde + (1 - eta * lam) / eta * (1 - 1 / beta) * (target - new_w)
+  assert float(jnp.max(jnp.abs(target - new_w))) > 0.01   # the error is not trivial
+  np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(expected),
+                             rtol=1e-5, atol=1e-6)
 
 
-def test_adam_injection_uses_the_preconditioner_of_each_step():
-  """Adam: m = m~ + c P_{t-1}(e) - c P_t(e) / b1, P_t(e) = (1-b1^t)(sqrt(v_hat_t)+eps) e."""
+def test_adam_injection_uses_the_preconditioner():
+  """Adam: m += ((1-b1^t)(1-eta*lambda)/eta)(1 - 1/b1)(sqrt(v_hat)+eps) e."""
   eta, b1, b2, eps, lam = 0.05, 0.9, 0.99, 1e-8, 0.1
   fmt = eco.int8("tensor", headroom=1.0)
   q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, fmt)
-  grads = [jnp.linspace(0.3, -0.2, 64).reshape(8, 8), jnp.linspace(-0.1, 0.5, 64).reshape(8, 8)]
+  g = {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
   tx = eco.adamw(eta, b1, b2, eps, weight_decay=lam)
-  state, c = tx.init(q), (1 - eta * lam) / eta
-  m, v, p_before = jnp.zeros((8, 8)), jnp.zeros((8, 8)), None
-  for t, g in enumerate(grads, start=1):
-    updates, state = tx.update({"w": g}, state, q)
-    w = q["w"].dequantize()
-    m_tilde, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
-    p = (1 - b1 ** t) * (jnp.sqrt(v / (1 - b2 ** t)) + eps)
-    target = w - eta * (m_tilde / p + lam * w)
-    e = target - (w + _applied(q, updates))
-    m = m_tilde - c * p * e / b1 + (0.0 if p_before is None else c * p_before * e)
-    np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(m),
-                               rtol=1e-5, atol=1e-7)
-    q, p_before = eco.apply_updates(q, updates), p
+  updates, state = tx.update(g, tx.init(q), q)
+  w = q["w"].dequantize()
+  m_t, v_t = (1 - b1) * g["w"], (1 - b2) * g["w"] ** 2
+  denom = (1 - b1) * (jnp.sqrt(v_t / (1 - b2)) + eps)
+  target = w - eta * (m_t / denom + lam * w)
+  e = target - (w + _applied(q, updates))
+  expected = m_t + (1 - eta * lam) / eta * (1 - 1 / b1) * denom * e
+  np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(expected),
+                             rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.filterwarnings("ignore:.*scale_policy='fixed':RuntimeWarning")  # the fixed range is the point
@@ -369,6 +357,37 @@ def test_exact_rule_injection_on_two_steps():
     m = m_tilde - (1 - eta * lam) / eta * (stored[-1] / beta - stored[-2])
     np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(m),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_exact_rule_keeps_each_debt_in_the_units_it_was_written_in():
+  """A learning rate that halves, Adam's P moving with v and 1 - b1^t:
+
+  m = m~ + c_{t-1} P_{t-1}(e_t) - c_t P_t(e_{t+1}) / b1, c = (1 - eta*lambda)/eta,
+  P_t(e) = (1-b1^t)(sqrt(v_hat_t)+eps) e, each error as kept (bfloat16 code units).
+  """
+  etas, b1, b2, eps, lam = (0.05, 0.025, 0.025), 0.9, 0.99, 1e-8, 0.1
+  fmt = eco.int8("tensor", headroom=1.0)
+  q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, fmt)
+  grads = [jnp.linspace(0.3, -0.2, 64).reshape(8, 8), jnp.linspace(-0.1, 0.5, 64).reshape(8, 8),
+           jnp.linspace(0.2, 0.1, 64).reshape(8, 8)]
+  tx = eco.adamw(lambda count: jnp.asarray(etas)[count], b1, b2, eps, weight_decay=lam,
+                 mode="eco_exact")
+  state = tx.init(q)
+  m, v, debt_before = jnp.zeros((8, 8)), jnp.zeros((8, 8)), jnp.zeros((8, 8))
+  for t, (eta, g) in enumerate(zip(etas, grads), start=1):
+    updates, state = tx.update({"w": g}, state, q)
+    w = q["w"].dequantize()
+    m_tilde, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+    p = (1 - b1 ** t) * (jnp.sqrt(v / (1 - b2 ** t)) + eps)
+    target = w - eta * (m_tilde / p + lam * w)
+    kept = eco.dequantize(state.previous_error["w"])
+    np.testing.assert_allclose(np.asarray(kept), np.asarray(target - (w + _applied(q, updates))),
+                               rtol=2**-7, atol=1e-7)
+    c = (1 - eta * lam) / eta
+    m = m_tilde + debt_before - c * p * kept / b1
+    np.testing.assert_allclose(np.asarray(state.moments.mu["w"]), np.asarray(m),
+                               rtol=1e-5, atol=1e-6)
+    q, debt_before = eco.apply_updates(q, updates), c * p * kept
 
 
 def test_exact_rule_costs_two_bytes_per_parameter():
