@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 import eco_optax as eco
+from _helpers import train_steps
 
 
 class MLP(nn.Module):
@@ -38,23 +39,11 @@ def train(steps=40):
   q = eco.quantize_params(variables["params"], eco.fp8_e4m3())
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    eco.adamw(1e-2, rounding="stochastic"))
-  state = tx.init(q)
 
   def loss_fn(params, x, y):
     return jnp.mean((MODEL.apply({"params": params}, x) - y) ** 2)
 
-  @jax.jit
-  def step(q, state, i):
-    x, y = batch(i)
-    loss, grads = jax.value_and_grad(loss_fn)(eco.dequantize_params(q), x, y)
-    updates, state = tx.update(grads, state, q)
-    return eco.apply_updates(q, updates), state, loss
-
-  losses = []
-  for i in range(steps):
-    q, state, loss = step(q, state, i)
-    losses.append(float(loss))
-  return losses, q
+  return train_steps(tx, q, loss_fn, batch, steps)
 
 
 def test_linen_training_with_fp8_kernels():

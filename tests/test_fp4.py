@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import eco_optax as eco
+from _helpers import train_steps
 from eco_optax import quantize as qz
 
 STYLES = ["mxfp4", "nvfp4"]
@@ -270,20 +271,13 @@ def _regression(fmt, mode, rounding, steps=150, seed=0):
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    eco.adamw(optax.cosine_decay_schedule(3e-2, steps), mode=mode,
                              rounding=rounding, weight_decay=0.0, seed=1))
-  state = tx.init(q)
 
-  @jax.jit
-  def step(q, state, i):
-    x = jax.random.normal(jax.random.fold_in(k3, i), (128, 64))
-    loss, grads = jax.value_and_grad(
-        lambda p: jnp.mean((x @ p["w"] + p["b"] - x @ a) ** 2))(eco.dequantize_params(q))
-    updates, state = tx.update(grads, state, q)
-    return eco.apply_updates(q, updates), state, loss
+  def loss_fn(p, x):
+    return jnp.mean((x @ p["w"] + p["b"] - x @ a) ** 2)
 
-  losses = []
-  for i in range(steps):
-    q, state, loss = step(q, state, i)
-    losses.append(float(loss))
+  losses, q = train_steps(tx, q, loss_fn,
+                          lambda i: (jax.random.normal(jax.random.fold_in(k3, i), (128, 64)),),
+                          steps)
   assert q["w"].values.dtype == ml_dtypes.float4_e2m1fn
   return np.array(losses)
 
