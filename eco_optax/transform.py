@@ -30,7 +30,7 @@ constant units on purpose: with ``e_t`` unknown, the difference ``c_{t-1}
 P(e_{t+1} - e_t)`` of a units-kept memory-free rule grows with ``c_{t-1}/c_t``
 during warm-up and, under stochastic rounding (independent errors), injects noise
 (measured on the benchmark LM: INT4 ECO-SR +61% against master weights instead of
-+5%, ``docs/design.md``).
++4.7%, ``docs/design.md``).
 
 The baselines (naive rounding, master weights) are in :mod:`eco_optax.baselines`;
 :func:`error_feedback` picks the leaf step by ``mode``, and :mod:`eco_optax.step`
