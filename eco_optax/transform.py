@@ -74,7 +74,7 @@ def _inject(rule: rules.LeafRule, state, delta: jax.Array):
   return rule.pack(state.count, moments)
 
 
-def debt_written_before(rule: rules.LeafRule, eta: jax.Array, decay, b: Block, state,
+def _debt_written_before(rule: rules.LeafRule, eta: jax.Array, decay, b: Block, state,
                         error: jax.Array) -> jax.Array:
   """``c_{t-1} P_{t-1}(error)``: a debt in the units of the previous step (0 at the first).
 
@@ -106,8 +106,7 @@ def eco_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
   codes, new_w = b.quantize(target)
   error = jnp.where((eta > 0) & jnp.isfinite(target), target - new_w, 0.0)
   alpha = payback(eta, decay) * (1 - 1 / rule.beta)
-  delta = alpha * rule.precondition(b.state, state, b.grad, error)
-  return codes, _inject(rule, state, delta), None
+  return codes, _inject(rule, state, alpha * rule.precondition(b.state, state, b.grad, error)), None
 
 
 def eco_exact_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
@@ -129,7 +128,7 @@ def eco_exact_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
   codes, new_w = b.quantize(target)
   error = jnp.where((eta > 0) & jnp.isfinite(target), target - new_w, 0.0)
   kept, kept_value = b.encode_error(error)
-  delta = (debt_written_before(rule, eta, decay, b, state, b.extra)
+  delta = (_debt_written_before(rule, eta, decay, b, state, b.extra)
            - payback(eta, decay) * rule.precondition(b.state, state, b.grad, kept_value)
            / rule.beta)
   return codes, _inject(rule, state, delta), kept
