@@ -23,8 +23,9 @@ the method's own jitted optimizer step ``tx.update`` + ``apply_updates``, the
 same executable whose time is reported. (Splitting the step this way compiles
 the model's backward pass once instead of once per method.)
 
-``<fmt>`` is ``fp8`` (E4M3, row-wise scales) or ``int4`` (tensor-wise) for the
-paper's set (``--methods paper``, the default), and ``mxfp4`` / ``nvfp4``
+The default rows (``--methods headline``) are ``fp32`` and the paper's set in FP8
+(master weights, naive RTN / SR, ECO-RTN / SR). ``<fmt>`` is ``fp8`` (E4M3, row-wise
+scales) or ``int4`` (tensor-wise) for ``--methods paper`` (both, with the exact rule), and ``mxfp4`` / ``nvfp4``
 (:func:`eco_optax.fp4_e2m1`) for ``--methods fp4``. ``--methods moments`` adds
 ``fp8-mw-<m>-moments`` and ``fp8-eco-sr-<m>-moments``: AdamW's moments stored in
 bfloat16 (``m = bf16``) or 8-bit block-wise codes (``m = 8bit``), compared with
@@ -40,7 +41,9 @@ paper's findings that the rows run can check.
 (:func:`optax.contrib.muon` / :func:`optax.lion` for ``fp32``, :func:`eco_optax.muon`
 / :func:`eco_optax.lion` otherwise; Muon's AdamW leaves take ``b1``, ``b2``, ``eps``).
 
-Run: ``python -m benchmarks [--quick] [--optimizer adamw] [--methods paper,fp4,fp8-eco-sr,...]``.
+Run: ``python -m benchmarks [--quick] [--optimizer adamw] [--methods paper,fp4,fp8-eco-sr,...]``;
+``--full`` runs ``--methods paper`` and then the studies of :mod:`benchmarks.sweep`,
+:mod:`benchmarks.finetune` and :mod:`benchmarks.long_run`.
 """
 
 from __future__ import annotations
@@ -107,8 +110,10 @@ METHODS = (
     | {f"{f}-{v}": Method(f"{f}-{v}", f, v) for f in FORMATS for v in VARIANTS}
     | {f"fp8-{v}-{m}-moments": Method(f"fp8-{v}-{m}-moments", "fp8", v, m)
        for m in MOMENTS for v in ("mw", "eco-sr", "eco-exact-rtn")})
-# --methods groups: the paper's Table 1 set (the default), and the rows beyond it.
+# --methods groups: the paper's Table 1 set in FP8 (the default), in FP8 and INT4 with
+# the exact rule, and the rows beyond it.
 GROUPS = {
+    "headline": ["fp32", *(f"fp8-{v}" for v in VARIANTS if v != "eco-exact-rtn")],
     "paper": ["fp32", *(f"{f}-{v}" for f in ("fp8", "int4") for v in VARIANTS)],
     "fp4": [f"{f}-{v}" for f in ("mxfp4", "nvfp4") for v in VARIANTS if v != "eco-exact-rtn"],
     "moments": ["fp8-mw", "fp8-eco-sr",
@@ -137,6 +142,7 @@ class BenchConfig:
   seed: int = 0
   optimizer: str = "adamw"
   muon_consistent_rms: float | None = None
+  lr_schedule: str = "cosine"
 
 
 DEFAULT = BenchConfig()
@@ -160,8 +166,13 @@ class Setup(NamedTuple):
 
 
 def schedule(cfg: BenchConfig) -> optax.Schedule:
-  """Warm-up from ``0.01 * peak`` over ``warmup_fraction``, cosine to ``0.1 * peak``."""
+  """Warm-up from ``0.01 * peak`` over ``warmup_fraction``, cosine to ``0.1 * peak``.
+
+  ``cfg.lr_schedule == "constant"``: ``peak`` at every step (fine-tuning).
+  """
   peak = cfg.learning_rate
+  if cfg.lr_schedule == "constant":
+    return optax.constant_schedule(peak)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.01 * peak, peak_value=peak,
       warmup_steps=max(1, int(cfg.warmup_fraction * cfg.steps)),
@@ -222,8 +233,9 @@ def make_eval(loss_fn: Callable) -> Callable:
 
 def train(method: Method, setup: Setup, opt_step: Callable, grad_fn: Callable,
           evaluate: Callable, corpus: bdata.Corpus, starts: np.ndarray,
-          val_batches: jax.Array, cfg: BenchConfig) -> dict:
-  """Trains one method; returns its loss curves, wall time and static memory.
+          val_batches: jax.Array, cfg: BenchConfig) -> tuple[dict, Any]:
+  """Trains one method; returns its loss curves, wall time and static memory, and
+  the trained parameters.
 
   Each step takes the gradient at the stored weights ``Q(w)`` and then runs the
   method's jitted ``opt_step`` (``tx.update`` + ``apply_updates``), the same
@@ -254,7 +266,7 @@ def train(method: Method, setup: Setup, opt_step: Callable, grad_fn: Callable,
               final_val_loss=val_loss[-1][1] if val_loss and not diverged else math.nan,
               train_seconds=time.perf_counter() - start,
               quantized_bytes_per_param=quantized_bytes_per_param(setup),
-              bytes_per_param=eco.memory_report(params, state).bytes_per_param)
+              bytes_per_param=eco.memory_report(params, state).bytes_per_param), params
 
 
 def stored_codes(params: Any) -> list[jax.Array]:
@@ -417,9 +429,13 @@ def finite_or_none(x: Any) -> Any:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny model, few steps (< 3 min)")
-  p.add_argument("--methods", default="paper",
+  p.add_argument("--methods", default="headline",
                  help=f"comma list of methods and groups ({', '.join(GROUPS)}); methods: "
-                      f"{', '.join(METHODS)} (default: paper, the paper's Table 1 set)")
+                      f"{', '.join(METHODS)} (default: headline, the paper's Table 1 set "
+                      "in FP8; paper: in FP8 and INT4, with the exact rule)")
+  p.add_argument("--full", action="store_true",
+                 help="--methods paper, then the learning-rate sweep, the quantized fine-tune "
+                      "and the long run, each in a subfolder of --out (about 50 minutes)")
   p.add_argument("--out", default="results/bench", help="output folder")
   p.add_argument("--data", default=None, help="text file to use instead of the stdlib source")
   for f, scaling in (("fp8", "channel"), ("int4", "tensor")):
@@ -479,8 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   cfg = config_from_args(args)
   formats = formats_from_args(args)
+  methods = "paper" if args.full else args.methods
   names = list(dict.fromkeys(
-      n for item in args.methods.split(",") for n in GROUPS.get(item, [item])))
+      n for item in methods.split(",") for n in GROUPS.get(item, [item])))
   unknown = [n for n in names if n not in METHODS]
   if unknown:
     raise SystemExit(f"unknown methods {unknown}; choose from {list(GROUPS)} or "
@@ -534,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
   results = {}
   for name in names:
     method, (setup, opt_step) = METHODS[name], setup_and_step(name)
-    r = train(method, setup, opt_step, grad_fn, evaluate, corpus, starts, val_batches, cfg)
+    r, _ = train(method, setup, opt_step, grad_fn, evaluate, corpus, starts, val_batches, cfg)
     r["step_seconds"] = (baseline_seconds if method.fmt is None else
                          time_step(setup, opt_step, grads, cfg.timing_repeats))
     r["step_ratio"] = r["step_seconds"] / baseline_seconds
@@ -569,7 +586,27 @@ def main(argv: list[str] | None = None) -> dict:
   save(report)
   (out / "table.txt").write_text(table + "\n")
   print(f"wrote {out / 'results.json'}, {out / 'curves.png'}, {out / 'table.txt'}")
+  if args.full:
+    run_studies(out)
   return report
+
+
+# --full: the studies beyond the table, each in its subfolder of --out.
+STUDIES = {
+    "sweep": ["--width", "64", "--depth", "2", "--heads", "4", "--seq-len", "64",
+              "--steps", "300", "--batch-size", "16", "--eval-every", "100",
+              "--timing-repeats", "3"],
+    "finetune": [],
+    "long_run": [],
+}
+
+
+def run_studies(out: pathlib.Path) -> None:
+  """The learning-rate sweep, the quantized fine-tune and the long run (``STUDIES``)."""
+  from benchmarks import finetune, long_run, sweep  # they import this module
+  for name, module in (("sweep", sweep), ("finetune", finetune), ("long_run", long_run)):
+    print(f"\n== {name}: python -m benchmarks.{name} {' '.join(STUDIES[name])}")
+    module.main([*STUDIES[name], "--out", str(out / name)])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 The default corpus needs no download: it is the Python standard library's own
 source, the sorted ``*.py`` files directly in ``sysconfig.get_paths()["stdlib"]``
 (subfolders excluded), concatenated as raw bytes. Any other text file can be
-used instead. Tokens are bytes, so the vocabulary has 256 entries and losses
+used instead. :func:`load_docs_corpus` is a second distribution for fine-tuning:
+the English prose of the language reference that ships with the standard
+library (``pydoc_data.topics``). Tokens are bytes, so the vocabulary has 256 entries and losses
 are in nats per byte.
 
 Batches are drawn from a seeded ``numpy`` generator so that every method of a
@@ -53,6 +55,18 @@ def load_corpus(path: str | None = None, valid_fraction: float = 0.05) -> Corpus
   else:
     raw = pathlib.Path(path).read_bytes()
     source = str(path)
+  return _split(raw, source, valid_fraction)
+
+
+def load_docs_corpus(valid_fraction: float = 0.05) -> Corpus:
+  """The language reference's topics (``pydoc_data.topics``, English prose with code
+  examples, about 0.7 MB), in sorted topic order, split as :func:`load_corpus`."""
+  from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
+  raw = "\n\n".join(topics[k] for k in sorted(topics)).encode()
+  return _split(raw, f"{len(topics)} pydoc_data.topics entries (English)", valid_fraction)
+
+
+def _split(raw: bytes, source: str, valid_fraction: float) -> Corpus:
   data = np.frombuffer(raw, dtype=np.uint8)
   split = int(len(data) * (1.0 - valid_fraction))
   return Corpus(train=data[:split], valid=data[split:], source=source)

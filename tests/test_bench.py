@@ -11,6 +11,8 @@ from benchmarks import __main__ as bench
 from benchmarks import data as bdata
 from benchmarks import memory as bmemory
 from benchmarks import model as bmodel
+from benchmarks import finetune
+from benchmarks import long_run
 from benchmarks import sweep
 from benchmarks import step as bstep
 
@@ -189,3 +191,60 @@ def test_learning_rate_sweep_on_a_tiny_config(tmp_path):
   assert set(saved) == {"0.01", "0.0001"}
   assert (tmp_path / "sweep.png").stat().st_size > 10_000
   assert "int4 lost" in (tmp_path / "sweep.txt").read_text()
+
+
+def test_docs_corpus_is_english_and_not_the_source_code():
+  docs, code = bdata.load_docs_corpus(), bdata.load_corpus()
+  text = bytes(docs.train[:2000]).decode()
+  assert "statement" in text and "def " not in text[:200]
+  assert bytes(docs.train[:1000]) not in bytes(code.train)
+
+
+@pytest.mark.slow
+def test_quantized_finetune_on_a_tiny_config(tmp_path, capsys):
+  argv = ["--quick", "--pretrain-steps", "4", "--steps", "4", "--eval-every", "2",
+          "--formats", "int4", "--variants", "mw,naive-rtn,eco-sr", "--out", str(tmp_path)]
+  results = finetune.main(argv)
+  assert list(results) == ["fp32", "int4-mw", "int4-naive-rtn", "int4-eco-sr"]
+  assert "(cached)" not in capsys.readouterr().out
+  # Every INT4 row starts from the same quantized model; FP32 from the FP32 one.
+  starts = {name: r["start_val_loss"] for name, r in results.items()}
+  assert starts["int4-mw"] == starts["int4-naive-rtn"] == starts["int4-eco-sr"]
+  assert starts["fp32"] != starts["int4-mw"]
+  for name, r in results.items():
+    assert [s for s, _ in r["val_loss"]] == [2, 4] and math.isfinite(r["final_val_loss"]), name
+    assert (r["delta_vs_mw_pct"] is None) == (name == "fp32")
+    assert (r["unchanged_codes"] is None) == (name == "fp32")
+  assert results["int4-mw"]["delta_vs_mw_pct"] == 0.0
+  saved = json.loads((tmp_path / "finetune.json").read_text())
+  assert saved["finetune"]["lr_schedule"] == "constant" and saved["finetune"]["steps"] == 4
+  assert saved["pretrain"]["steps"] == 4 and saved["pretrain"]["lr_schedule"] == "cosine"
+  assert (tmp_path / "finetune.png").stat().st_size > 10_000
+  assert "int4-eco-sr" in (tmp_path / "finetune.txt").read_text()
+  # A rerun loads the pretrained model from the cache: same starting losses.
+  again = finetune.main(argv[:-6] + ["--formats", "int4", "--variants", "mw", "--out",
+                                     str(tmp_path)])
+  assert "(cached)" in capsys.readouterr().out
+  assert again["int4-mw"]["start_val_loss"] == starts["int4-mw"]
+  assert again["fp32"]["start_val_loss"] == starts["fp32"]
+
+
+@pytest.mark.slow
+def test_long_run_reports_the_gap_to_master_weights_over_training(tmp_path):
+  curves = long_run.main(["--tokens-per-param", "0.2", "--evals", "2", "--width", "16",
+                          "--timing-repeats", "1", "--formats", "fp8", "--variants", "naive-sr",
+                          "--out", str(tmp_path)])
+  report = json.loads((tmp_path / "results.json").read_text())
+  params, cfg = report["num_params"], report["config"]
+  assert cfg["model"]["width"] == 16 and cfg["model"]["seq_len"] == long_run.MODEL["seq_len"]
+  tokens = cfg["steps"] * cfg["batch_size"] * cfg["model"]["seq_len"]
+  assert 0.2 * params <= tokens < 0.2 * params + cfg["batch_size"] * cfg["model"]["seq_len"]
+  assert list(curves) == ["fp8-naive-sr"]
+  sr, mw = (dict(report["results"][n]["val_loss"]) for n in ("fp8-naive-sr", "fp8-mw"))
+  assert len(curves["fp8-naive-sr"]) == len(sr) == 2
+  tokens_per_step = tokens / cfg["steps"]
+  for (x, gap), (step, loss) in zip(curves["fp8-naive-sr"], sorted(sr.items())):
+    assert x == pytest.approx(step * tokens_per_step / params)
+    assert gap == pytest.approx(100 * (loss / mw[step] - 1))
+  assert (tmp_path / "gaps.png").stat().st_size > 10_000
+  assert "fp8-naive-sr" in (tmp_path / "gaps.txt").read_text()

@@ -76,3 +76,35 @@ def test_consecutive_quantization_errors_are_aligned():
   print(f"consecutive-error cosine: mean {cos.mean():.3f}, min {cos.min():.3f}; "
         f"norm ratio mean {ratio.mean():.3f}")
   assert cos.mean() > 0.6 and 0.8 < ratio.mean() < 1.25
+
+
+def _first_move(mode, lr, grad=1.0, steps=1000):
+  """The step at which a weight with a constant gradient first leaves its code (or None)."""
+  w = jnp.zeros((1, 128)).at[0, 0].set(1.27)          # int8 tensor-wise: grid step 0.01
+  q = eco.quantize_params({"w": w}, eco.int8("tensor", scale_policy="fixed", headroom=1.0))
+  g = {"w": jnp.full((1, 128), grad).at[0, 0].set(0.0)}
+  tx = eco.sgdm(lr, momentum=0.9, mode=mode)
+
+  def body(carry, _):
+    q, state = carry
+    updates, state = tx.update(g, state, q)
+    q = eco.apply_updates(q, updates)
+    return (q, state), eco.dequantize_params(q)["w"][0, 1]
+
+  _, path = jax.jit(lambda c: jax.lax.scan(body, c, None, steps))((q, tx.init(q)))
+  moved = np.flatnonzero(np.asarray(path) != 0.0)
+  return int(moved[0]) + 1 if moved.size else None
+
+
+def test_memory_free_eco_waits_1_over_1_minus_b1_times_longer_for_a_first_move():
+  # SGDM steps of 1e-4 (after the EMA's warm-up of b1/(1 - b1) = 9 steps) against a half
+  # grid step of 5e-3: master weights move after 50 + 9 steps. While the weight stays,
+  # the memory-free rule's momentum before injection grows by (1 - b1) g a step
+  # (m~_k = k (1 - b1) g), so a single step reaches half a grid step only after
+  # 50 / (1 - b1) = 500 steps. The exact rule keeps the vanished steps and moves with
+  # master weights; naive rounding never moves.
+  lr = 1e-4
+  mw, eco_free, exact = (_first_move(m, lr) for m in ("master_weights", "eco", "eco_exact"))
+  assert mw == 59 and exact == 59
+  assert eco_free == 501
+  assert _first_move("naive", lr) is None
