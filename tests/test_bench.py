@@ -248,3 +248,20 @@ def test_long_run_reports_the_gap_to_master_weights_over_training(tmp_path):
     assert gap == pytest.approx(100 * (loss / mw[step] - 1))
   assert (tmp_path / "gaps.png").stat().st_size > 10_000
   assert "fp8-naive-sr" in (tmp_path / "gaps.txt").read_text()
+
+
+@pytest.mark.slow
+def test_full_runs_the_paper_set_then_each_study(tmp_path, monkeypatch):
+  assert bench.parse_args([]).methods == "headline"
+  assert bench.GROUPS["headline"] == ["fp32", "fp8-mw", "fp8-naive-rtn", "fp8-naive-sr",
+                                      "fp8-eco-rtn", "fp8-eco-sr"]
+  calls = []
+  for module in (sweep, finetune, long_run):
+    monkeypatch.setattr(module, "main", lambda argv, m=module: calls.append((m, argv)))
+  monkeypatch.setitem(bench.GROUPS, "paper", ["fp32", "int4-eco-sr"])
+  report = bench.main(["--quick", "--steps", "2", "--timing-repeats", "1", "--methods",
+                       "fp8-mw", "--full", "--out", str(tmp_path)])
+  assert list(report["results"]) == ["fp32", "int4-eco-sr"]    # --full runs --methods paper
+  assert [m for m, _ in calls] == [sweep, finetune, long_run]
+  for (module, argv), name in zip(calls, ("sweep", "finetune", "long_run")):
+    assert argv == [*bench.STUDIES[name], "--out", str(tmp_path / name)]
