@@ -434,8 +434,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       f"{', '.join(METHODS)} (default: headline, the paper's Table 1 set "
                       "in FP8; paper: in FP8 and INT4, with the exact rule)")
   p.add_argument("--full", action="store_true",
-                 help="--methods paper, then the learning-rate sweep, the quantized fine-tune "
-                      "and the long run, each in a subfolder of --out (about 50 minutes)")
+                 help="--methods paper, then the learning-rate sweep, the quantized "
+                      "fine-tune and the long run, each in a subfolder of --out (about 55 "
+                      "minutes on 2 CPU cores)")
   p.add_argument("--out", default="results/bench", help="output folder")
   p.add_argument("--data", default=None, help="text file to use instead of the stdlib source")
   for f, scaling in (("fp8", "channel"), ("int4", "tensor")):

@@ -1,9 +1,15 @@
-"""Shared test settings: 8 CPU devices for the sharding tests, full-precision float32 matmuls.
+"""Shared test settings: 8 CPU devices for the sharding tests, full-precision float32 matmuls,
+and one XLA compilation cache per test run.
 
 The device flag is set before JAX starts a backend, so ``pytest`` alone runs the
-sharded checks in-process (as ``make test`` does).
+sharded checks in-process (as ``make test`` does). Many tests compile the same
+programs (the benchmark's tiny config, the same optimizer on the same shapes); a
+compilation cache in a fresh folder per run, shared by the ``pytest -n`` workers,
+compiles each once.
 """
 import os
+import shutil
+import tempfile
 
 _DEVICES = "--xla_force_host_platform_device_count=8"
 if _DEVICES not in os.environ.get("XLA_FLAGS", ""):
@@ -12,3 +18,19 @@ if _DEVICES not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+_CACHE = "ECO_OPTAX_TEST_COMPILATION_CACHE"
+
+
+def pytest_configure(config):
+  # The controller creates the folder before it starts the workers, which inherit it.
+  if _CACHE not in os.environ:
+    os.environ[_CACHE] = tempfile.mkdtemp(prefix="eco_optax_xla_cache_")
+    config.eco_optax_owns_cache = True
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "eco_optax_owns_cache", False):
+    shutil.rmtree(os.environ.pop(_CACHE), ignore_errors=True)

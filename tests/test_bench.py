@@ -47,8 +47,8 @@ def test_policy_quantizes_only_block_linear_kernels():
 @pytest.mark.slow
 def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
   moment_rows = ["fp8-eco-sr-bf16-moments", "fp8-eco-sr-8bit-moments"]
-  bench.main(["--quick", "--steps", "60", "--methods", ",".join(["paper", *moment_rows]),
-              "--out", str(tmp_path)])
+  bench.main(["--quick", "--steps", "6", "--eval-every", "3", "--timing-repeats", "1",
+              "--methods", ",".join(["paper", *moment_rows]), "--out", str(tmp_path)])
   report = json.loads((tmp_path / "results.json").read_text())
   results = report["results"]
   names = bench.GROUPS["paper"] + moment_rows
@@ -57,9 +57,9 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
     assert not r["diverged"], name
     for key in ("final_val_loss", "bytes_per_param", "step_seconds", "step_ratio"):
       assert r[key] is not None and math.isfinite(r[key]) and r[key] > 0, (name, key)
-    assert len(r["train_loss"]) == 60
+    assert len(r["train_loss"]) == 6
     assert all(math.isfinite(x) for x in r["train_loss"])
-    assert r["val_loss"][-1][0] == 60
+    assert [step for step, _ in r["val_loss"]] == [3, 6]
     assert (r["delta_vs_mw_pct"] is None) == (name == "fp32")
   assert results["fp32"]["bytes_per_param"] == pytest.approx(12.0, abs=0.01)
   assert results["fp8-eco-sr"]["bytes_per_param"] < results["fp8-mw"]["bytes_per_param"]
@@ -84,8 +84,8 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
 def test_fp4_rows_run(tmp_path):
   names = ["mxfp4-mw", "mxfp4-eco-sr", "nvfp4-naive-rtn", "nvfp4-eco-sr"]
   assert set(names) <= set(bench.GROUPS["fp4"])
-  report = bench.main(["--quick", "--steps", "20", "--eval-every", "10", "--methods",
-                       ",".join(names), "--out", str(tmp_path)])
+  report = bench.main(["--quick", "--steps", "4", "--eval-every", "2", "--timing-repeats", "1",
+                       "--methods", ",".join(names), "--out", str(tmp_path)])
   results = report["results"]
   assert list(results) == names
   for name, r in results.items():
