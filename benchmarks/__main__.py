@@ -598,7 +598,7 @@ STUDIES = {
               "--steps", "300", "--batch-size", "16", "--eval-every", "100",
               "--timing-repeats", "3"],
     "finetune": [],
-    "long_run": [],
+    "long_run": ["--tokens-per-param", "100"],
 }
 
 

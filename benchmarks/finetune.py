@@ -24,19 +24,18 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import pathlib
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 
 from benchmarks import __main__ as bench
 from benchmarks import data as bdata
 from benchmarks import model as bmodel
+from benchmarks import plotting
 from benchmarks import step as bstep
 
 VARIANTS = ("mw", "naive-rtn", "naive-sr", "eco-rtn", "eco-sr")   # the paper's set
@@ -121,21 +120,14 @@ def format_table(results: dict[str, dict]) -> str:
 
 def plot(results: dict[str, dict], formats: list[str], path: pathlib.Path) -> None:
   """Validation loss on the new text during fine-tuning, one panel per format."""
-  fig, axes = plt.subplots(1, len(formats), figsize=(6 * len(formats), 4.5), sharey=True,
-                           squeeze=False)
-  for ax, fmt in zip(axes[0], formats):
-    for name, r in results.items():
-      if name == "fp32" or name.startswith(fmt + "-"):
-        steps, vals = zip(*[(0, r["start_val_loss"]), *r["val_loss"]])
-        ax.plot(steps, [v if math.isfinite(v) else math.nan for v in vals], marker="o", ms=3,
-                label=name, ls="--" if name == "fp32" else "-")
-    ax.set(title=fmt, xlabel="fine-tune step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  axes[0, 0].set_ylabel("validation loss on the new text (nats/byte)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  def line(name, r):
+    steps, vals = zip(*[(0, r["start_val_loss"]), *r["val_loss"]])
+    return (name, steps, vals, name == "fp32")
+
+  plotting.panels({f: [line(n, r) for n, r in results.items()
+                       if n == "fp32" or n.startswith(f + "-")] for f in formats},
+                  path, xlabel="fine-tune step",
+                  ylabel="validation loss on the new text (nats/byte)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:

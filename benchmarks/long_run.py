@@ -23,10 +23,10 @@ import math
 import pathlib
 
 import jax
-import matplotlib.pyplot as plt
 
 from benchmarks import __main__ as bench
 from benchmarks import model as bmodel
+from benchmarks import plotting
 
 VARIANTS = ("naive-rtn", "naive-sr", "eco-rtn", "eco-sr")
 FORMATS = ("fp8", "int4")
@@ -62,20 +62,10 @@ def format_table(curves: dict[str, list], rows: int = 6) -> str:
 
 def plot(curves: dict[str, list], formats: list[str], path: pathlib.Path) -> None:
   """Gap to master weights against tokens per parameter, one panel per format."""
-  fig, axes = plt.subplots(1, len(formats), figsize=(6 * len(formats), 4.5), squeeze=False)
-  for ax, fmt in zip(axes[0], formats):
-    for name, curve in curves.items():
-      if name.startswith(fmt + "-"):
-        x, y = zip(*curve)
-        ax.plot(x, y, label=name, ls="--" if "naive" in name else "-")
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set(title=f"{fmt}: validation loss vs {fmt}-mw", xlabel="tokens per parameter",
-           ylabel="gap to master weights (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plotting.panels({f"{f}: validation loss vs {f}-mw": [
+      (n, *zip(*c), "naive" in n) for n, c in curves.items() if n.startswith(f + "-")]
+      for f in formats}, path, xlabel="tokens per parameter",
+      ylabel="gap to master weights (%)", sharey=False, zero_line=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, list]:

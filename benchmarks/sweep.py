@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import time
 
-import matplotlib.pyplot as plt
-
 from benchmarks import __main__ as bench
+from benchmarks import plotting
 
 VARIANTS = tuple(v for v in bench.VARIANTS if v != "eco-exact-rtn")   # the paper's set
 FORMATS = ("fp8", "int4")
@@ -58,21 +56,12 @@ def format_table(table: dict[float, dict], methods: list[str], formats: list[str
 def plot(table: dict[float, dict], formats: list[str], path: pathlib.Path) -> None:
   """Final validation loss against the peak learning rate, one panel per format."""
   lrs = sorted(table)
-  fig, axes = plt.subplots(1, len(formats), figsize=(6 * len(formats), 4.5), sharey=True,
-                           squeeze=False)
-  for ax, fmt in zip(axes[0], formats):
-    for name in ["fp32", *(f"{fmt}-{v}" for v in VARIANTS)]:
-      if name in table[lrs[0]]:
-        losses = [table[lr][name]["loss"] for lr in lrs]
-        ax.plot(lrs, [x if math.isfinite(x) else math.nan for x in losses], marker="o",
-                label=name, ls="--" if name == "fp32" else "-")
-    ax.set(xscale="log", title=fmt, xlabel="peak learning rate")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  axes[0, 0].set_ylabel("final validation loss (nats/byte)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  names = {f: [n for n in ["fp32", *(f"{f}-{v}" for v in VARIANTS)] if n in table[lrs[0]]]
+           for f in formats}
+  plotting.panels({f: [(n, lrs, [table[lr][n]["loss"] for lr in lrs], n == "fp32")
+                       for n in names[f]] for f in formats},
+                  path, xlabel="peak learning rate", xscale="log",
+                  ylabel="final validation loss (nats/byte)")
 
 
 def main(argv: list[str] | None = None) -> dict[float, dict]:
