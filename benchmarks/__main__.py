@@ -269,6 +269,14 @@ def train(method: Method, setup: Setup, opt_step: Callable, grad_fn: Callable,
               bytes_per_param=eco.memory_report(params, state).bytes_per_param), params
 
 
+def add_deltas_vs_mw(results: dict[str, dict]) -> None:
+  """Sets each row's ``delta_vs_mw_pct``: % against the same format's ``-mw`` row, if run."""
+  for name, r in results.items():
+    mw = results.get(f"{METHODS[name].fmt}-mw")
+    r["delta_vs_mw_pct"] = (None if mw is None or METHODS[name].fmt is None else
+                            100 * (r["final_val_loss"] / mw["final_val_loss"] - 1))
+
+
 def stored_codes(params: Any) -> list[jax.Array]:
   """Copies of the codes of the lossy quantized leaves (the step donates its params)."""
   return [jnp.copy(x.values) for x in jax.tree.leaves(params, is_leaf=eco.is_quantized)
@@ -562,10 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
     r.update(mode=method.mode, rounding=method.rounding, moments=method.moments)
     results[name] = r
     save(dict(base, results=results, complete=False))   # an interrupted run keeps its rows
-  for name, r in results.items():
-    mw = results.get(f"{METHODS[name].fmt}-mw")
-    r["delta_vs_mw_pct"] = (None if mw is None or METHODS[name].fmt is None else
-                            100 * (r["final_val_loss"] / mw["final_val_loss"] - 1))
+  add_deltas_vs_mw(results)
 
   table = format_table(results)
   checks = paper_checks(results)

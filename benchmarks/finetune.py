@@ -60,15 +60,16 @@ def pretrained(cfg: bench.BenchConfig, cache: pathlib.Path, grad_fn, evaluate) -
 
   The file name holds a hash of the config: a different recipe trains anew.
   """
-  graphdef, init_params = bmodel.init(cfg.model, cfg.seed)
-  del graphdef
+  _, init_params = bmodel.init(cfg.model, cfg.seed)
   digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
   path = cache / f"pretrained-{digest.hexdigest()[:12]}.npz"
   leaves, treedef = jax.tree.flatten(init_params)
   if path.exists():
     with np.load(path) as saved:
+      cached = [saved[str(i)] for i in range(len(leaves)) if str(i) in saved]
+    if [x.shape for x in cached] == [x.shape for x in leaves]:   # else: another model's
       print(f"pretrained FP32 model: {path} (cached)")
-      return treedef.unflatten([jnp.asarray(saved[str(i)]) for i in range(len(leaves))])
+      return treedef.unflatten([jnp.asarray(x) for x in cached])
   task = Task(bdata.load_corpus(), cfg)
   fp32 = bench.METHODS["fp32"]
   setup = bench.make_setup(fp32, init_params, {}, cfg)
@@ -96,10 +97,7 @@ def finetune(params_f32: Any, names: list[str], formats: dict, cfg: bench.BenchC
              if method.fmt else "fp32")
     results[name] = r
     save(results)
-  for name, r in results.items():
-    mw = results.get(f"{bench.METHODS[name].fmt}-mw")
-    r["delta_vs_mw_pct"] = (None if mw is None or bench.METHODS[name].fmt is None else
-                            100 * (r["final_val_loss"] / mw["final_val_loss"] - 1))
+  bench.add_deltas_vs_mw(results)
   return results
 
 
