@@ -82,10 +82,10 @@ def pretrained(cfg: bench.BenchConfig, cache: pathlib.Path, grad_fn, evaluate) -
   return params
 
 
-def finetune(params_f32: Any, names: list[str], formats: dict, cfg: bench.BenchConfig,
-             grad_fn, evaluate, save) -> dict[str, dict]:
-  """Fine-tunes ``params_f32`` on the docs corpus once per method; ``save(results)`` after each."""
-  task = Task(bdata.load_docs_corpus(), cfg)
+def finetune(params_f32: Any, corpus: bdata.Corpus, names: list[str], formats: dict,
+             cfg: bench.BenchConfig, grad_fn, evaluate, save) -> dict[str, dict]:
+  """Fine-tunes ``params_f32`` on ``corpus`` once per method; ``save(results)`` after each."""
+  task = Task(corpus, cfg)
   results = {}
   for name in names:
     method = bench.METHODS[name]
@@ -163,10 +163,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         formats={f: bench.describe(formats[f]) for f in fmt_names}, results=results)),
         indent=1))
 
-  results = finetune(params, names, formats, cfg, grad_fn, evaluate, save)
+  docs = bdata.load_docs_corpus()
+  results = finetune(params, docs, names, formats, cfg, grad_fn, evaluate, save)
   save(results)
   text = format_table(results)
-  print(f"\nfine-tune on {bdata.load_docs_corpus().source}: {cfg.steps} steps at a constant "
+  print(f"\nfine-tune on {docs.source}: {cfg.steps} steps at a constant "
         f"lr {cfg.learning_rate:g}\n\n{text}\n\n'start': the pretrained model as stored "
         "(quantized), 'lost': the share of stored codes a step left unchanged. Wall time "
         f"{time.perf_counter() - start:.0f} s.")
