@@ -25,8 +25,8 @@ the model's backward pass once instead of once per method.)
 
 The default rows (``--methods headline``) are ``fp32`` and the paper's set in FP8
 (master weights, naive RTN / SR, ECO-RTN / SR). ``<fmt>`` is ``fp8`` (E4M3, row-wise
-scales) or ``int4`` (tensor-wise) for ``--methods paper`` (both, with the exact rule), and ``mxfp4`` / ``nvfp4``
-(:func:`eco_optax.fp4_e2m1`) for ``--methods fp4``. ``--methods moments`` adds
+scales) or ``int4`` (tensor-wise) for ``--methods paper`` (both, with the exact rule),
+and ``mxfp4`` / ``nvfp4`` (:func:`eco_optax.fp4_e2m1`) for ``--methods fp4``. ``--methods moments`` adds
 ``fp8-mw-<m>-moments`` and ``fp8-eco-sr-<m>-moments``: AdamW's moments stored in
 bfloat16 (``m = bf16``) or 8-bit block-wise codes (``m = 8bit``), compared with
 ``fp8-mw`` (FP32 moments). ``--methods all`` runs every row.
@@ -210,6 +210,24 @@ def make_setup(method: Method, params_f32: Any, formats: dict[str, eco.QuantForm
   policy = bmodel.block_linear_policy(formats[method.fmt], quantize_embedding)
   return Setup(optax.chain(clip, tx), eco.quantize_params(params_f32, policy),
                dequantize, eco.apply_updates)
+
+
+class Task(NamedTuple):
+  """A corpus with the training windows and validation batches that every method sees."""
+
+  corpus: bdata.Corpus
+  starts: np.ndarray       # int64[steps, batch_size] window offsets into corpus.train
+  val_batches: jax.Array   # int32[eval_batches, batch_size, seq_len + 1]
+
+
+def make_task(corpus: bdata.Corpus, cfg: BenchConfig) -> Task:
+  """``cfg.steps`` training batches (seed ``cfg.seed``) and the validation batches (seed + 1)."""
+  seq = cfg.model.seq_len
+  starts = bdata.batch_starts(len(corpus.train), cfg.steps, cfg.batch_size, seq, cfg.seed)
+  val_starts = bdata.batch_starts(len(corpus.valid), cfg.eval_batches, cfg.batch_size, seq,
+                                  cfg.seed + 1)
+  return Task(corpus, starts,
+              jnp.stack([bdata.get_batch(corpus.valid, s, seq) for s in val_starts]))
 
 
 def make_grad_fn(loss_fn: Callable) -> Callable:
@@ -517,10 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   corpus = bdata.load_corpus(args.data)
   seq = cfg.model.seq_len
-  starts = bdata.batch_starts(len(corpus.train), cfg.steps, cfg.batch_size, seq, cfg.seed)
-  val_starts = bdata.batch_starts(len(corpus.valid), cfg.eval_batches, cfg.batch_size,
-                                  seq, cfg.seed + 1)
-  val_batches = jnp.stack([bdata.get_batch(corpus.valid, s, seq) for s in val_starts])
+  task = make_task(corpus, cfg)
   graphdef, params_f32 = bmodel.init(cfg.model, cfg.seed)
   loss_fn = bmodel.make_loss_fn(graphdef)
   num_params = sum(x.size for x in jax.tree.leaves(params_f32))
@@ -534,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   grad_fn, evaluate = make_grad_fn(loss_fn), make_eval(loss_fn)
   # One fixed gradient for the optimizer-step timings (same for every method).
-  _, grads = grad_fn(params_f32, bdata.get_batch(corpus.train, starts[0], seq))
+  _, grads = grad_fn(params_f32, bdata.get_batch(corpus.train, task.starts[0], seq))
 
   def setup_and_step(name):
     setup = make_setup(METHODS[name], params_f32, formats, cfg, args.quantize_embedding)
@@ -560,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
   results = {}
   for name in names:
     method, (setup, opt_step) = METHODS[name], setup_and_step(name)
-    r, _ = train(method, setup, opt_step, grad_fn, evaluate, corpus, starts, val_batches, cfg)
+    r, _ = train(method, setup, opt_step, grad_fn, evaluate, *task, cfg)
     r["step_seconds"] = (baseline_seconds if method.fmt is None else
                          time_step(setup, opt_step, grads, cfg.timing_repeats))
     r["step_ratio"] = r["step_seconds"] / baseline_seconds

@@ -42,19 +42,6 @@ VARIANTS = ("mw", "naive-rtn", "naive-sr", "eco-rtn", "eco-sr")   # the paper's 
 FORMATS = ("fp8", "int4")
 
 
-class Task:
-  """A corpus with its fixed training windows and validation batches."""
-
-  def __init__(self, corpus: bdata.Corpus, cfg: bench.BenchConfig):
-    seq = cfg.model.seq_len
-    self.corpus = corpus
-    self.starts = bdata.batch_starts(len(corpus.train), cfg.steps, cfg.batch_size, seq,
-                                     cfg.seed)
-    val_starts = bdata.batch_starts(len(corpus.valid), cfg.eval_batches, cfg.batch_size,
-                                    seq, cfg.seed + 1)
-    self.val_batches = jnp.stack([bdata.get_batch(corpus.valid, s, seq) for s in val_starts])
-
-
 def pretrained(cfg: bench.BenchConfig, cache: pathlib.Path, grad_fn, evaluate) -> Any:
   """FP32 parameters of ``cfg`` trained on the standard-library source, cached in ``cache``.
 
@@ -70,11 +57,11 @@ def pretrained(cfg: bench.BenchConfig, cache: pathlib.Path, grad_fn, evaluate) -
     if [x.shape for x in cached] == [x.shape for x in leaves]:   # else: another model's
       print(f"pretrained FP32 model: {path} (cached)")
       return treedef.unflatten([jnp.asarray(x) for x in cached])
-  task = Task(bdata.load_corpus(), cfg)
+  task = bench.make_task(bdata.load_corpus(), cfg)
   fp32 = bench.METHODS["fp32"]
   setup = bench.make_setup(fp32, init_params, {}, cfg)
   result, params = bench.train(fp32, setup, bstep.make_opt_step(setup.tx, setup.apply_updates),
-                               grad_fn, evaluate, task.corpus, task.starts, task.val_batches, cfg)
+                               grad_fn, evaluate, *task, cfg)
   print(f"pretrained FP32 model: val loss {result['final_val_loss']:.4f} on the source code "
         f"after {cfg.steps} steps")
   cache.mkdir(parents=True, exist_ok=True)
@@ -85,14 +72,14 @@ def pretrained(cfg: bench.BenchConfig, cache: pathlib.Path, grad_fn, evaluate) -
 def finetune(params_f32: Any, corpus: bdata.Corpus, names: list[str], formats: dict,
              cfg: bench.BenchConfig, grad_fn, evaluate, save) -> dict[str, dict]:
   """Fine-tunes ``params_f32`` on ``corpus`` once per method; ``save(results)`` after each."""
-  task = Task(corpus, cfg)
+  task = bench.make_task(corpus, cfg)
   results = {}
   for name in names:
     method = bench.METHODS[name]
     setup = bench.make_setup(method, params_f32, formats, cfg)
     start_loss = float(evaluate(setup.to_f32(setup.params), task.val_batches))
     r, _ = bench.train(method, setup, bstep.make_opt_step(setup.tx, setup.apply_updates),
-                       grad_fn, evaluate, task.corpus, task.starts, task.val_batches, cfg)
+                       grad_fn, evaluate, *task, cfg)
     r.update(start_val_loss=start_loss, format=bench.describe(formats[method.fmt])
              if method.fmt else "fp32")
     results[name] = r
