@@ -66,3 +66,38 @@ def test_blockwise_last_block_keeps_rows_it_does_not_own():
   (y,), flag = st.blockwise(fn, [x], [], rows=10, n=4)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x + 1.0))   # every row once
   assert not bool(flag)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.int4()], ids=["fp8", "int4"])
+def test_code_copies_are_made_per_leaf_not_all_at_the_start(fmt, monkeypatch):
+  # XLA:CPU copies the codes for each leaf's loop; made behind a conditional on the
+  # gradient they do not all stay alive through the backward pass.
+  sizes = (256, 512, 512, 512, 256)
+  keys = jax.random.split(jax.random.key(0), len(sizes) - 1)
+  params = {f"l{i}": jax.random.normal(k, (a, b)) / a ** 0.5
+            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+
+  def loss(p, x):
+    for i in range(len(sizes) - 1):
+      x = jax.nn.relu(x @ p[f"l{i}"])
+    return jnp.mean(x ** 2)
+
+  q = eco.quantize_params(params, fmt)
+  tx = eco.adamw(1e-3)
+  state = tx.init(q)
+  x = jnp.ones((16, sizes[0]))
+
+  def temporaries():
+    def train_step(q, state, x):
+      updates, state = tx.update(eco.grad(loss)(q, x), state, q)
+      return eco.apply_updates(q, updates), state
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(q, state, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  late = temporaries()
+  monkeypatch.setattr(st, "_bits_once_grad_exists",
+                      lambda values, grad, fmt: eco.quantize.values_to_bits(values, fmt))
+  upfront = temporaries()
+  n = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+  assert late < upfront - n // 8, (late / n, upfront / n)
