@@ -196,7 +196,7 @@ def _bits_once_grad_exists(values: jax.Array, grad: jax.Array, fmt: qz.QuantForm
   """
   if jax.default_backend() != "cpu":
     return qz.values_to_bits(values, fmt)
-  first = grad.reshape(-1)[0]
+  first = grad[(0,) * grad.ndim]           # no reshape: a sharded gradient stays as it is
   bits = lambda v: qz.values_to_bits(v, fmt)
   return jax.lax.cond(first == first, bits, bits, values)
 
