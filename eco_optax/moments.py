@@ -176,6 +176,10 @@ class FloatStorage:
   def decode(self, stored: jax.Array) -> jax.Array:
     return stored.astype(jnp.float32)
 
+  def zeros(self, shape: tuple[int, ...]) -> jax.Array:
+    """A zero moment of ``shape``: :meth:`encode` of zeros, built without encoding."""
+    return jnp.zeros(shape, self.dtype)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +263,15 @@ class Blockwise8bit:
     codes = codes.astype(jnp.uint8).reshape(*lead, rb * k, nb * size)[..., :r, :n]
     absmax = absmax.reshape((*lead, rb, nb) if x.ndim >= 2 else (nb,))
     return BlockCodes(codes.reshape(x.shape), absmax, tuple(x.shape))
+
+  def zeros(self, shape: tuple[int, ...]) -> BlockCodes:
+    """A zero moment of ``shape``: :meth:`encode` of zeros (every code the map's 0 and
+    every absmax 0), built without encoding."""
+    matrix, _, _, rb, nb = self._layout(tuple(shape))
+    zero = int(np.searchsorted(self.table, 0.0))
+    return BlockCodes(jnp.full(shape, zero, jnp.uint8),
+                      jnp.zeros((*matrix[:-2], rb, nb) if len(shape) >= 2 else (nb,), jnp.float32),
+                      tuple(shape))
 
   def decode(self, stored: BlockCodes) -> jax.Array:
     """``map[c] * absmax``, in the stored shape."""

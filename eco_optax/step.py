@@ -384,15 +384,9 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
   def init(params):
     qtree.check_pure(params)
     leaves, treedef, lrules = leaf_rules(params)
-    key = jax.random.key(seed)
-    moments = {}
-    for i, name in enumerate(rule.moments._fields):
-      fmt = moment_formats.get(name)
-      keys = iter(jax.random.split(jax.random.fold_in(
-          jax.random.fold_in(key, _MOMENT_STREAM), i), len(leaves)))
-      moments[name] = treedef.unflatten([
-          _zero_moment(fmt, jnp.shape(p), next(keys)) if name in lr[1] else None
-          for p, lr in zip(leaves, lrules)])
+    moments = {name: treedef.unflatten([
+        _zero_moment(moment_formats.get(name), jnp.shape(p)) if name in lr[1] else None
+        for p, lr in zip(leaves, lrules)]) for name in rule.moments._fields}
     master = error = None
     if mode.extra == "master":
       master = treedef.unflatten([qz.dequantize(p) if _is_lossy(p) else None for p in leaves])
@@ -401,7 +395,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
           qz.QuantizedArray(jnp.zeros(p.shape, jnp.bfloat16), jnp.copy(p.effective_scale),
                             error_format(p.fmt)) if _is_lossy(p) else None for p in leaves])
     return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
-                              key, error, qtree.formats_of(params))
+                              jax.random.key(seed), error, qtree.formats_of(params))
 
   def update(grads, state, params=None):
     if params is None:
@@ -462,10 +456,9 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
   return optax.GradientTransformation(init, update)
 
 
-def _zero_moment(fmt, shape, key):
+def _zero_moment(fmt, shape):
   """A zero moment in its storage format: a fresh buffer per field (buffers are donated)."""
-  zeros = jnp.zeros(shape, jnp.float32)
-  return fmt.encode(zeros, key) if fmt else zeros
+  return fmt.zeros(shape) if fmt else jnp.zeros(shape, jnp.float32)
 
 
 def _decays(weight_decay: Any, mask: Any, dense: Any, treedef) -> list:

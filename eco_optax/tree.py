@@ -9,6 +9,7 @@ structure of the *dequantized* tree: one plain array per parameter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import warnings
 from typing import Any, Callable, Optional, Union
@@ -103,9 +104,13 @@ def quantize_params(params: Any, fmt_or_policy: FormatOrPolicy) -> Any:
     _check_float_leaf(where, leaf)
     fmt.check_shape(tuple(jnp.shape(leaf)), where)
     _check_finite(where, leaf)
-    return qz.quantize(leaf, fmt)
+    return _quantize_leaf(leaf, fmt)
 
   return jax.tree_util.tree_map_with_path(leaf_fn, params, is_leaf=is_quantized)
+
+
+# Outside ``jit``: one program per leaf signature, not one per operation. Inside: inlined.
+_quantize_leaf = jax.jit(qz.quantize, static_argnums=1, inline=True)
 
 
 def dequantize_params(params: Any, dtype=jnp.float32) -> Any:
@@ -295,7 +300,11 @@ def apply_updates(params: Any, updates: Any) -> Any:
     [[0.75, 0.75], [0.75, 0.75]]
   """
   check_updates_match(params, updates)
+  return _apply_updates(params, updates)
 
+
+@functools.partial(jax.jit, inline=True)   # eager calls: one program per tree signature
+def _apply_updates(params: Any, updates: Any) -> Any:
   def leaf_fn(path, p, u):
     if is_quantized(p) and not p.fmt.lossless:
       return _quantized_update(path_str(path), p, u)

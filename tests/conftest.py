@@ -28,7 +28,7 @@ def pytest_configure(config):
     os.environ[_CACHE] = tempfile.mkdtemp(prefix="eco_optax_xla_cache_")
     config.eco_optax_owns_cache = True
   jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def pytest_unconfigure(config):

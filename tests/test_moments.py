@@ -199,8 +199,13 @@ def test_shapes_padding_and_zero_blocks(shape, fmt):
   y = fmt.decode(stored)
   assert y.shape == shape and y.dtype == jnp.float32
   np.testing.assert_allclose(y, x, rtol=0, atol=0.015 * float(jnp.max(x)))   # a map gap
-  zeros = fmt.decode(encode(jnp.zeros(shape), jax.random.key(0)))
-  np.testing.assert_array_equal(zeros, np.zeros(shape))      # 0 / 0 never happens
+  zeros = encode(jnp.zeros(shape), jax.random.key(0))
+  np.testing.assert_array_equal(fmt.decode(zeros), np.zeros(shape))      # 0 / 0 never happens
+  for nonnegative in (False, True):   # the optimizers' initial moments are these zeros
+    signed_or_not = moments.as_format(fmt, nonnegative=nonnegative)
+    chex.assert_trees_all_equal(signed_or_not.zeros(shape),
+                                jax.jit(signed_or_not.encode)(jnp.zeros(shape), jax.random.key(1)),
+                                strict=True)
 
 
 def test_jit_matches_eager():
