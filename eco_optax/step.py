@@ -38,6 +38,7 @@ leaf) always run on whole leaves.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -197,8 +198,13 @@ def _bits_once_grad_exists(values: jax.Array, grad: jax.Array, fmt: qz.QuantForm
   if jax.default_backend() != "cpu":
     return qz.values_to_bits(values, fmt)
   first = grad[(0,) * grad.ndim]           # no reshape: a sharded gradient stays as it is
-  bits = lambda v: qz.values_to_bits(v, fmt)
+  bits = _values_to_bits(fmt)
   return jax.lax.cond(first == first, bits, bits, values)
+
+
+@functools.cache   # one function per format: an eager step does not compile the branch again
+def _values_to_bits(fmt: qz.QuantFormat) -> Callable[[jax.Array], jax.Array]:
+  return functools.partial(qz.values_to_bits, fmt=fmt)
 
 
 def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.QuantizedArray,

@@ -1,4 +1,6 @@
 """The one-pass step: blocks of rows give the whole-leaf result, bit for bit."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +103,23 @@ def test_code_copies_are_made_per_leaf_not_all_at_the_start(fmt, monkeypatch):
   upfront = temporaries()
   n = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
   assert late < upfront - n // 8, (late / n, upfront / n)
+
+
+def test_an_eager_step_compiles_once(caplog):
+  """Outside ``jit``, a second step with the same shapes reuses every executable."""
+  params = {"w": jnp.ones((64, 32)), "v": jnp.ones((32, 16)), "b": jnp.zeros(16)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = eco.adamw(1e-2)
+
+  def step(q, state):
+    updates, state = tx.update(grads, state, q)
+    return eco.apply_updates(q, updates), state
+
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  q, state = step(q, tx.init(q))
+  with jax.log_compiles(), caplog.at_level(logging.DEBUG, logger="jax"):
+    q = eco.quantize_params(params, eco.fp8_e4m3())
+    q, state = step(q, state)
+  assert int(state.count) == 2
+  compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+  assert compiled == []
