@@ -113,25 +113,48 @@ def eco_exact_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
   r"""ECO's exact rule on one block: the debt of the kept previous error ``e_t``.
 
   .. math::
+    \tilde w = Q(w) - \eta_t (d + \lambda Q(w)) + (1 - \eta_t\lambda) e_t
+      - \eta_t P_t^{-1}\big(c_{t-1} P_{t-1}(e_t)\big),\quad
+    e_{t+1} = \tilde w - Q(\tilde w),
+
     m = \tilde m + c_{t-1} P_{t-1}(e_t) - \frac{c_t}{\beta} P_t(e_{t+1}),\quad
     c = \frac{1 - \eta\lambda}{\eta}
 
   ``e_{t+1}`` enters as it will be kept (bfloat16 code units, read back with the
   scale it was written in), and ``e_t`` in the units it was written in, so the
-  debt added now and the debt paid at the next step cancel exactly.
+  debt added now and the debt paid at the next step cancel exactly. The debt moves
+  the target by ``(1 - eta_t lambda) e_t`` only when the units did not change
+  (constant ``eta``, SGDM); the target adds what it leaves unpaid, so that ``tilde w``
+  is the master-weight iterate and ``Q(w) + e`` the master copy, at every step.
 
   Returns:
     ``(codes of w', optax state with the new momentum, e_{t+1} as kept)``.
   """
   direction, state = rule.transform.update(b.grad, b.state)
-  target = b.stored - eta * (direction + decay * b.stored)
+  debt = _debt_written_before(rule, eta, decay, b, state, b.extra)
+  target = (b.stored - eta * (direction + decay * b.stored)
+            + _unpaid(rule, eta, decay, b, state, debt))
   codes, new_w = b.quantize(target)
-  error = jnp.where((eta > 0) & jnp.isfinite(target), target - new_w, 0.0)
+  error = jnp.where(jnp.isfinite(target), target - new_w, 0.0)
   kept, kept_value = b.encode_error(error)
-  delta = (_debt_written_before(rule, eta, decay, b, state, b.extra)
-           - payback(eta, decay) * rule.precondition(b.state, state, b.grad, kept_value)
-           / rule.beta)
+  delta = debt - payback(eta, decay) * rule.precondition(b.state, state, b.grad,
+                                                         kept_value) / rule.beta
   return codes, _inject(rule, state, delta), kept
+
+
+def _unpaid(rule: rules.LeafRule, eta: jax.Array, decay, b: Block, state, debt: jax.Array):
+  r"""What the debt leaves unpaid of ``e_t``: ``(1 - eta_t lambda) e_t - eta_t P_t^{-1}(debt)``.
+
+  The debt ``c_{t-1} P_{t-1}(e_t)`` moves the target by ``eta_t P_t^{-1}`` of it, which
+  is ``(1 - eta_t lambda) e_t`` only when the units did not change (a constant learning
+  rate, SGDM); the target adds the rest, so that it is the master-weight iterate. Zero
+  where ``P`` is not elementwise (the rule's own first-order model,
+  :attr:`rules.LeafRule.precondition_before` ``None``).
+  """
+  if rule.precondition_before is None:
+    return 0.0
+  moved = eta * debt / rule.precondition(b.state, state, b.grad, jnp.ones_like(debt))
+  return jnp.where(jnp.isfinite(moved), (1 - eta * decay) * b.extra - moved, 0.0)
 
 
 MODE_STEPS = {
