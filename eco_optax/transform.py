@@ -21,7 +21,9 @@ and the units taken as constant, it is ``alpha P(e)`` above and costs no memory
 (:func:`eco_step`). The exact injection, with ``e_t`` kept in the state at two bytes
 per parameter, is :func:`eco_exact_step`; it keeps each debt in the units it was
 written in (under warm-up ``c`` halves from the first step to the second, and
-Adam's ``P`` moves with ``v`` and the bias correction ``1 - b1^t``). Under
+Adam's ``P`` moves with ``v`` and the bias correction ``1 - b1^t``) and adds to the
+target what the debt, read in the current units, leaves unpaid: ``Q(w) + e`` is
+the master copy at every step. Under
 round-to-nearest the errors of a weight that does not move for several steps drift
 (``e_{t+1} - e_t`` is the step that vanished), and the memory-free rule then lets
 the stored weights trail the master path by about ``beta/(1-beta)`` half grid steps;
