@@ -318,6 +318,10 @@ class ErrorFeedbackState(NamedTuple):
     formats: the storage format of every parameter leaf the state was built for
       (static; :func:`eco_optax.tree.formats_of`): ``update`` refuses params stored
       otherwise.
+    previous_eta: in ``"eco_exact"`` mode, the learning rate of the last step (FP32
+      scalar; 0 before the first), the units its error's debt was written in, else
+      ``None`` (the schedule at ``count - 1`` gives it). Kept because a learning rate
+      injected from outside (:func:`optax.inject_hyperparams`) has no schedule.
   """
   count: jax.Array
   moments: Any
@@ -325,6 +329,7 @@ class ErrorFeedbackState(NamedTuple):
   key: jax.Array
   previous_error: Optional[Any] = None
   formats: Any = None
+  previous_eta: Optional[jax.Array] = None
 
 
 # fold_in(state.key, _MOMENT_STREAM) seeds the moments' rounding; the weights use
@@ -401,7 +406,8 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
           qz.QuantizedArray(jnp.zeros(p.shape, jnp.bfloat16), jnp.copy(p.effective_scale),
                             error_format(p.fmt)) if _is_lossy(p) else None for p in leaves])
     return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
-                              jax.random.key(seed), error, qtree.formats_of(params))
+                              jax.random.key(seed), error, qtree.formats_of(params),
+                              jnp.zeros([], jnp.float32) if mode.extra == "error" else None)
 
   def update(grads, state, params=None):
     if params is None:
@@ -415,8 +421,9 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     g_leaves = treedef.flatten_up_to(grads)
     eta = jnp.asarray(schedule(state.count), jnp.float32)
     count = state.count
-    eta_before = jnp.where(count > 0, jnp.asarray(schedule(jnp.maximum(count - 1, 0)),
-                                                  jnp.float32), 0.0)
+    before = (state.previous_eta if state.previous_eta is not None
+              else schedule(jnp.maximum(count - 1, 0)))
+    eta_before = jnp.where(count > 0, jnp.asarray(before, jnp.float32), 0.0)
     n_lossy = sum(map(_is_lossy, leaves))
     keys = jax.random.split(state.key, n_lossy + 1)
     next_key, leaf_keys = keys[0], iter(keys[1:])
@@ -457,7 +464,8 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     return treedef.unflatten(updates), ErrorFeedbackState(
         optax.safe_increment(count), moments,
         extra_tree if mode.extra == "master" else None, next_key,
-        extra_tree if mode.extra == "error" else None, state.formats)
+        extra_tree if mode.extra == "error" else None, state.formats,
+        eta if mode.extra == "error" else None)
 
   return optax.GradientTransformation(init, update)
 
