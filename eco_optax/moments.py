@@ -261,17 +261,20 @@ class Blockwise8bit:
       up = qz.stochastic_uniform(key, y.shape) < (y - jnp.asarray(table)[i - 1]) * inverse_gap
       codes = i - 1 + up
     codes = codes.astype(jnp.uint8).reshape(*lead, rb * k, nb * size)[..., :r, :n]
-    absmax = absmax.reshape((*lead, rb, nb) if x.ndim >= 2 else (nb,))
-    return BlockCodes(codes.reshape(x.shape), absmax, tuple(x.shape))
+    return BlockCodes(codes.reshape(x.shape), absmax.reshape(self._absmax_shape(x.shape)),
+                      tuple(x.shape))
 
   def zeros(self, shape: tuple[int, ...]) -> BlockCodes:
     """A zero moment of ``shape``: :meth:`encode` of zeros (every code the map's 0 and
     every absmax 0), built without encoding."""
-    matrix, _, _, rb, nb = self._layout(tuple(shape))
     zero = int(np.searchsorted(self.table, 0.0))
     return BlockCodes(jnp.full(shape, zero, jnp.uint8),
-                      jnp.zeros((*matrix[:-2], rb, nb) if len(shape) >= 2 else (nb,), jnp.float32),
-                      tuple(shape))
+                      jnp.zeros(self._absmax_shape(tuple(shape)), jnp.float32), tuple(shape))
+
+  def _absmax_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the stored absmax of a moment of ``shape``: one per block."""
+    matrix, _, _, rb, nb = self._layout(shape)
+    return (*matrix[:-2], rb, nb) if len(shape) >= 2 else (nb,)
 
   def decode(self, stored: BlockCodes) -> jax.Array:
     """``map[c] * absmax``, in the stored shape."""
