@@ -70,7 +70,8 @@ class Block(NamedTuple):
     encode_error: ``e -> (stored, value)``: an error as kept between steps
       (bfloat16 code units, :func:`error_format`) and the FP32 value of that.
     eta_before: the previous step's learning rate ``eta_{t-1}`` (0 at the first
-      step): the debt the momentum carries was written in its units.
+      step), kept by the modes that keep an error (0 in the others): the debt the
+      momentum carries was written in its units.
   """
   grad: jax.Array
   stored: jax.Array
@@ -320,8 +321,8 @@ class ErrorFeedbackState(NamedTuple):
       otherwise.
     previous_eta: in ``"eco_exact"`` mode, the learning rate of the last step (FP32
       scalar; 0 before the first), the units its error's debt was written in, else
-      ``None`` (the schedule at ``count - 1`` gives it). Kept because a learning rate
-      injected from outside (:func:`optax.inject_hyperparams`) has no schedule.
+      ``None``. Kept, not recomputed from the schedule, because a learning rate
+      injected from outside (:func:`optax.inject_hyperparams`) has none.
   """
   count: jax.Array
   moments: Any
@@ -421,9 +422,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     g_leaves = treedef.flatten_up_to(grads)
     eta = jnp.asarray(schedule(state.count), jnp.float32)
     count = state.count
-    before = (state.previous_eta if state.previous_eta is not None
-              else schedule(jnp.maximum(count - 1, 0)))
-    eta_before = jnp.where(count > 0, jnp.asarray(before, jnp.float32), 0.0)
+    eta_before = state.previous_eta if state.previous_eta is not None else jnp.zeros([])
     n_lossy = sum(map(_is_lossy, leaves))
     keys = jax.random.split(state.key, n_lossy + 1)
     next_key, leaf_keys = keys[0], iter(keys[1:])
