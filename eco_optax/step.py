@@ -9,8 +9,9 @@ runs the leaf step in FP32 and writes the new codes and moments once.
 The update contract
 -------------------
 The update of a quantized leaf *is* its new stored value, not a difference to add:
-an ``uint32`` array shaped like the leaf, each element ``VALID | bits``, the storage
-bits of the new code (the scale of the new codes is the scale policy's
+an ``uint16`` array shaped like the leaf (``uint32`` for 16-bit formats), each element
+``VALID | bits``, the storage bits of the new code
+(:class:`eco_optax.tree.UpdateLayout`; the scale of the new codes is the scale policy's
 :func:`eco_optax.quantize.next_scale` of the stored weights, which
 :func:`eco_optax.apply_updates` recomputes, or reuses when both run in one ``jit``).
 :func:`eco_optax.apply_updates` copies these bits: nothing is rounded twice. An
@@ -26,9 +27,10 @@ Updates of plain (and lossless) leaves are FP32 differences, as in optax.
 Memory and speed
 ----------------
 On CPU a leaf is stepped in blocks of rows by a ``lax.fori_loop`` whose carries
-are updated in place: the update array is the gradient bitcast to ``uint32`` (same
-size; XLA:CPU copies it, then frees the gradient) and the moments keep their own
-buffers, so no array the size of the weights is allocated in FP32
+are updated in place: the storage bits enter as a carry (each block reads its old
+codes there and writes the new ones; the update is made from them after the loop)
+and the moments keep their own buffers, so no array the size of the weights is
+allocated in FP32
 (XLA:CPU does not fuse a computation with several outputs into one loop over
 whole arrays, and would materialise each intermediate). Elsewhere (GPU, TPU) the
 step runs on whole leaves and XLA fuses it. Rules that are not elementwise
@@ -44,14 +46,12 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from eco_optax import moments as mom
 from eco_optax import quantize as qz
 from eco_optax import rules
 from eco_optax import tree as qtree
-from eco_optax.tree import POISON, VALID
 
 # Elements per block of rows on CPU: the streams of one block stay in cache.
 BLOCK_ELEMENTS = 1 << 17
@@ -186,26 +186,27 @@ class _Quantizer:
 
 
 def _bits_once_grad_exists(values: jax.Array, grad: jax.Array, fmt: qz.QuantFormat):
-  """The storage bits of ``values``, computed after ``grad`` exists.
+  """The storage bits of ``values`` (``uint8``, ``uint16`` for 16-bit formats), computed
+  after ``grad`` exists.
 
   XLA:CPU materialises a float8 -> uint8 bitcast as a copy (1 byte per parameter),
   and its scheduler computes these copies for every leaf at the start of a train
   step, where they all stay alive through the backward pass. Behind a conditional
   on the gradient (both branches alike) each copy is made when its leaf's step is
-  about to run: on the MLP of ``python -m benchmarks.memory`` the whole train step's
-  peak falls by 0.45 bytes per parameter in FP8 and by 1.0 in INT4. Elsewhere the
-  bitcast is free and a conditional would only add a synchronisation.
+  about to run. Elsewhere the bitcast is free and a conditional would only add a
+  synchronisation.
   """
-  if jax.default_backend() != "cpu":
-    return qz.values_to_bits(values, fmt)
-  first = grad[(0,) * grad.ndim]           # no reshape: a sharded gradient stays as it is
   bits = _values_to_bits(fmt)
+  if jax.default_backend() != "cpu":
+    return bits(values)
+  first = grad[(0,) * grad.ndim]           # no reshape: a sharded gradient stays as it is
   return jax.lax.cond(first == first, bits, bits, values)
 
 
 @functools.cache   # one function per format: an eager step does not compile the branch again
 def _values_to_bits(fmt: qz.QuantFormat) -> Callable[[jax.Array], jax.Array]:
-  return functools.partial(qz.values_to_bits, fmt=fmt)
+  dtype = jnp.uint8 if fmt.bits <= 8 else jnp.uint16
+  return lambda values: qz.values_to_bits(values, fmt).astype(dtype)
 
 
 def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.QuantizedArray,
@@ -219,17 +220,16 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   whole = not rule.elementwise or any(
       isinstance(formats.get(f), mom.Blockwise8bit) for f in fields)
   n = _rows_per_block(shape, fmt, whole)
-  reuse_grad = grad.dtype == np.float32           # the update is the gradient's bits
-  update = (jax.lax.bitcast_convert_type(grad, jnp.uint32) if reuse_grad
-            else jnp.zeros(shape, jnp.uint32))
+  layout = qtree.update_layout(fmt)
   err_fmt = error_format(fmt)
   error_key = jax.random.fold_in(key, 1)
-  carries = [update] + [stored_moments[f] for f in fields]
+  # The loop's first carry enters with the stored bits: each block reads its old codes
+  # there and writes the new ones; the update is made from it after the loop (2 bytes
+  # per parameter, allocated when the gradient has been read).
+  carries = [_bits_once_grad_exists(q.values, grad, fmt)] + [stored_moments[f] for f in fields]
   # The reciprocal of the next scale is materialised here: XLA would otherwise fuse its
   # division into the loop over the elements.
-  inputs = [_bits_once_grad_exists(q.values, grad, fmt), scale, next_scale, 1.0 / next_scale]
-  if not reuse_grad:
-    inputs.append(grad)
+  inputs = [grad, scale, next_scale, 1.0 / next_scale]
   if mode.extra == "master":
     carries.append(extra)
   elif mode.extra == "error":
@@ -237,9 +237,8 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     inputs.append(extra.effective_scale)
 
   def block_fn(r0, valid, carry, inp):
-    u, *rest = carry
-    bits, s, s_next, s_next_inverse, *inp = inp
-    g = jax.lax.bitcast_convert_type(u, jnp.float32) if reuse_grad else inp.pop(0)
+    bits, *rest = carry
+    g, s, s_next, s_next_inverse, *inp = inp
     offset = r0 * row_size
     decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
                for f, x in zip(fields, rest)}
@@ -256,7 +255,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
                   lambda e: error_store(e), eta_before)
     codes, state, extra_out = mode.step(rule, eta, decay, block)
     new = rule.unpack(state)
-    out = [qz.grid_to_bits(codes, fmt) | VALID]
+    out = [qz.grid_to_bits(codes, fmt).astype(bits.dtype)]
     for f in fields:
       x = new[f]
       if f in formats:
@@ -268,7 +267,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     elif mode.extra == "error":
       out.append(extra_out.astype(jnp.bfloat16))
     if valid is not None:
-      keep = valid.reshape(valid.shape + (1,) * (u.ndim - 1))
+      keep = valid.reshape(valid.shape + (1,) * (bits.ndim - 1))
       out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
     # A non-finite gradient (or learning rate, below) poisons the leaf. Checked on the
     # gradient block, which is in cache, not on the target: a reduction over the target
@@ -280,9 +279,11 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
 
   carries, poisoned = blockwise(block_fn, carries, inputs, shape[0], n)
   poisoned = poisoned | ~jnp.isfinite(eta)
-  update, *rest = carries
-  first = (0,) * update.ndim
-  update = update.at[first].set(update[first] | jnp.where(poisoned, POISON, 0).astype(jnp.uint32))
+  bits, *rest = carries
+  first = (0,) * bits.ndim
+  flags = layout.valid | jnp.where(poisoned, layout.poison, 0)
+  update = bits.astype(layout.dtype) | layout.dtype.type(layout.valid)
+  update = update.at[first].set(update[first] | flags.astype(layout.dtype))
   new_moments = dict(zip(fields, rest))
   if mode.extra == "master":
     extra = rest[len(fields)]

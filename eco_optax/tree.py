@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import sys
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 from jax.ad_checkpoint import checkpoint_name
@@ -173,14 +173,26 @@ def check_updates_match(params: Any, updates: Any, what: str = "updates") -> Non
                       f"{jnp.result_type(u)}, expected a float array")
 
 
-# The update of a quantized leaf (eco_optax.step): uint32, VALID | storage bits per
-# element. The first element decides for the whole leaf: VALID there applies every
-# element's bits, an update without it (all zeros: MultiSteps, apply_if_finite) keeps
-# the codes and the scale; POISON there marks a non-finite value.
-VALID = 1 << 16
-POISON = 1 << 17
-CODE_MASK = 0xFFFF
-UPDATE_DTYPE = np.dtype(np.uint32)
+class UpdateLayout(NamedTuple):
+  """How the update of a quantized leaf holds its new codes (:mod:`eco_optax.step`).
+
+  Each element is ``VALID | bits``: the storage bits of the new code in the low bits,
+  ``valid`` just above them. The first element decides for the whole leaf: ``valid``
+  there applies every element's bits; an update without it (all zeros: MultiSteps,
+  apply_if_finite) keeps the codes and the scale; ``poison`` there marks a leaf that
+  received a non-finite value. Formats of up to 8 bits use ``uint16`` (2 bytes per
+  parameter), 16-bit formats ``uint32``; every value is below ``2^18``, so a float32
+  holds it exactly.
+  """
+  dtype: np.dtype
+  valid: int
+  poison: int
+
+
+def update_layout(fmt: qz.QuantFormat) -> UpdateLayout:
+  """The :class:`UpdateLayout` of the updates of a quantized leaf stored in ``fmt``."""
+  code_bits = 8 if fmt.bits <= 8 else 16
+  return UpdateLayout(np.dtype(f"uint{2 * code_bits}"), 1 << code_bits, 1 << (code_bits + 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,16 +256,17 @@ def _warn_if_saturated(path: str, fmt: qz.QuantFormat, fraction: jax.Array) -> N
 def _quantized_update(path: str, p: qz.QuantizedArray, u: jax.Array) -> qz.QuantizedArray:
   if jnp.shape(u) != p.shape:
     raise ValueError(f"{path}: update has shape {jnp.shape(u)}, expected {p.shape}")
-  if jnp.result_type(u) != UPDATE_DTYPE:
+  layout = update_layout(p.fmt)
+  if jnp.result_type(u) != layout.dtype:
     raise TypeError(
         f"{path}: the update of this {p.fmt.name} leaf is {jnp.result_type(u)}, but eco_optax "
-        "optimizers return the new codes of quantized leaves as uint32, to be copied, not "
-        "added. A transformation after the eco_optax optimizer in optax.chain changed them "
+        f"optimizers return the new codes of quantized leaves as {layout.dtype}, to be copied, "
+        "not added. A transformation after the eco_optax optimizer in optax.chain changed them "
         "(optax.scale, optax.clip, ...), or a float update reached a quantized leaf. Place "
         "gradient transformations before the eco_optax optimizer, change its learning_rate "
         "to scale its steps, and accumulate gradients with eco_optax.MultiSteps.")
   first = (0,) * u.ndim
-  applied = (u[first] & VALID) != 0
+  applied = (u[first] & layout.valid) != 0
   # All or nothing, decided by the first element (a conditional, not a select per
   # element: nothing but the new codes is written).
   values = jax.lax.cond(applied, lambda: qz.bits_to_values(u, p.fmt), lambda: p.values)
@@ -264,7 +277,7 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: jax.Array) -> qz.Quant
   if p.fmt.scale_policy == "fixed" and p.fmt.scaling != "none":
     new = dataclasses.replace(p, values=qz.bits_to_values(u, p.fmt))
     _warn_if_saturated(path, p.fmt, jnp.where(applied, qz.saturation(new), 0.0))
-  poisoned = (u[first] & POISON) != 0
+  poisoned = (u[first] & layout.poison) != 0
   if p.fmt.has_tensor_scale:
     tensor_scale = jnp.where(poisoned, jnp.nan, tensor_scale)
   else:
@@ -277,10 +290,10 @@ def apply_updates(params: Any, updates: Any) -> Any:
 
   Plain leaves (and lossless ones): ``p + u`` cast back to ``p.dtype``, as
   :func:`optax.apply_updates`. Quantized leaves: the update holds the new codes
-  (``uint32``, ``VALID | bits`` per element; :mod:`eco_optax.step`), which are copied,
+  (``uint16``, ``uint32`` for 16-bit formats; :class:`UpdateLayout`), which are copied,
   never rounded again, with the scale :func:`~eco_optax.quantize.next_scale` of
   the stored weights, the scale the optimizer stored them with. A leaf's update is
-  applied whole when its first element carries ``VALID``; an all-zero update
+  applied whole when its first element carries the ``valid`` bit; an all-zero update
   (a step skipped by :func:`eco_optax.apply_if_finite` or :class:`eco_optax.MultiSteps`)
   keeps codes and scale; a leaf marked as having received a non-finite gradient or
   learning rate gets a NaN scale, so the fault shows.
@@ -295,7 +308,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
     >>> tx = eco.sgdm(1.0)
     >>> updates, _ = tx.update({"w": jnp.full((2, 2), 2.5)}, tx.init(q), q)
     >>> updates["w"].dtype
-    dtype('uint32')
+    dtype('uint16')
     >>> eco.dequantize_params(eco.apply_updates(q, updates))["w"].tolist()
     [[0.75, 0.75], [0.75, 0.75]]
   """

@@ -12,8 +12,8 @@ optimizer would add up new codes, and is refused.
 
 Skipping non-finite steps. :func:`optax.apply_if_finite` answers a rejected step
 with zeros shaped like the *gradients* (FP32), and ``lax.cond`` refuses them beside
-the ``uint32`` codes of quantized leaves. :func:`apply_if_finite` is optax's wrapper
-around the optimizer with those codes passed through it as FP32 bit patterns.
+the integer codes of quantized leaves. :func:`apply_if_finite` is optax's wrapper
+around the optimizer with those codes passed through it as FP32 numbers (exact).
 
 Example:
   >>> import jax, jax.numpy as jnp, eco_optax as eco
@@ -54,10 +54,17 @@ class MultiSteps(optax.MultiSteps):
     return state._replace(inner_opt_state=self.inner_opt.init(params))
 
 
-def _bits_as(updates: Any, params: Any, dtype) -> Any:
-  """``updates`` with the leaves of lossy quantized params bitcast to ``dtype``."""
+def _codes_as_float(updates: Any, params: Any) -> Any:
+  """``updates`` with the codes of lossy quantized leaves as FP32 (exact: below ``2^18``)."""
   return jax.tree.map(
-      lambda p, u: jax.lax.bitcast_convert_type(u, dtype)
+      lambda p, u: u.astype(jnp.float32) if qtree.is_quantized(p) and not p.fmt.lossless
+      else u, params, updates, is_leaf=qtree.is_quantized)
+
+
+def _codes_from_float(updates: Any, params: Any) -> Any:
+  """The inverse of :func:`_codes_as_float`."""
+  return jax.tree.map(
+      lambda p, u: u.astype(qtree.update_layout(p.fmt).dtype)
       if qtree.is_quantized(p) and not p.fmt.lossless else u,
       params, updates, is_leaf=qtree.is_quantized)
 
@@ -85,7 +92,7 @@ def apply_if_finite(inner: optax.GradientTransformation,
 
   def float_update(updates, state, params=None):
     updates, state = inner.update(updates, state, params)
-    return _bits_as(updates, params, jnp.float32), state
+    return _codes_as_float(updates, params), state
 
   guarded = optax.apply_if_finite(optax.GradientTransformation(inner.init, float_update),
                                   max_consecutive_errors)
@@ -94,6 +101,6 @@ def apply_if_finite(inner: optax.GradientTransformation,
     if params is None:
       raise ValueError("eco_optax optimizers need params: tx.update(grads, state, params)")
     updates, state = guarded.update(updates, state, params)
-    return _bits_as(updates, params, jnp.uint32), state
+    return _codes_from_float(updates, params), state
 
   return optax.GradientTransformation(guarded.init, update)

@@ -14,9 +14,9 @@ FORMATS = [eco.fp8_e4m3(), eco.fp8_e5m2(), eco.int8(), eco.int4(),
            # blocks of 16: _params() has a (48, 16) head
            eco.fp4_e2m1("mxfp4", block_size=16), eco.fp4_e2m1("nvfp4"),
            eco.fp4_e2m1("mxfp4", block_size=16, scale_policy="dynamic"),
-           eco.fp4_e2m1("nvfp4", scale_policy="dynamic")]
+           eco.fp4_e2m1("nvfp4", scale_policy="dynamic"), eco.bf16()]
 IDS = ["e4m3", "e5m2", "int8", "int4", "int4-block", "e4m3-dynamic", "mxfp4", "nvfp4",
-       "mxfp4-dynamic", "nvfp4-dynamic"]
+       "mxfp4-dynamic", "nvfp4-dynamic", "bf16"]
 
 
 def _params():
@@ -71,9 +71,12 @@ def test_apply_updates_copies_the_codes_the_optimizer_computed(fmt, rounding):
       u, old, got = updates, q, new
       for key in path:
         u, old, got = u[key], old[key], got[key]
-      assert u.dtype == jnp.uint32 and u.shape == old.shape
-      assert bool(jnp.all(u & eco.tree.VALID))                 # every element carries a code
-      assert not bool(jnp.any(u & ~np.uint32(eco.tree.VALID | mask)))   # and nothing else
+      layout = eco.tree.update_layout(fmt)
+      # 2 bytes per parameter; 4 for the 16-bit format
+      assert u.dtype == layout.dtype == (np.uint32 if fmt.bits == 16 else np.uint16)
+      assert u.shape == old.shape
+      assert bool(jnp.all(u & layout.valid))                   # every element carries a code
+      assert not bool(jnp.any(u & ~u.dtype.type(layout.valid | mask)))  # and nothing else
       np.testing.assert_array_equal(np.asarray(qz.values_to_bits(got.values, fmt)),
                                     np.asarray((u & mask).astype(qz.bits_dtype(fmt))))
       assert got.values.dtype == fmt.dtype and got.scale.dtype == fmt.scale_dtype
@@ -114,7 +117,7 @@ def test_apply_updates_on_plain_and_lossless_leaves_is_optax():
   updates, out = _step(q, 0.1, "nearest")
   for leaf in ("scale", "head"):                   # plain, lossless: FP32 differences
     assert updates[leaf].dtype == jnp.float32
-  assert updates["layer"]["kernel"].dtype == jnp.uint32
+  assert updates["layer"]["kernel"].dtype == jnp.uint16
   expected = optax.apply_updates(_params(), {k: updates[k] for k in ("scale", "head")}
                                  | {"layer": {"bias": updates["layer"]["bias"],
                                               "kernel": jnp.zeros((32, 48))}})
@@ -154,7 +157,7 @@ def test_zero_update_keeps_weights_and_scale_even_when_the_policy_would_move(nam
   assert not np.array_equal(np.asarray(qz.next_scale(leaf)),
                             np.asarray(leaf.effective_scale))          # the policy moves
   for apply in (eco.apply_updates, jax.jit(eco.apply_updates)):
-    out = apply({"w": leaf}, {"w": jnp.zeros((16, 16), jnp.uint32)})["w"]
+    out = apply({"w": leaf}, {"w": jnp.zeros((16, 16), jnp.uint16)})["w"]
     np.testing.assert_array_equal(np.asarray(qz.values_to_bits(out.values, leaf.fmt)),
                                   np.asarray(qz.values_to_bits(leaf.values, leaf.fmt)))
     np.testing.assert_array_equal(np.asarray(out.scale.astype(jnp.float32)),
@@ -162,7 +165,8 @@ def test_zero_update_keeps_weights_and_scale_even_when_the_policy_would_move(nam
     np.testing.assert_array_equal(np.asarray(out.effective_scale),
                                   np.asarray(leaf.effective_scale))
   # The same codes marked VALID do move the scale: the zeros, not the codes, kept it.
-  valid = qz.values_to_bits(leaf.values, leaf.fmt).astype(jnp.uint32) | eco.tree.VALID
+  valid = (qz.values_to_bits(leaf.values, leaf.fmt).astype(jnp.uint16)
+           | eco.tree.update_layout(leaf.fmt).valid)
   moved = eco.apply_updates({"w": leaf}, {"w": valid})["w"]
   np.testing.assert_array_equal(np.asarray(moved.effective_scale),
                                 np.asarray(qz.next_scale(leaf)))
@@ -182,7 +186,8 @@ def test_a_float_update_of_a_quantized_leaf_is_refused_at_trace_time():
 def test_poison_gives_the_leaf_a_nan_scale_and_leaves_the_others(fmt):
   q = eco.quantize_params({"w": jnp.ones((16, 16)), "v": jnp.ones((16, 16))}, fmt)
   updates, clean = _step(q, 0.1, "nearest")
-  poisoned = dict(updates, w=updates["w"].at[0, 0].set(updates["w"][0, 0] | eco.tree.POISON))
+  poison = eco.tree.update_layout(fmt).poison
+  poisoned = dict(updates, w=updates["w"].at[0, 0].set(updates["w"][0, 0] | poison))
   out = eco.apply_updates(q, poisoned)
   assert bool(jnp.all(jnp.isnan(out["w"].dequantize())))
   if fmt.has_tensor_scale:                       # NVFP4: the FP32 tensor scale is NaN
