@@ -77,6 +77,7 @@ a power of two, which is exact for every normal code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -938,6 +939,47 @@ def grid_to_bits(codes: jax.Array, fmt: QuantFormat) -> jax.Array:
   subnormal = jax.lax.bitcast_convert_type(   # via int32: XLA:CPU vectorizes it, not uint32
       (jnp.abs(codes) * float(2.0 ** (info.nmant - info.minexp))).astype(jnp.int32), jnp.uint32)
   return sign | jnp.where(exponent >= first_normal, normal, subnormal)
+
+
+def bits_to_float32(bits: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """The FP32 code values of storage bits (the low ``fmt.bits`` bits of an unsigned array).
+
+  Equal to ``bits_to_values(bits, fmt).astype(float32)``, NaN and infinity codes
+  included. On CPU it is computed from the bits (XLA:CPU converts float8 and FP4 to
+  FP32 in software, several times slower); elsewhere the hardware converts.
+  Integers are sign-extended; floats of up to 8 bits re-pack sign, exponent and
+  mantissa into FP32 (a subnormal code ``m`` is ``m * 2^(minexp - nmant)``).
+  """
+  if jax.default_backend() != "cpu" or fmt.bits > 8:
+    return bits_to_values(bits, fmt).astype(jnp.float32)
+  width = fmt.bits
+  b = bits.astype(jnp.int32) & ((1 << width) - 1)
+  if fmt.is_integer:
+    return ((b << (32 - width)) >> (32 - width)).astype(jnp.float32)
+  info = ml_dtypes.finfo(fmt.dtype)
+  magnitude = b & ((1 << (width - 1)) - 1)
+  rebias = (127 - (1 - info.minexp)) << 23
+  normal = jax.lax.bitcast_convert_type((magnitude << (23 - info.nmant)) + rebias, jnp.float32)
+  subnormal = magnitude.astype(jnp.float32) * np.float32(2.0 ** (info.minexp - info.nmant))
+  value = jnp.where(magnitude < (1 << info.nmant), subnormal, normal)
+  specials = _special_codes(fmt.dtype)
+  if specials:        # the codes above the largest finite one: NaN, or infinity then NaN
+    first, top = min(specials), specials[min(specials)]
+    value = jnp.where(magnitude >= first,
+                      jnp.where(magnitude == first, np.float32(top), np.float32(np.nan)), value)
+  sign = (b >> (width - 1)) << 31
+  return jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(value, jnp.int32) | sign, jnp.float32)
+
+
+@functools.cache
+def _special_codes(dtype) -> dict[int, float]:
+  """``{magnitude bits: value}`` of the non-finite positive codes of a float dtype."""
+  width = ml_dtypes.finfo(dtype).bits
+  unsigned = np.dtype(getattr(ml_dtypes, f"uint{width}", None) or f"uint{width}")
+  magnitudes = np.arange(1 << (width - 1)).astype(unsigned)
+  values = magnitudes.view(dtype).astype(np.float32)
+  return {int(m): float(v) for m, v in zip(magnitudes, values) if not np.isfinite(v)}
 
 
 def bits_to_values(bits: jax.Array, fmt: QuantFormat) -> jax.Array:

@@ -164,7 +164,7 @@ def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
 
 
 def _dequantize_block(bits, scale, fmt):
-  codes = qz._blocked(qz.bits_to_values(bits, fmt).astype(jnp.float32), fmt)
+  codes = qz._blocked(qz.bits_to_float32(bits, fmt), fmt)
   return qz._unblocked(codes * qz._expand_scale(scale, fmt, bits.ndim), bits.shape)
 
 

@@ -298,3 +298,21 @@ def test_code_absmax_reads_the_bits_right(fmt):
                                 np.asarray(qz._group_absmax(q.values.astype(jnp.float32), fmt)))
   value, stored = qz.requantize_with_value(q, q.dequantize() * 1.3)
   np.testing.assert_array_equal(np.asarray(value.dequantize()), np.asarray(stored))
+
+
+@pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.fp8_e5m2(), eco.int8(), eco.int4(),
+                                 eco.fp4_e2m1("mxfp4"), eco.bf16()],
+                         ids=["e4m3", "e5m2", "int8", "int4", "e2m1", "bf16"])
+def test_bits_to_float32_decodes_every_code_as_the_cast_does(fmt):
+  """Every storage code, NaN, infinity, -0 and subnormals included, from any unsigned width."""
+  codes = np.arange(1 << min(fmt.bits, 16), dtype=np.uint32)
+  want = qz.bits_to_values(jnp.asarray(codes), fmt).astype(jnp.float32)
+  assert (np.isnan(want).any() or np.isinf(want).any()) == (fmt.name in ("fp8_e4m3", "fp8_e5m2",
+                                                                          "bf16"))
+  for dtype in (np.uint8, np.uint16, np.uint32):
+    if fmt.bits > np.dtype(dtype).itemsize * 8:
+      continue
+    got = jax.jit(qz.bits_to_float32, static_argnums=1)(jnp.asarray(codes.astype(dtype)), fmt)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))      # NaN == NaN here
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))      # -0 stays -0
