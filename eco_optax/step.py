@@ -131,20 +131,18 @@ def _rows(x: jax.Array, r0, n: int, total: int) -> jax.Array:
 
 
 def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
-  """``fn(r0, valid, carry_blocks, input_blocks) -> (new carry blocks, flag)`` over rows.
+  """``fn(r0, valid, carry_blocks, input_blocks) -> new carry blocks`` over rows.
 
   Runs ``fn`` on blocks of ``n`` rows in a ``lax.fori_loop`` that updates the carries
   in place. Block ``k`` starts at ``r0 = min(k n, rows - n)``: the last block may
   overlap its predecessor, and ``valid`` (a boolean per row of the block) marks
   the rows it owns; ``fn`` must leave the others as they are in the carries.
-  With a single block (``n == rows``) ``valid`` is ``None``.
-  Returns the carries and whether any block's flag was set.
+  With a single block (``n == rows``) ``valid`` is ``None``. Returns the carries.
   """
   if n == rows:
     return fn(0, None, carries, inputs)
 
-  def body(k, state):
-    carries, flag = state
+  def body(k, carries):
     start = k * n
     r0 = jnp.minimum(start, rows - n)
     valid = None if rows % n == 0 else r0 + jnp.arange(n) >= start
@@ -155,12 +153,10 @@ def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
                                 lambda cs: [jnp.zeros((n,) + c.shape[1:], c.dtype) for c in cs],
                                 carries)
     input_blocks = [_rows(x, r0, n, rows) for x in inputs]
-    blocks, f = fn(r0, valid, carry_blocks, input_blocks)
-    carries = [jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0)
-               for c, b in zip(carries, blocks)]
-    return carries, flag | f
+    blocks = fn(r0, valid, carry_blocks, input_blocks)
+    return [jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0) for c, b in zip(carries, blocks)]
 
-  return jax.lax.fori_loop(0, -(-rows // n), body, (list(carries), jnp.zeros((), bool)))
+  return jax.lax.fori_loop(0, -(-rows // n), body, list(carries))
 
 
 def _dequantize_block(bits, scale, fmt):
@@ -269,16 +265,13 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     if valid is not None:
       keep = valid.reshape(valid.shape + (1,) * (bits.ndim - 1))
       out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
-    # A non-finite gradient (or learning rate, below) poisons the leaf. Checked on the
-    # gradient block, which is in cache, not on the target: a reduction over the target
-    # would make XLA compute the whole step a second time.
-    bad = ~jnp.isfinite(g)
-    if valid is not None:
-      bad = bad & valid.reshape(valid.shape + (1,) * (g.ndim - 1))
-    return out, jnp.any(bad)
+    return out
 
-  carries, poisoned = blockwise(block_fn, carries, inputs, shape[0], n)
-  poisoned = poisoned | ~jnp.isfinite(eta)
+  carries = blockwise(block_fn, carries, inputs, shape[0], n)
+  # A non-finite gradient or learning rate poisons the leaf. Checked on the gradient, not
+  # on the target (a reduction over the target would make XLA compute the step a second
+  # time), in one pass over the whole leaf (per block it cost twice as much).
+  poisoned = jnp.any(~jnp.isfinite(grad)) | ~jnp.isfinite(eta)
   bits, *rest = carries
   first = (0,) * bits.ndim
   flags = layout.valid | jnp.where(poisoned, layout.poison, 0)
