@@ -9,28 +9,27 @@ runs the leaf step in FP32 and writes the new codes and moments once.
 The update contract
 -------------------
 The update of a quantized leaf *is* its new stored value, not a difference to add:
-an ``uint16`` array shaped like the leaf (``uint32`` for 16-bit formats), each element
-``VALID | bits``, the storage bits of the new code
-(:class:`eco_optax.tree.UpdateLayout`; the scale of the new codes is the scale policy's
-:func:`eco_optax.quantize.next_scale` of the stored weights, which
+a :class:`eco_optax.tree.NewCodes`, the storage bits of the new codes (``uint8``, 1
+byte per parameter) and a ``uint8`` flag (the scale of the new codes is the scale
+policy's :func:`eco_optax.quantize.next_scale` of the stored weights, which
 :func:`eco_optax.apply_updates` recomputes, or reuses when both run in one ``jit``).
 :func:`eco_optax.apply_updates` copies these bits: nothing is rounded twice. An
-leaf whose update is all zero keeps its codes and its scale (the first element
-decides for the leaf), so wrappers that zero updates (:func:`eco_optax.apply_if_finite`,
+update whose flag lacks ``VALID`` (all zeros) keeps the leaf's codes and scale, so
+wrappers that zero updates (:func:`eco_optax.apply_if_finite`,
 :class:`optax.MultiSteps`) skip a step exactly. A transformation placed after the
 optimizer that does arithmetic on updates (``optax.scale``, ``optax.clip``...) turns
 them into floats, and :func:`eco_optax.apply_updates` refuses them at trace time.
-``POISON`` in the first element marks a leaf that received a non-finite value: its
-scale becomes NaN, so the fault shows in the weights and the loss.
+``POISON`` in the flag marks a leaf that received a non-finite value: its scale
+becomes NaN, so the fault shows in the weights and the loss.
 Updates of plain (and lossless) leaves are FP32 differences, as in optax.
 
 Memory and speed
 ----------------
 On CPU a leaf is stepped in blocks of rows by a ``lax.fori_loop`` whose carries
 are updated in place: the storage bits enter as a carry (each block reads its old
-codes there and writes the new ones; the update is made from them after the loop)
-and the moments keep their own buffers, so no array the size of the weights is
-allocated in FP32
+codes there and writes the new ones; they leave as the update's bits) and the
+moments keep their own buffers, so no array the size of the weights is allocated in
+FP32
 (XLA:CPU does not fuse a computation with several outputs into one loop over
 whole arrays, and would materialise each intermediate). Elsewhere (GPU, TPU) the
 step runs on whole leaves and XLA fuses it. Rules that are not elementwise
@@ -209,13 +208,8 @@ class _Quantizer:
                               self.key, self.offset)
     if self.materialize is not None:    # read by the stored bits and the error: rounded once
       codes = _materialize(codes, self.materialize)
-    bits = qz.grid_to_bits(codes, fmt).astype(_bits_dtype(fmt))
+    bits = qz.grid_to_bits(codes, fmt).astype(qtree.new_codes_dtype(fmt))
     return qz._unblocked(bits, target.shape), qz._unblocked(codes * scale, target.shape)
-
-
-def _bits_dtype(fmt: qz.QuantFormat):
-  """The unsigned type of the bits of ``fmt`` in the step: ``uint8`` or ``uint16``."""
-  return jnp.uint8 if fmt.bits <= 8 else jnp.uint16
 
 
 def _bits_once_grad_exists(values: jax.Array, grad: jax.Array, fmt: qz.QuantFormat):
@@ -238,7 +232,7 @@ def _bits_once_grad_exists(values: jax.Array, grad: jax.Array, fmt: qz.QuantForm
 
 @functools.cache   # one function per format: an eager step does not compile the branch again
 def _values_to_bits(fmt: qz.QuantFormat) -> Callable[[jax.Array], jax.Array]:
-  return lambda values: qz.values_to_bits(values, fmt).astype(_bits_dtype(fmt))
+  return lambda values: qz.values_to_bits(values, fmt).astype(qtree.new_codes_dtype(fmt))
 
 
 def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.QuantizedArray,
@@ -252,12 +246,10 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   whole = not rule.elementwise or any(
       isinstance(formats.get(f), mom.Blockwise8bit) for f in fields)
   n = _rows_per_block(shape, fmt, whole)
-  layout = qtree.update_layout(fmt)
   err_fmt = error_format(fmt)
   error_key = jax.random.fold_in(key, 1)
   # The loop's first carry enters with the stored bits: each block reads its old codes
-  # there and writes the new ones; the update is made from it after the loop (2 bytes
-  # per parameter, allocated when the gradient has been read).
+  # there and writes the new ones, and it leaves as the update's bits.
   carries = [_bits_once_grad_exists(q.values, grad, fmt)] + [stored_moments[f] for f in fields]
   # The reciprocal of the next scale is materialised here: XLA would otherwise fuse its
   # division into the loop over the elements.
@@ -312,10 +304,8 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   # time), in one pass over the whole leaf (per block it cost twice as much).
   poisoned = jnp.any(~jnp.isfinite(grad)) | ~jnp.isfinite(eta)
   bits, *rest = carries
-  first = (0,) * bits.ndim
-  flags = layout.valid | jnp.where(poisoned, layout.poison, 0)
-  update = bits.astype(layout.dtype) | layout.dtype.type(layout.valid)
-  update = update.at[first].set(update[first] | flags.astype(layout.dtype))
+  update = qtree.NewCodes(bits, jnp.where(poisoned, qtree.VALID | qtree.POISON,
+                                          qtree.VALID).astype(jnp.uint8))
   new_moments = dict(zip(fields, rest))
   if mode.extra == "master":
     extra = rest[len(fields)]

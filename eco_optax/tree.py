@@ -152,7 +152,7 @@ def check_updates_match(params: Any, updates: Any, what: str = "updates") -> Non
   path. Runs on shapes only, so it is free under ``jit``.
   """
   p_paths, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
-  u_paths, u_def = jax.tree_util.tree_flatten_with_path(updates)
+  u_paths, u_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_new_codes)
   p_keys = [path_str(p) for p, _ in p_paths]
   u_keys = [path_str(p) for p, _ in u_paths]
   if p_keys != u_keys or p_def.num_leaves != u_def.num_leaves:
@@ -165,6 +165,8 @@ def check_updates_match(params: Any, updates: Any, what: str = "updates") -> Non
   for (path, p), (_, u) in zip(p_paths, u_paths):
     if p is None:
       continue
+    if is_new_codes(u):
+      u = u.bits
     if jnp.shape(u) != jnp.shape(p):
       raise ValueError(f"{path_str(path)}: {what} leaf has shape {jnp.shape(u)}, "
                        f"expected {jnp.shape(p)}")
@@ -173,26 +175,32 @@ def check_updates_match(params: Any, updates: Any, what: str = "updates") -> Non
                       f"{jnp.result_type(u)}, expected a float array")
 
 
-class UpdateLayout(NamedTuple):
-  """How the update of a quantized leaf holds its new codes (:mod:`eco_optax.step`).
+VALID = 1    # NewCodes.flags: apply the bits
+POISON = 2   # NewCodes.flags: a non-finite gradient or learning rate reached the leaf
 
-  Each element is ``VALID | bits``: the storage bits of the new code in the low bits,
-  ``valid`` just above them. The first element decides for the whole leaf: ``valid``
-  there applies every element's bits; an update without it (all zeros: MultiSteps,
-  apply_if_finite) keeps the codes and the scale; ``poison`` there marks a leaf that
-  received a non-finite value. Formats of up to 8 bits use ``uint16`` (2 bytes per
-  parameter), 16-bit formats ``uint32``; every value is below ``2^18``, so a float32
-  holds it exactly.
+
+class NewCodes(NamedTuple):
+  """The update of a quantized leaf: its new codes, which :func:`apply_updates` copies.
+
+  Attributes:
+    bits: the storage bits of the new codes, shaped as the leaf: ``uint8``
+      (``uint16`` for 16-bit formats; :func:`new_codes_dtype`), 1 byte per parameter.
+    flags: ``uint8`` scalar. ``VALID`` applies the bits; an update without it (all
+      zeros: :class:`optax.MultiSteps` between accumulation steps,
+      :func:`eco_optax.apply_if_finite` on a rejected step) keeps codes and scale;
+      ``POISON`` marks a leaf that received a non-finite value (its scale becomes NaN).
   """
-  dtype: np.dtype
-  valid: int
-  poison: int
+  bits: jax.Array
+  flags: jax.Array
 
 
-def update_layout(fmt: qz.QuantFormat) -> UpdateLayout:
-  """The :class:`UpdateLayout` of the updates of a quantized leaf stored in ``fmt``."""
-  code_bits = 8 if fmt.bits <= 8 else 16
-  return UpdateLayout(np.dtype(f"uint{2 * code_bits}"), 1 << code_bits, 1 << (code_bits + 1))
+def new_codes_dtype(fmt: qz.QuantFormat) -> np.dtype:
+  """The dtype of :attr:`NewCodes.bits` for ``fmt``: ``uint8``, ``uint16`` for 16-bit formats."""
+  return np.dtype(np.uint8 if fmt.bits <= 8 else np.uint16)
+
+
+def is_new_codes(x: Any) -> bool:
+  return isinstance(x, NewCodes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,31 +261,34 @@ def _warn_if_saturated(path: str, fmt: qz.QuantFormat, fraction: jax.Array) -> N
                lambda: jax.debug.callback(warn, fraction), lambda: None)
 
 
-def _quantized_update(path: str, p: qz.QuantizedArray, u: jax.Array) -> qz.QuantizedArray:
-  if jnp.shape(u) != p.shape:
-    raise ValueError(f"{path}: update has shape {jnp.shape(u)}, expected {p.shape}")
-  layout = update_layout(p.fmt)
-  if jnp.result_type(u) != layout.dtype:
+def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedArray:
+  dtype = new_codes_dtype(p.fmt)
+  got = (f"NewCodes with {jnp.result_type(u.bits)} bits and {jnp.result_type(u.flags)} flags"
+         if is_new_codes(u) else f"an array of {jnp.result_type(u)}")
+  if not (is_new_codes(u) and jnp.result_type(u.bits) == dtype
+          and jnp.result_type(u.flags) == np.uint8):
     raise TypeError(
-        f"{path}: the update of this {p.fmt.name} leaf is {jnp.result_type(u)}, but eco_optax "
-        f"optimizers return the new codes of quantized leaves as {layout.dtype}, to be copied, "
-        "not added. A transformation after the eco_optax optimizer in optax.chain changed them "
-        "(optax.scale, optax.clip, ...), or a float update reached a quantized leaf. Place "
-        "gradient transformations before the eco_optax optimizer, change its learning_rate "
-        "to scale its steps, and accumulate gradients with eco_optax.MultiSteps.")
-  first = (0,) * u.ndim
-  applied = (u[first] & layout.valid) != 0
-  # All or nothing, decided by the first element (a conditional, not a select per
-  # element: nothing but the new codes is written).
-  values = jax.lax.cond(applied, lambda: qz.bits_to_values(u, p.fmt), lambda: p.values)
+        f"{path}: the update of this {p.fmt.name} leaf is {got}, but eco_optax optimizers "
+        f"return the new codes of quantized leaves (NewCodes with {dtype} bits and uint8 "
+        "flags), to be copied, not added. A transformation after the eco_optax optimizer in "
+        "optax.chain changed them (optax.scale, optax.clip, ...), or a float update reached a "
+        "quantized leaf. Place gradient transformations before the eco_optax optimizer, "
+        "change its learning_rate to scale its steps, and accumulate gradients with "
+        "eco_optax.MultiSteps.")
+  if u.bits.shape != p.shape:
+    raise ValueError(f"{path}: update has shape {u.bits.shape}, expected {p.shape}")
+  applied = (u.flags & VALID) != 0
+  # All or nothing (a conditional, not a select per element: nothing but the new
+  # codes is written).
+  values = jax.lax.cond(applied, lambda: qz.bits_to_values(u.bits, p.fmt), lambda: p.values)
   scale, tensor_scale = qz._next_scales(p)
   scale = jnp.where(applied, scale, p.scale)
   if tensor_scale is not None:
     tensor_scale = jnp.where(applied, tensor_scale, p.tensor_scale)
   if p.fmt.scale_policy == "fixed" and p.fmt.scaling != "none":
-    new = dataclasses.replace(p, values=qz.bits_to_values(u, p.fmt))
+    new = dataclasses.replace(p, values=qz.bits_to_values(u.bits, p.fmt))
     _warn_if_saturated(path, p.fmt, jnp.where(applied, qz.saturation(new), 0.0))
-  poisoned = (u[first] & layout.poison) != 0
+  poisoned = (u.flags & POISON) != 0
   if p.fmt.has_tensor_scale:
     tensor_scale = jnp.where(poisoned, jnp.nan, tensor_scale)
   else:
@@ -289,11 +300,11 @@ def apply_updates(params: Any, updates: Any) -> Any:
   """Applies the updates of an eco_optax optimizer to a quantized parameter tree.
 
   Plain leaves (and lossless ones): ``p + u`` cast back to ``p.dtype``, as
-  :func:`optax.apply_updates`. Quantized leaves: the update holds the new codes
-  (``uint16``, ``uint32`` for 16-bit formats; :class:`UpdateLayout`), which are copied,
-  never rounded again, with the scale :func:`~eco_optax.quantize.next_scale` of
-  the stored weights, the scale the optimizer stored them with. A leaf's update is
-  applied whole when its first element carries the ``valid`` bit; an all-zero update
+  :func:`optax.apply_updates`. Quantized leaves: the update is a :class:`NewCodes`,
+  whose bits are copied, never rounded again, with the scale
+  :func:`~eco_optax.quantize.next_scale` of the stored weights, the scale the
+  optimizer stored them with. A leaf's update is applied when its flags carry
+  ``VALID``; an all-zero update
   (a step skipped by :func:`eco_optax.apply_if_finite` or :class:`eco_optax.MultiSteps`)
   keeps codes and scale; a leaf marked as having received a non-finite gradient or
   learning rate gets a NaN scale, so the fault shows.
@@ -307,8 +318,8 @@ def apply_updates(params: Any, updates: Any) -> Any:
     >>> q = eco.quantize_params({"w": jnp.ones((2, 2))}, eco.fp8_e4m3())
     >>> tx = eco.sgdm(1.0)
     >>> updates, _ = tx.update({"w": jnp.full((2, 2), 2.5)}, tx.init(q), q)
-    >>> updates["w"].dtype
-    dtype('uint16')
+    >>> updates["w"].bits.dtype, updates["w"].flags
+    (dtype('uint8'), Array(1, dtype=uint8))
     >>> eco.dequantize_params(eco.apply_updates(q, updates))["w"].tolist()
     [[0.75, 0.75], [0.75, 0.75]]
   """

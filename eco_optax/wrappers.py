@@ -12,8 +12,9 @@ optimizer would add up new codes, and is refused.
 
 Skipping non-finite steps. :func:`optax.apply_if_finite` answers a rejected step
 with zeros shaped like the *gradients* (FP32), and ``lax.cond`` refuses them beside
-the integer codes of quantized leaves. :func:`apply_if_finite` is optax's wrapper
-around the optimizer with those codes passed through it as FP32 numbers (exact).
+the new codes of quantized leaves. :func:`apply_if_finite` is optax's wrapper around the
+optimizer with those codes passed through it as FP32 arrays shaped like the gradients
+(exact).
 
 Example:
   >>> import jax, jax.numpy as jnp, eco_optax as eco
@@ -54,19 +55,31 @@ class MultiSteps(optax.MultiSteps):
     return state._replace(inner_opt_state=self.inner_opt.init(params))
 
 
-def _codes_as_float(updates: Any, params: Any) -> Any:
-  """``updates`` with the codes of lossy quantized leaves as FP32 (exact: below ``2^18``)."""
-  return jax.tree.map(
-      lambda p, u: u.astype(jnp.float32) if qtree.is_quantized(p) and not p.fmt.lossless
-      else u, params, updates, is_leaf=qtree.is_quantized)
+def _codes_as_float(updates: Any) -> Any:
+  """``updates`` with each :class:`~eco_optax.tree.NewCodes` as one FP32 array shaped like
+  its leaf: ``bits + 2^16 flags`` in the first element, ``bits`` elsewhere (exact)."""
+
+  def as_float(u):
+    if not qtree.is_new_codes(u):
+      return u
+    first = (0,) * u.bits.ndim
+    x = u.bits.astype(jnp.float32)
+    return x.at[first].add(u.flags.astype(jnp.float32) * 2.0**16)
+
+  return jax.tree.map(as_float, updates, is_leaf=qtree.is_new_codes)
 
 
 def _codes_from_float(updates: Any, params: Any) -> Any:
-  """The inverse of :func:`_codes_as_float`."""
-  return jax.tree.map(
-      lambda p, u: u.astype(qtree.update_layout(p.fmt).dtype)
-      if qtree.is_quantized(p) and not p.fmt.lossless else u,
-      params, updates, is_leaf=qtree.is_quantized)
+  """The inverse of :func:`_codes_as_float` (zeros become an update that keeps the leaf)."""
+
+  def from_float(p, u):
+    if not (qtree.is_quantized(p) and not p.fmt.lossless):
+      return u
+    x = u.astype(jnp.uint32)
+    return qtree.NewCodes((x & 0xFFFF).astype(qtree.new_codes_dtype(p.fmt)),
+                          (x[(0,) * x.ndim] >> 16).astype(jnp.uint8))
+
+  return jax.tree.map(from_float, params, updates, is_leaf=qtree.is_quantized)
 
 
 def apply_if_finite(inner: optax.GradientTransformation,
@@ -92,7 +105,7 @@ def apply_if_finite(inner: optax.GradientTransformation,
 
   def float_update(updates, state, params=None):
     updates, state = inner.update(updates, state, params)
-    return _codes_as_float(updates, params), state
+    return _codes_as_float(updates), state
 
   guarded = optax.apply_if_finite(optax.GradientTransformation(inner.init, float_update),
                                   max_consecutive_errors)
