@@ -131,18 +131,20 @@ def _rows(x: jax.Array, r0, n: int, total: int) -> jax.Array:
 
 
 def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
-  """``fn(r0, valid, carry_blocks, input_blocks) -> new carry blocks`` over rows.
+  """``fn(r0, valid, carry_blocks, input_blocks) -> (new carry blocks, flag)`` over rows.
 
   Runs ``fn`` on blocks of ``n`` rows in a ``lax.fori_loop`` that updates the carries
   in place. Block ``k`` starts at ``r0 = min(k n, rows - n)``: the last block may
   overlap its predecessor, and ``valid`` (a boolean per row of the block) marks
   the rows it owns; ``fn`` must leave the others as they are in the carries.
-  With a single block (``n == rows``) ``valid`` is ``None``. Returns the carries.
+  With a single block (``n == rows``) ``valid`` is ``None``. Returns the carries and
+  whether any block's flag was set.
   """
   if n == rows:
     return fn(0, None, carries, inputs)
 
-  def body(k, carries):
+  def body(k, state):
+    carries, flag = state
     start = k * n
     r0 = jnp.minimum(start, rows - n)
     valid = None if rows % n == 0 else r0 + jnp.arange(n) >= start
@@ -153,10 +155,11 @@ def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
                                 lambda cs: [jnp.zeros((n,) + c.shape[1:], c.dtype) for c in cs],
                                 carries)
     input_blocks = [_rows(x, r0, n, rows) for x in inputs]
-    blocks = fn(r0, valid, carry_blocks, input_blocks)
-    return [jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0) for c, b in zip(carries, blocks)]
+    blocks, f = fn(r0, valid, carry_blocks, input_blocks)
+    return ([jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0) for c, b in zip(carries, blocks)],
+            flag | f)
 
-  return jax.lax.fori_loop(0, -(-rows // n), body, list(carries))
+  return jax.lax.fori_loop(0, -(-rows // n), body, (list(carries), jnp.zeros((), bool)))
 
 
 def _dequantize_block(bits, scale, fmt):
@@ -296,13 +299,16 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     if valid is not None:
       keep = valid.reshape(valid.shape + (1,) * (bits.ndim - 1))
       out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
-    return out
+    # A non-finite gradient poisons the leaf. Checked on the gradient block, which is in
+    # cache, not on the target (a reduction over the target would make XLA compute the
+    # step a second time): column sums of ``0 * g`` are NaN where an element is not
+    # finite (a float reduction; a boolean ``any`` materialises a mask first). Rows of
+    # an overlapping last block that an earlier block owns are real rows: checking
+    # them again changes nothing.
+    return out, ~jnp.all(jnp.isfinite(_column_sums(g * 0.0)))
 
-  carries = blockwise(block_fn, carries, inputs, shape[0], n)
-  # A non-finite gradient or learning rate poisons the leaf. Checked on the gradient, not
-  # on the target (a reduction over the target would make XLA compute the step a second
-  # time), in one pass over the whole leaf (per block it cost twice as much).
-  poisoned = jnp.any(~jnp.isfinite(grad)) | ~jnp.isfinite(eta)
+  carries, poisoned = blockwise(block_fn, carries, inputs, shape[0], n)
+  poisoned = poisoned | ~jnp.isfinite(eta)
   bits, *rest = carries
   update = qtree.NewCodes(bits, jnp.where(poisoned, qtree.VALID | qtree.POISON,
                                           qtree.VALID).astype(jnp.uint8))
@@ -505,3 +511,8 @@ def _decays(weight_decay: Any, mask: Any, dense: Any, treedef) -> list:
   masks = [True] * treedef.num_leaves if mask is None else treedef.flatten_up_to(mask)
   lams = treedef.flatten_up_to(_per_leaf(weight_decay, dense))
   return [lam if m else None for m, lam in zip(masks, lams)]
+
+
+def _column_sums(x: jax.Array) -> jax.Array:
+  """Sums over axis 0 (``x`` itself if it has one axis or none)."""
+  return jnp.sum(x, axis=0) if x.ndim > 1 else x

@@ -63,10 +63,11 @@ def test_blockwise_last_block_keeps_rows_it_does_not_own():
     out = c + 1.0
     if valid is not None:
       out = jnp.where(valid[:, None], out, c)
-    return [out]
+    return [out], r0 == 6                          # the last block starts at 10 - 4
 
-  (y,) = st.blockwise(fn, [x], [], rows=10, n=4)
+  (y,), flag = st.blockwise(fn, [x], [], rows=10, n=4)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x + 1.0))   # every row once
+  assert bool(flag)
 
 
 @pytest.mark.slow
