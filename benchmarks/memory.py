@@ -37,12 +37,6 @@ class Memory(NamedTuple):
   step_temp: float          # temporaries of the optimizer step alone, bytes per parameter
 
 
-def peak_bytes(m: Any) -> int:
-  """``arguments + outputs - aliased + temporaries`` of a ``memory_analysis()``."""
-  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
-
-
 def mlp_problem(sizes=(512, 1024, 1024, 1024, 512), batch: int = 32):
   """``(params, loss(params, x, y), x, y)`` of a ReLU MLP with these layer widths."""
   keys = jax.random.split(jax.random.key(0), len(sizes) - 1)
@@ -107,7 +101,7 @@ def measure(name: str, problem: tuple) -> list[Memory]:
     alone = jax.jit(opt_step, donate_argnums=(1, 2)).lower(grads, p, state).compile()
     static = eco.memory_report(p, state).total_bytes if fmt is not None else sum(
         x.nbytes for x in jax.tree.leaves((p, state)))
-    rows.append(Memory(name, method, n, peak_bytes(whole.memory_analysis()) / n,
+    rows.append(Memory(name, method, n, eco.memory.peak_bytes(whole) / n,
                        static / n, alone.memory_analysis().temp_size_in_bytes / n))
   return rows
 

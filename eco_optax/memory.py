@@ -7,13 +7,14 @@ the block scales of MXFP4 / NVFP4, plus NVFP4's FP32 tensor scale), plain
 (unquantized) parameters, and every array of the
 optimizer state, attributed to the master copy, the first and second moments, or
 "other state" (step counters, PRNG keys, ...). Activations and gradients are not
-static and are not counted.
+static and are not counted there; pass the compiled train step to
+:func:`memory_report` to see its peak beside the static bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -58,9 +59,11 @@ class MemoryReport:
   Attributes:
     num_params: number of model parameters (elements of the dequantized tree).
     components: ``{component: bytes}``.
+    peak_bytes: the peak of a compiled step (:func:`peak_bytes`), when one was given.
   """
   num_params: int
   components: dict
+  peak_bytes: Optional[float] = None
 
   @property
   def total_bytes(self) -> float:
@@ -70,18 +73,44 @@ class MemoryReport:
   def bytes_per_param(self) -> float:
     return self.total_bytes / max(self.num_params, 1)
 
+  @property
+  def peak_bytes_per_param(self) -> Optional[float]:
+    return None if self.peak_bytes is None else self.peak_bytes / max(self.num_params, 1)
+
   def __str__(self) -> str:
     width = max(len(k) for k in self.components) if self.components else 0
     lines = [f"{self.num_params:,} parameters, {self.total_bytes / 2**20:.2f} MiB "
              f"static, {self.bytes_per_param:.3f} bytes/param"]
+    if self.peak_bytes is not None:
+      lines.append(f"compiled step peak {self.peak_bytes / 2**20:.2f} MiB, "
+                   f"{self.peak_bytes_per_param:.3f} bytes/param")
     for name, nbytes in self.components.items():
       lines.append(f"  {name:<{width}}  {nbytes / max(self.num_params, 1):7.3f} B/param"
                    f"  ({nbytes / 2**20:.2f} MiB)")
     return "\n".join(lines)
 
 
-def memory_report(params: Any, opt_state: Any = None) -> MemoryReport:
-  """Static memory of ``params`` (quantized or not) and ``opt_state``.
+def peak_bytes(compiled: jax.stages.Compiled) -> int:
+  """The peak memory of a compiled program: ``arguments + outputs - aliased + temporaries``.
+
+  Read from ``compiled.memory_analysis()``; donated arguments aliased to outputs count
+  once. Raises ``ValueError`` where the backend reports no memory analysis.
+  """
+  m = compiled.memory_analysis()
+  if m is None:
+    raise ValueError("this backend reports no memory analysis for compiled programs")
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
+def memory_report(params: Any, opt_state: Any = None,
+                  step: Optional[jax.stages.Compiled] = None) -> MemoryReport:
+  """Static memory of ``params`` (quantized or not) and ``opt_state``, and a step's peak.
+
+  ``step``: a compiled train step, ``jax.jit(train_step, donate_argnums=...).lower(
+  ...).compile()``; its :func:`peak_bytes` are reported beside the static bytes. The
+  static bytes are what stays resident between steps; the peak adds what a step
+  holds while it runs (gradients, activations, temporaries), as XLA compiled it.
 
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
@@ -107,4 +136,5 @@ def memory_report(params: Any, opt_state: Any = None) -> MemoryReport:
                       if n in _STATE_COMPONENTS), "other state")
     components[component] = components.get(component, 0.0) + _nbytes(jnp.asarray(leaf))
   return MemoryReport(num_params=num_params,
-                      components={k: v for k, v in components.items() if v})
+                      components={k: v for k, v in components.items() if v},
+                      peak_bytes=None if step is None else float(peak_bytes(step)))

@@ -1,4 +1,5 @@
 """Static memory: bytes per parameter by component."""
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -73,3 +74,34 @@ def test_sub_byte_dtypes_are_counted_without_jax_itemsize_bits(monkeypatch):
     assert memory._bits(jnp.dtype(dtype)) == bits, dtype
   q = eco.quantize_params(_model(), eco.fp4_e2m1("mxfp4"))
   assert eco.memory_report(q).bytes_per_param == pytest.approx(0.53125)
+
+
+def test_report_states_a_compiled_steps_peak_beside_the_static_bytes():
+  q = eco.quantize_params(_model(), eco.fp8_e4m3())
+  tx = eco.adamw(1e-3)
+  state = tx.init(q)
+  grads = {"a": jnp.ones((512, 512)), "b": jnp.ones((512, 256))}
+
+  def step(q, state):
+    updates, state = tx.update(grads, state, q)
+    return eco.apply_updates(q, updates), state
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(q, state).compile()
+  rep = eco.memory_report(q, state, step=compiled)
+  m = compiled.memory_analysis()
+  assert rep.peak_bytes == (m.argument_size_in_bytes + m.output_size_in_bytes
+                            - m.alias_size_in_bytes + m.temp_size_in_bytes)
+  assert m.alias_size_in_bytes > 0                         # donated: counted once
+  assert rep.peak_bytes >= rep.total_bytes                  # the step holds at least the state
+  assert rep.peak_bytes_per_param == rep.peak_bytes / (512 * 768)
+  assert "compiled step peak" in str(rep)
+  assert eco.memory_report(q, state).peak_bytes is None
+
+
+def test_peak_bytes_refuses_a_backend_without_memory_analysis():
+  class NoAnalysis:
+    def memory_analysis(self):
+      return None
+
+  with pytest.raises(ValueError, match="reports no memory analysis"):
+    eco.memory.peak_bytes(NoAnalysis())
