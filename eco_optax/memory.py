@@ -81,7 +81,6 @@ class MemoryReport:
     width = max(len(k) for k in self.components) if self.components else 0
     lines = [f"{self.num_params:,} parameters, {self.total_bytes / 2**20:.2f} MiB "
              f"static, {self.bytes_per_param:.3f} bytes/param"]
-
     for name, nbytes in self.components.items():
       lines.append(f"  {name:<{width}}  {nbytes / max(self.num_params, 1):7.3f} B/param"
                    f"  ({nbytes / 2**20:.2f} MiB)")

@@ -171,7 +171,7 @@ def _materialize(x: jax.Array, always: jax.Array) -> jax.Array:
   """``x`` (a block), computed once into a buffer of its own on CPU.
 
   XLA:CPU fuses a value into each of its consumers and does not fuse several outputs
-  into one loop, so the new codes, read by the stored weights and by the error, would
+  into one loop, so the new codes, read by their storage bits and by the error, would
   be rounded twice, and one large fusion runs slower per element than several small
   ones (10M FP8 params: 31 -> 22 ms per ECO-RTN step). A conditional is a fusion
   boundary: its operand is computed once, into a buffer (the block, in cache). Its
@@ -194,8 +194,8 @@ class _Quantizer:
 
   ``bits`` are the storage bits of the new codes (``uint8``; ``uint16`` for 16-bit
   formats), ``value`` their FP32 value ``Q(target)``. ``materialize``: ``None``, or
-  the ``always`` of :func:`_materialize`, to compute the bits of a block once (1 byte
-  per element) and read the value back from them; not for whole leaves.
+  the ``always`` of :func:`_materialize`, to round the codes of a block once, into an
+  FP32 buffer of their own; not for whole leaves.
   """
 
   def __init__(self, fmt, scale, rounding, key, offset, materialize):
@@ -272,6 +272,9 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
                for f, x in zip(fields, rest)}
     quantizer = _Quantizer(fmt, (s_next, s_next_inverse), rounding, key, offset, always)
+    # The kept error's codes get no buffer of their own: with one, the whole-leaf and
+    # blockwise steps contracted the exact rule's momentum arithmetic differently
+    # (FP4 formats, tests/test_step.py).
     error_store = _Quantizer(err_fmt, (s_next, s_next_inverse), "stochastic", error_key, offset,
                              None)
     extra_in = None
