@@ -370,14 +370,6 @@ class ErrorFeedbackState(NamedTuple):
 _MOMENT_STREAM = 2**32 - 1
 
 
-def _is_quantized(x) -> bool:
-  return isinstance(x, qz.QuantizedArray)
-
-
-def _is_lossy(x) -> bool:
-  return _is_quantized(x) and not x.fmt.lossless
-
-
 def _per_leaf(value: Any, tree: Any) -> Any:
   """``value(tree)`` for a callable (a tree of per-leaf values), else ``value`` at every leaf."""
   return value(tree) if callable(value) else jax.tree.map(lambda _: value, tree)
@@ -386,8 +378,8 @@ def _per_leaf(value: Any, tree: Any) -> Any:
 def dense_shapes(params: Any) -> Any:
   """``params`` with every quantized leaf as a ``jax.ShapeDtypeStruct`` (FP32)."""
   return jax.tree.map(
-      lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32) if _is_quantized(p) else p,
-      params, is_leaf=_is_quantized)
+      lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32) if qtree.is_quantized(p) else p,
+      params, is_leaf=qtree.is_quantized)
 
 
 def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
@@ -412,7 +404,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
   schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def leaf_rules(params):
-    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_quantized)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=qtree.is_quantized)
     out = [rule.for_leaf(jax.ShapeDtypeStruct(jnp.shape(p), jnp.float32)) for p in leaves]
     if check_beta:
       # A traced beta (optax.inject_hyperparams) has no value to check at trace time.
@@ -433,11 +425,11 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
         for p, lr in zip(leaves, lrules)]) for name in rule.moments._fields}
     master = error = None
     if mode.extra == "master":
-      master = treedef.unflatten([qz.dequantize(p) if _is_lossy(p) else None for p in leaves])
+      master = treedef.unflatten([qz.dequantize(p) if qtree.is_lossy(p) else None for p in leaves])
     if mode.extra == "error":   # e_0 = 0: the initial rounding error is dropped
       error = treedef.unflatten([
           qz.QuantizedArray(jnp.zeros(p.shape, jnp.bfloat16), jnp.copy(p.effective_scale),
-                            error_format(p.fmt)) if _is_lossy(p) else None for p in leaves])
+                            error_format(p.fmt)) if qtree.is_lossy(p) else None for p in leaves])
     return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
                               jax.random.key(seed), error, qtree.formats_of(params),
                               jnp.zeros([], jnp.float32) if mode.extra == "error" else None)
@@ -455,7 +447,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     eta = jnp.asarray(schedule(state.count), jnp.float32)
     count = state.count
     eta_before = state.previous_eta if state.previous_eta is not None else jnp.zeros([])
-    n_lossy = sum(map(_is_lossy, leaves))
+    n_lossy = sum(map(qtree.is_lossy, leaves))
     keys = jax.random.split(state.key, n_lossy + 1)
     next_key, leaf_keys = keys[0], iter(keys[1:])
     moment_root = jax.random.fold_in(state.key, _MOMENT_STREAM)
@@ -475,14 +467,14 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
       moments_in = {f: stored[f][i] for f in fields}
       formats = {f: moment_formats[f] for f in fields if f in moment_formats}
       extra = None
-      if _is_lossy(p):
+      if qtree.is_lossy(p):
         extra = master[i] if mode.extra == "master" else (
             error[i] if mode.extra == "error" else None)
         u, moments_out, extra = _quantized_leaf(
             mode, leaf_rule, fields, formats, p, g, moments_in, extra, count, eta,
             eta_before, 0.0 if lam is None else lam, rounding, next(leaf_keys), mkeys)
       else:
-        value = p.values if _is_quantized(p) else p
+        value = p.values if qtree.is_quantized(p) else p
         u, moments_out = _plain_leaf(leaf_rule, fields, formats, value, g, moments_in,
                                      count, eta, lam, mkeys)
       updates.append(u)

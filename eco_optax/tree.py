@@ -30,6 +30,11 @@ def is_quantized(x: Any) -> bool:
   return isinstance(x, qz.QuantizedArray)
 
 
+def is_lossy(x: Any) -> bool:
+  """True for a quantized leaf that rounds (not the lossless reference format)."""
+  return is_quantized(x) and not x.fmt.lossless
+
+
 def path_str(path: tuple) -> str:
   """A key path as text, e.g. ``['block_0']['kernel']``; ``<root>`` when empty."""
   return jax.tree_util.keystr(path) or "<root>"
@@ -263,10 +268,10 @@ def _warn_if_saturated(path: str, fmt: qz.QuantFormat, fraction: jax.Array) -> N
 
 def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedArray:
   dtype = new_codes_dtype(p.fmt)
-  got = (f"NewCodes with {jnp.result_type(u.bits)} bits and {jnp.result_type(u.flags)} flags"
-         if is_new_codes(u) else f"an array of {jnp.result_type(u)}")
   if not (is_new_codes(u) and jnp.result_type(u.bits) == dtype
           and jnp.result_type(u.flags) == np.uint8):
+    got = (f"NewCodes with {jnp.result_type(u.bits)} bits and {jnp.result_type(u.flags)} "
+           "flags" if is_new_codes(u) else f"an array of {jnp.result_type(u)}")
     raise TypeError(
         f"{path}: the update of this {p.fmt.name} leaf is {got}, but eco_optax optimizers "
         f"return the new codes of quantized leaves (NewCodes with {dtype} bits and uint8 "
@@ -330,7 +335,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
 @functools.partial(jax.jit, inline=True)   # eager calls: one program per tree signature
 def _apply_updates(params: Any, updates: Any) -> Any:
   def leaf_fn(path, p, u):
-    if is_quantized(p) and not p.fmt.lossless:
+    if is_lossy(p):
       return _quantized_update(path_str(path), p, u)
     if is_quantized(p):
       return dataclasses.replace(p, values=jnp.asarray(p.values + u).astype(p.values.dtype))

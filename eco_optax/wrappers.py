@@ -73,7 +73,7 @@ def _codes_from_float(updates: Any, params: Any) -> Any:
   """The inverse of :func:`_codes_as_float` (zeros become an update that keeps the leaf)."""
 
   def from_float(p, u):
-    if not (qtree.is_quantized(p) and not p.fmt.lossless):
+    if not qtree.is_lossy(p):
       return u
     x = u.astype(jnp.uint32)
     return qtree.NewCodes((x & 0xFFFF).astype(qtree.new_codes_dtype(p.fmt)),
