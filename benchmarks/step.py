@@ -4,7 +4,9 @@ Times, side by side in one process, AdamW with ECO (RTN and SR), AdamW with
 FP32 master weights, and ``optax.adamw`` on FP32 parameters (``--moments bf16,8bit``
 adds ECO-SR with low-precision moments), for parameter
 trees of a few 2-D matrices (FP8 E4M3, row-wise scales) summing to each size.
-Each timing is the median over repeats after warm-up calls. As in a training
+The methods take turns, one step each per round (so a slow spell of a noisy
+machine falls on all of them alike), and each timing is the median over rounds
+after warm-up rounds. As in a training
 loop, the parameters and the optimizer state are donated to the step and each
 call consumes the previous call's outputs (without donation every call would
 also pay for fresh output buffers, which on CPU dominates a memory-bound step).
@@ -56,13 +58,30 @@ def median_time(fn: Callable[..., tuple], carry: tuple, *, warmup: int = 3,
   Returns:
     ``(seconds, final carry)``; the input ``carry`` may have been donated.
   """
-  times = []
+  seconds, carries = interleaved_median_times({"fn": fn}, {"fn": carry}, warmup=warmup,
+                                              repeats=repeats)
+  return seconds["fn"], carries["fn"]
+
+
+def interleaved_median_times(fns: dict[str, Callable[..., tuple]], carries: dict[str, tuple], *,
+                             warmup: int = 3, repeats: int = 20
+                             ) -> tuple[dict[str, float], dict[str, tuple]]:
+  """Median wall time of each ``carries[k] = fns[k](*carries[k])``, taking turns.
+
+  Every round calls each function once, in order, each call blocked on; the
+  first ``warmup`` rounds are not timed.
+
+  Returns:
+    ``({name: seconds}, {name: final carry})``; the input carries may have been donated.
+  """
+  carries, times = dict(carries), {name: [] for name in fns}
   for i in range(warmup + repeats):
-    start = time.perf_counter()
-    carry = jax.block_until_ready(fn(*carry))
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-  return statistics.median(times), carry
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      carries[name] = jax.block_until_ready(fn(*carries[name]))
+      if i >= warmup:
+        times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}, carries
 
 
 def tree_bytes(*trees: Any) -> int:
@@ -135,21 +154,22 @@ class Timing(NamedTuple):
 
 def time_size(num_params: int, fmt: eco.QuantFormat, warmup: int,
               repeats: int, moments: tuple[str, ...] = ()) -> list[Timing]:
-  """Times every setup of :func:`step_setups` at one size."""
+  """Times every setup of :func:`step_setups` at one size, taking turns."""
   params = matrices(num_params)
   n = sum(p.size for p in params.values())
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
-  rows = []
+  steps, carries, moved = {}, {}, {}
   for name, (tx, p, apply_fn) in step_setups(params, fmt, moments=moments).items():
-    step = functools.partial(make_opt_step(tx, apply_fn), grads)
-    carry = (jax.tree.map(jnp.copy, p), tx.init(p))  # donated: copy the shared p
-    moved = tree_bytes(grads, carry)
-    seconds, carry = median_time(step, carry, warmup=warmup, repeats=repeats)
-    moved += tree_bytes(carry)
-    rows.append(Timing(n, name, seconds, 0.0, moved, moved / seconds))
-    del carry
-  base = rows[0].seconds
-  return [r._replace(ratio=r.seconds / base) for r in rows]
+    steps[name] = functools.partial(make_opt_step(tx, apply_fn), grads)
+    carries[name] = (jax.tree.map(jnp.copy, p), tx.init(p))  # donated: copy the shared p
+    moved[name] = tree_bytes(grads, carries[name])
+  seconds, carries = interleaved_median_times(steps, carries, warmup=warmup, repeats=repeats)
+  base = seconds["optax.adamw (fp32)"]
+  rows = []
+  for name, s in seconds.items():
+    num_bytes = moved[name] + tree_bytes(carries[name])
+    rows.append(Timing(n, name, s, s / base, num_bytes, num_bytes / s))
+  return rows
 
 
 def parse_size(text: str) -> int:
