@@ -633,16 +633,39 @@ def _at_max(values: jax.Array, fmt: QuantFormat) -> jax.Array:
   return (jax.lax.bitcast_convert_type(values, bits) & sign_cleared) == top
 
 
-def _saturated_count(values: jax.Array, fmt: QuantFormat) -> jax.Array:
-  """How many codes of each scale group sit at ``+-rho`` (int32, shaped like the scale)."""
-  at_max = _at_max(values, fmt).astype(jnp.int32)
+def _code_absmax_and_saturated_count(values: jax.Array,
+                                     fmt: QuantFormat) -> tuple[jax.Array, jax.Array]:
+  """:func:`_code_absmax` and how many codes of each scale group sit at ``+-rho``
+  (int32), both shaped like the scale, in one pass over the codes.
+
+  One variadic reduction: XLA:CPU hands a plain sum or max to a library kernel that
+  needs its input materialised (a count in int32 took 4 bytes per parameter, for
+  every leaf at once); a variadic one it fuses with the elementwise code above it.
+  """
+  if fmt.is_integer:
+    magnitude = jnp.abs(values.astype(jnp.int8))
+    at_max = magnitude >= int(fmt.max_value)
+  else:
+    bits = jnp.dtype(f"uint{fmt.bits}")
+    magnitude = jax.lax.bitcast_convert_type(values, bits) & bits.type((1 << (fmt.bits - 1)) - 1)
+    at_max = magnitude == jax.lax.bitcast_convert_type(jnp.asarray(fmt.max_value, fmt.dtype), bits)
+  operands = (magnitude, at_max.astype(jnp.int32))
+  inits = (np.zeros((), magnitude.dtype), np.int32(0))
+  combine = lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1])
   if fmt.scaling == "tensor":
-    return jnp.sum(at_max)
-  axis = _normalize_axis(fmt.axis, values.ndim, fmt.name)
-  if fmt.scaling == "channel":
-    others = tuple(i for i in range(values.ndim) if i != axis)
-    return jnp.sum(at_max, axis=others, keepdims=True)
-  return jnp.sum(_blocked(at_max, fmt), axis=axis + 1)
+    top, count = jax.lax.reduce(operands, inits, combine, tuple(range(values.ndim)))
+  else:
+    axis = _normalize_axis(fmt.axis, values.ndim, fmt.name)
+    if fmt.scaling == "channel":
+      others = tuple(i for i in range(values.ndim) if i != axis)
+      top, count = (jnp.expand_dims(x, others)
+                    for x in jax.lax.reduce(operands, inits, combine, others))
+    else:
+      top, count = jax.lax.reduce(tuple(_blocked(x, fmt) for x in operands), inits, combine,
+                                  (axis + 1,))
+  code_max = (top.astype(jnp.float32) if fmt.is_integer else
+              jax.lax.bitcast_convert_type(top, fmt.dtype).astype(jnp.float32))
+  return code_max, count
 
 
 def saturation(q: QuantizedArray) -> jax.Array:
@@ -684,11 +707,13 @@ def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
   if fmt.lossless or fmt.scale_policy == "fixed" or fmt.scaling == "none":
     return q.scale, q.tensor_scale
   rho, scale = fmt.max_value, q.effective_scale
-  code_max = _code_absmax(q.values, fmt)
-  if fmt.scale_policy == "sticky":
+  if fmt.scale_policy == "sticky" and fmt.saturated_fraction > 0:
+    code_max, saturated = _code_absmax_and_saturated_count(q.values, fmt)
+    grow = saturated > fmt.saturated_fraction * _group_size(q.shape, fmt)
+  else:
+    code_max = _code_absmax(q.values, fmt)
     grow = code_max >= rho
-    if fmt.saturated_fraction > 0:
-      grow = _saturated_count(q.values, fmt) > fmt.saturated_fraction * _group_size(q.shape, fmt)
+  if fmt.scale_policy == "sticky":
     new = _sticky(scale, grow, code_max, rho, fmt.headroom, fmt.growth, _MIN_SCALE)
   elif fmt.is_integer:
     # The largest code lands on the integer k = floor(rho / h), exactly: a fixed

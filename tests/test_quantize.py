@@ -294,8 +294,26 @@ def test_nearest_rounding_on_the_fp32_grid_is_the_ieee_cast(fmt):
                          ids=["e4m3", "e5m2", "int8", "int4", "mxfp4", "nvfp4"])
 def test_code_absmax_reads_the_bits_right(fmt):
   q = eco.quantize_array(jax.random.normal(jax.random.key(1), (32, 64)), fmt)
-  np.testing.assert_array_equal(np.asarray(qz._code_absmax(q.values, fmt)),
-                                np.asarray(qz._group_absmax(q.values.astype(jnp.float32), fmt)))
+  expected = np.asarray(qz._group_absmax(q.values.astype(jnp.float32), fmt))
+  np.testing.assert_array_equal(np.asarray(qz._code_absmax(q.values, fmt)), expected)
+  # In one pass with the count of codes at +-rho, per scale group (some groups saturate).
+  loud = qz.quantize_with_scale(jax.random.normal(jax.random.key(2), (32, 64)) * 4,
+                                q.effective_scale, fmt)
+  values = jnp.concatenate([q.values[:16], loud.values[16:]])
+  code_max, count = qz._code_absmax_and_saturated_count(values, fmt)
+  at_max = np.abs(np.asarray(values.astype(jnp.float32))) == fmt.max_value
+  axis = fmt.axis % 2
+  if fmt.scaling == "tensor":
+    expected_count = at_max.sum()
+  elif fmt.scaling == "channel":
+    expected_count = at_max.sum(axis=1 - axis, keepdims=True)
+  else:                                      # blocks of block_size along axis
+    expected_count = np.asarray(qz._blocked(jnp.asarray(at_max), fmt)).sum(axis=axis + 1)
+  np.testing.assert_array_equal(np.asarray(code_max),
+                                np.asarray(qz._group_absmax(values.astype(jnp.float32), fmt)))
+  np.testing.assert_array_equal(np.asarray(count), expected_count)
+  assert count.dtype == jnp.int32 and np.asarray(count).shape == np.asarray(code_max).shape
+  assert 0 < int(count.sum()) < values.size
   value, stored = qz.requantize_with_value(q, q.dequantize() * 1.3)
   np.testing.assert_array_equal(np.asarray(value.dequantize()), np.asarray(stored))
 
