@@ -604,18 +604,32 @@ def initial_scale(x: jax.Array, fmt: QuantFormat) -> jax.Array:
   return _decode_scale(*_initial_scales(x, fmt))
 
 
-def _code_absmax(values: jax.Array, fmt: QuantFormat) -> jax.Array:
-  """``max|c|`` per scale group, in FP32, without converting every code.
+def _code_magnitudes(values: jax.Array, fmt: QuantFormat) -> tuple[jax.Array, jax.Array]:
+  """``(m, at_max)``: integers that order like ``|c|``, and where ``|c| = rho``.
 
-  Float formats are sign-magnitude, so the magnitudes order like their bits with
-  the sign bit cleared: reduce the integers, then decode only the maxima.
+  Integer codes as int8 magnitudes; float formats are sign-magnitude, so their
+  magnitudes order like their bits with the sign bit cleared (NaN and inf codes
+  above ``rho`` are not at it).
   """
   if fmt.is_integer:
-    return _group_absmax(values.astype(jnp.int8), fmt).astype(jnp.float32)
+    magnitude = jnp.abs(values.astype(jnp.int8))
+    return magnitude, magnitude >= int(fmt.max_value)
   bits = jnp.dtype(f"uint{fmt.bits}")
-  sign_cleared = bits.type((1 << (fmt.bits - 1)) - 1)
-  top = _group_absmax(jax.lax.bitcast_convert_type(values, bits) & sign_cleared, fmt)
-  return jax.lax.bitcast_convert_type(top, fmt.dtype).astype(jnp.float32)
+  magnitude = jax.lax.bitcast_convert_type(values, bits) & bits.type((1 << (fmt.bits - 1)) - 1)
+  return magnitude, magnitude == np.asarray(fmt.max_value, fmt.dtype).view(bits)
+
+
+def _magnitude_to_float32(m: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """The FP32 value of a :func:`_code_magnitudes` integer."""
+  if fmt.is_integer:
+    return m.astype(jnp.float32)
+  return jax.lax.bitcast_convert_type(m, fmt.dtype).astype(jnp.float32)
+
+
+def _code_absmax(values: jax.Array, fmt: QuantFormat) -> jax.Array:
+  """``max|c|`` per scale group, in FP32, without converting every code: the
+  integer magnitudes are reduced, then only the maxima decoded."""
+  return _magnitude_to_float32(_group_absmax(_code_magnitudes(values, fmt)[0], fmt), fmt)
 
 
 def _group_size(shape: tuple[int, ...], fmt: QuantFormat) -> int:
@@ -625,12 +639,7 @@ def _group_size(shape: tuple[int, ...], fmt: QuantFormat) -> int:
 
 def _at_max(values: jax.Array, fmt: QuantFormat) -> jax.Array:
   """Where a code sits at ``+-rho`` (bool)."""
-  if fmt.is_integer:
-    return jnp.abs(values.astype(jnp.int8)) >= int(fmt.max_value)
-  bits = jnp.dtype(f"uint{fmt.bits}")
-  sign_cleared = bits.type((1 << (fmt.bits - 1)) - 1)
-  top = jax.lax.bitcast_convert_type(jnp.asarray(fmt.max_value, fmt.dtype), bits)
-  return (jax.lax.bitcast_convert_type(values, bits) & sign_cleared) == top
+  return _code_magnitudes(values, fmt)[1]
 
 
 def _code_absmax_and_saturated_count(values: jax.Array,
@@ -642,13 +651,7 @@ def _code_absmax_and_saturated_count(values: jax.Array,
   needs its input materialised (a count in int32 took 4 bytes per parameter, for
   every leaf at once); a variadic one it fuses with the elementwise code above it.
   """
-  if fmt.is_integer:
-    magnitude = jnp.abs(values.astype(jnp.int8))
-    at_max = magnitude >= int(fmt.max_value)
-  else:
-    bits = jnp.dtype(f"uint{fmt.bits}")
-    magnitude = jax.lax.bitcast_convert_type(values, bits) & bits.type((1 << (fmt.bits - 1)) - 1)
-    at_max = magnitude == jax.lax.bitcast_convert_type(jnp.asarray(fmt.max_value, fmt.dtype), bits)
+  magnitude, at_max = _code_magnitudes(values, fmt)
   operands = (magnitude, at_max.astype(jnp.int32))
   inits = (np.zeros((), magnitude.dtype), np.int32(0))
   combine = lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1])
@@ -663,9 +666,7 @@ def _code_absmax_and_saturated_count(values: jax.Array,
     else:
       top, count = jax.lax.reduce(tuple(_blocked(x, fmt) for x in operands), inits, combine,
                                   (axis + 1,))
-  code_max = (top.astype(jnp.float32) if fmt.is_integer else
-              jax.lax.bitcast_convert_type(top, fmt.dtype).astype(jnp.float32))
-  return code_max, count
+  return _magnitude_to_float32(top, fmt), count
 
 
 def saturation(q: QuantizedArray) -> jax.Array:

@@ -261,7 +261,8 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   error_key = jax.random.fold_in(key, 1)
   # The loop's first carry enters with the stored bits: each block reads its old codes
   # there and writes the new ones, and it leaves as the update's bits.
-  carries = [_bits_when_due(q.values, grad, previous_flags, fmt)] + [stored_moments[f] for f in fields]
+  carries = [_bits_when_due(q.values, grad, previous_flags, fmt)] + [
+      stored_moments[f] for f in fields]
   # The reciprocal of the next scale is materialised here: XLA would otherwise fuse its
   # division into the loop over the elements.
   inputs = [grad, scale, next_scale, 1.0 / next_scale]
