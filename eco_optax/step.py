@@ -130,18 +130,27 @@ def _rows(x: jax.Array, r0, n: int, total: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, r0 // k, n // k)
 
 
-def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int):
+def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int,
+              always: Optional[jax.Array] = None):
   """``fn(r0, valid, carry_blocks, input_blocks) -> (new carry blocks, flag)`` over rows.
 
   Runs ``fn`` on blocks of ``n`` rows in a ``lax.fori_loop`` that updates the carries
   in place. Block ``k`` starts at ``r0 = min(k n, rows - n)``: the last block may
   overlap its predecessor, and ``valid`` (a boolean per row of the block) marks
   the rows it owns; ``fn`` must leave the others as they are in the carries.
-  With a single block (``n == rows``) ``valid`` is ``None``. Returns the carries and
-  whether any block's flag was set.
+  With a single block (``n == rows``) ``valid`` is ``None``, and given ``always`` (a
+  traced predicate that always holds, as in :func:`_materialize`) ``fn`` runs behind a
+  conditional on it: its temporaries then live only while it runs, and what comes
+  after waits for all of it (transformer of benchmarks/memory.py: optimizer-step
+  temporaries 11.0 -> 2.7 B/param). Returns the carries and whether any block's flag
+  was set.
   """
-  if n == rows:
+  if n == rows and always is None:
     return fn(0, None, carries, inputs)
+  if n == rows:
+    return jax.lax.cond(
+        always, lambda c, i: fn(0, None, c, i),
+        lambda c, i: (jax.tree.map(jnp.zeros_like, c), jnp.zeros((), bool)), carries, inputs)
 
   def body(k, state):
     carries, flag = state
@@ -319,18 +328,13 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     # them again changes nothing.
     return out, ~jnp.all(jnp.isfinite(_column_sums(g * 0.0)))
 
-  if n == shape[0] and isinstance(always, jax.core.Tracer) and mode.extra != "master":
-    # Traced, a leaf of one block runs behind a conditional (never false): its
-    # temporaries live only while it runs, and the next leaf's step waits for all of it
-    # (transformer of benchmarks/memory.py: optimizer-step temporaries 11.0 -> 2.7
-    # B/param). Eagerly each operation runs on its own, and a conditional of a new
-    # closure would compile again at every step. Not in master-weights mode: measured
-    # there, the conditional tripled them (4.3 -> 12.3 B/param).
-    carries, poisoned = jax.lax.cond(
-        always, lambda c, i: block_fn(0, None, c, i),
-        lambda c, i: (jax.tree.map(jnp.zeros_like, c), jnp.zeros((), bool)), carries, inputs)
-  else:
-    carries, poisoned = blockwise(block_fn, carries, inputs, shape[0], n)
+  # One block runs behind a conditional only when traced: eagerly each operation runs on
+  # its own, and a conditional of a new closure would compile again at every step. Not
+  # in master-weights mode: measured there, the conditional tripled the temporaries
+  # (transformer: 4.3 -> 12.3 B/param).
+  conditional = isinstance(always, jax.core.Tracer) and mode.extra != "master"
+  carries, poisoned = blockwise(block_fn, carries, inputs, shape[0], n,
+                                always if conditional else None)
   poisoned = poisoned | ~jnp.isfinite(eta)
   bits, *rest = carries
   update = qtree.NewCodes(bits, jnp.where(poisoned, qtree.VALID | qtree.POISON,

@@ -70,6 +70,22 @@ def test_blockwise_last_block_keeps_rows_it_does_not_own():
   assert bool(flag)
 
 
+def test_blockwise_runs_a_single_block_behind_the_conditional_it_is_given():
+  def fn(r0, valid, carries, inputs):
+    assert r0 == 0 and valid is None
+    return [carries[0] + inputs[0]], jnp.any(inputs[0] < 0)
+
+  x, y = jnp.ones((4, 3)), -jnp.ones((4, 3))
+  step = jax.jit(lambda x, y, count: st.blockwise(fn, [x], [y], 4, 4, count >= 0))
+  (z,), flag = step(x, y, jnp.int32(0))
+  np.testing.assert_array_equal(np.asarray(z), np.zeros((4, 3)))
+  assert bool(flag)
+  assert "conditional(" in step.lower(x, y, jnp.int32(0)).compile().as_text()
+  (z,), flag = st.blockwise(fn, [x], [y], 4, 4)          # no predicate: a plain call
+  np.testing.assert_array_equal(np.asarray(z), np.zeros((4, 3)))
+  assert bool(flag)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.int4()], ids=["fp8", "int4"])
 def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
