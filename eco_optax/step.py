@@ -267,7 +267,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
       isinstance(formats.get(f), mom.Blockwise8bit) for f in fields)
   n = _rows_per_block(shape, fmt, whole)
   err_fmt = error_format(fmt)
-  error_key = jax.random.fold_in(key, 1)
+  error_key = jax.random.fold_in(key, 1) if mode.extra == "error" else None
   # The loop's first carry enters with the stored bits: each block reads its old codes
   # there and writes the new ones, and it leaves as the update's bits.
   carries = [_bits_when_due(q.values, grad, previous_flags, fmt)] + [
@@ -322,11 +322,12 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
       out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
     # A non-finite gradient poisons the leaf. Checked on the gradient block, which is in
     # cache, not on the target (a reduction over the target would make XLA compute the
-    # step a second time): column sums of ``0 * g`` are NaN where an element is not
-    # finite (a float reduction; a boolean ``any`` materialises a mask first). Rows of
-    # an overlapping last block that an earlier block owns are real rows: checking
-    # them again changes nothing.
-    return out, ~jnp.all(jnp.isfinite(_column_sums(g * 0.0)))
+    # step a second time): column sums of ``g - g`` are NaN where an element is not
+    # finite (a float reduction; a boolean ``any`` materialises a mask first, and
+    # ``0 * g`` a block of zeros for the reduction to read). Rows of an overlapping
+    # last block that an earlier block owns are real rows: checking them again
+    # changes nothing.
+    return out, ~jnp.all(jnp.isfinite(_column_sums(g - g)))
 
   # One block runs behind a conditional only when traced: eagerly each operation runs on
   # its own, and a conditional of a new closure would compile again at every step. Not
@@ -368,7 +369,8 @@ class ErrorFeedbackState(NamedTuple):
       tree of leaves in its storage format (FP32 arrays by default; ``None`` where
       a leaf has no such moment).
     master: FP32 master weights in ``"master_weights"`` mode, else ``None``.
-    key: PRNG key for stochastic rounding (advanced every step).
+    key: PRNG key of stochastic rounding, advanced at every step that rounds stochastically
+      (the weights, a kept error or the moments).
     previous_error: in ``"eco_exact"`` mode, each quantized leaf's last error as a
       :class:`~eco_optax.quantize.QuantizedArray` of bfloat16 code units with the
       scale it was written in (:func:`error_format`), else ``None``.
@@ -472,11 +474,15 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     count = state.count
     eta_before = state.previous_eta if state.previous_eta is not None else jnp.zeros([])
     n_lossy = sum(map(qtree.is_lossy, leaves))
-    keys = jax.random.split(state.key, n_lossy + 1)
-    next_key, leaf_keys = keys[0], iter(keys[1:])
-    moment_root = jax.random.fold_in(state.key, _MOMENT_STREAM)
-    moment_keys = {name: iter(jax.random.split(jax.random.fold_in(moment_root, i), len(leaves)))
-                   for i, name in enumerate(rule.moments._fields)}
+    if rounding == "stochastic" or mode.extra == "error" or moment_formats:
+      keys = jax.random.split(state.key, n_lossy + 1)
+      next_key, leaf_keys = keys[0], iter(keys[1:])
+      moment_root = jax.random.fold_in(state.key, _MOMENT_STREAM)
+      moment_keys = {name: iter(jax.random.split(jax.random.fold_in(moment_root, i), len(leaves)))
+                     for i, name in enumerate(rule.moments._fields)}
+    else:   # nothing is rounded stochastically: no key is drawn (a threefry hash less to compile)
+      next_key, leaf_keys = state.key, iter([None] * n_lossy)
+      moment_keys = {name: iter([None] * len(leaves)) for name in rule.moments._fields}
     stored = {name: treedef.flatten_up_to(getattr(state.moments, name))
               for name in rule.moments._fields}
     master = treedef.flatten_up_to(state.master) if state.master is not None else None

@@ -357,6 +357,19 @@ def test_the_weights_random_numbers_do_not_depend_on_the_moments(mode):
   assert _raw(s_fp32.key) == _raw(s_8bit.key)
 
 
+def test_the_key_advances_only_where_something_is_rounded_stochastically():
+  def key_moved(**kw):
+    q, state = _run(eco.adamw(1e-2, **kw), steps=1)
+    fresh = eco.adamw(1e-2, **kw).init(q)
+    return _raw(state.key) != _raw(fresh.key)
+
+  assert not key_moved()
+  assert not key_moved(mode="master_weights")
+  assert key_moved(rounding="stochastic")
+  assert key_moved(mode="eco_exact")                  # its kept error is rounded stochastically
+  assert key_moved(mu_dtype=jnp.bfloat16)
+
+
 def _train_mlp(steps=200, mode="eco", **moment_kw):
   """FP8 ECO-SR AdamW on the regression MLP of examples/sharded_training.py: held-out loss.
 
