@@ -54,6 +54,8 @@ from eco_optax import tree as qtree
 
 # Elements per block of rows on CPU: the streams of one block stay in cache.
 BLOCK_ELEMENTS = 1 << 17
+# Leaves of more blocks than this carry their 16-bit floats as bits (_bits_when_due).
+_BLOCKS_BEFORE_BITS = 16
 
 
 class Block(NamedTuple):
@@ -224,11 +226,11 @@ class _Quantizer:
     return qz._unblocked(bits, target.shape), qz._unblocked(codes * scale, target.shape)
 
 
-def _bits_when_due(values: jax.Array, grad: jax.Array, previous_flags: Optional[jax.Array],
-                   fmt: qz.QuantFormat) -> jax.Array:
-  """The storage bits of ``values`` (``uint8``, ``uint16`` for 16-bit formats), computed
-  once ``grad`` exists and the previous quantized leaf's step (its ``previous_flags``,
-  ``None`` for the first) is done.
+def _bits_when_due(values: jax.Array, narrow: list, grad: jax.Array,
+                   previous_flags: Optional[jax.Array], fmt: qz.QuantFormat) -> tuple:
+  """``(storage bits of values, [bits of each narrow-float carry])`` (``uint8``, ``uint16``
+  for 16-bit formats), computed once ``grad`` exists and the previous quantized leaf's
+  step (its ``previous_flags``, ``None`` for the first) is done.
 
   XLA:CPU materialises a float8 -> uint8 bitcast as a copy (1 byte per parameter), and
   its scheduler computes these copies for every leaf at the start of the step, where
@@ -239,20 +241,37 @@ def _bits_when_due(values: jax.Array, grad: jax.Array, previous_flags: Optional[
   starts: one leaf's copy is alive at a time (MLP of benchmarks/memory.py, FP32
   moments: optimizer-step temporaries 1.84 -> 1.17 bytes per parameter). Elsewhere
   the bitcast is free and a conditional would only add a synchronisation.
+
+  ``narrow``: the leaf's 16-bit float carries (bfloat16 moments, ``eco_exact``'s kept
+  error) when it is stepped in more than ``_BLOCKS_BEFORE_BITS`` blocks. XLA:CPU
+  updates a slice of a bfloat16 array by converting the whole array to FP32 and
+  back, once per block: a cost of the leaf's size times its number of blocks.
+  Measured with bfloat16 moments (SR), per step: equal at leaves of 1M elements (8
+  blocks), 160 -> 118 ms at 6M (48 blocks), 633 -> 276 ms at 12.5M (96 blocks) when
+  these carries travel through the loop as their bits, for a copy of 2 bytes per
+  element each (MLP of benchmarks/memory.py: optimizer-step temporaries 1.09 -> 2.09
+  bytes per parameter had its 1M-element leaves taken this way).
   """
-  bits = _values_to_bits(fmt)
+  to_bits = _to_bits(fmt)
   if jax.default_backend() != "cpu":
-    return bits(values)
+    return to_bits(values, narrow)
   first = grad[(0,) * grad.ndim]           # no reshape: a sharded gradient stays as it is
   due = first == first
   if previous_flags is not None:           # always true; XLA folds away an integer x == x
     due = due & (previous_flags < 0x80)
-  return jax.lax.cond(due, bits, bits, values)
+  return jax.lax.cond(due, to_bits, to_bits, values, narrow)
 
 
 @functools.cache   # one function per format: an eager step does not compile the branch again
-def _values_to_bits(fmt: qz.QuantFormat) -> Callable[[jax.Array], jax.Array]:
-  return lambda values: qz.values_to_bits(values, fmt).astype(qtree.new_codes_dtype(fmt))
+def _to_bits(fmt: qz.QuantFormat) -> Callable[[jax.Array, list], tuple]:
+  return lambda values, narrow: (
+      qz.values_to_bits(values, fmt).astype(qtree.new_codes_dtype(fmt)),
+      [_float_bits(x) for x in narrow])
+
+
+def _float_bits(x: jax.Array) -> jax.Array:
+  """The bits of a 16-bit float array, as ``uint16``."""
+  return jax.lax.bitcast_convert_type(x, jnp.uint16)
 
 
 def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.QuantizedArray,
@@ -270,8 +289,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   error_key = jax.random.fold_in(key, 1) if mode.extra == "error" else None
   # The loop's first carry enters with the stored bits: each block reads its old codes
   # there and writes the new ones, and it leaves as the update's bits.
-  carries = [_bits_when_due(q.values, grad, previous_flags, fmt)] + [
-      stored_moments[f] for f in fields]
+  carries = [stored_moments[f] for f in fields]
   # The reciprocal of the next scale is materialised here: XLA would otherwise fuse its
   # division into the loop over the elements.
   inputs = [grad, scale, next_scale, 1.0 / next_scale]
@@ -280,11 +298,22 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   elif mode.extra == "error":
     carries.append(extra.values)
     inputs.append(extra.effective_scale)
+  narrow = [] if -(-shape[0] // n) <= _BLOCKS_BEFORE_BITS else [
+      i for i, c in enumerate(carries) if isinstance(c, jax.Array) and c.dtype.itemsize == 2]
+  narrow_dtypes = [carries[i].dtype for i in narrow]
+  bits, narrow_bits = _bits_when_due(q.values, [carries[i] for i in narrow], grad,
+                                     previous_flags, fmt)
+  for i, x in zip(narrow, narrow_bits):
+    carries[i] = x
+  carries = [bits] + carries
 
   always = None if whole else count >= 0
 
   def block_fn(r0, valid, carry, inp):
     bits, *rest = carry
+    for i, dtype in zip(narrow, narrow_dtypes):
+      rest[i] = jax.lax.bitcast_convert_type(rest[i], dtype)
+    carry = [bits] + rest
     g, s, s_next, s_next_inverse, *inp = inp
     offset = r0 * row_size
     decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
@@ -320,6 +349,8 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     if valid is not None:
       keep = valid.reshape(valid.shape + (1,) * (bits.ndim - 1))
       out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
+    for i in narrow:
+      out[1 + i] = _float_bits(out[1 + i])
     # A non-finite gradient poisons the leaf. Checked on the gradient block, which is in
     # cache, not on the target (a reduction over the target would make XLA compute the
     # step a second time): column sums of ``g - g`` are NaN where an element is not
@@ -338,6 +369,8 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
                                 always if conditional else None)
   poisoned = poisoned | ~jnp.isfinite(eta)
   bits, *rest = carries
+  for i, dtype in zip(narrow, narrow_dtypes):
+    rest[i] = jax.lax.bitcast_convert_type(rest[i], dtype)
   update = qtree.NewCodes(bits, jnp.where(poisoned, qtree.VALID | qtree.POISON,
                                           qtree.VALID).astype(jnp.uint8))
   new_moments = dict(zip(fields, rest))

@@ -33,6 +33,14 @@ def _run(fmt, mode, rounding, moments, block_elements, monkeypatch, steps=3):
   return q, state
 
 
+def _assert_bit_identical(a_tree, b_tree):
+  for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8),
+                                  np.atleast_1d(np.asarray(b)).view(np.uint8))
+
+
 @pytest.mark.parametrize("name", sorted(FORMATS))
 @pytest.mark.parametrize("mode,rounding,moments", [
     ("eco", "nearest", None), ("eco", "stochastic", jnp.bfloat16),
@@ -41,11 +49,23 @@ def test_blocks_of_rows_equal_the_whole_leaf(name, mode, rounding, moments, monk
   # 16 rows x 24 per block: 72 rows are 4 full blocks and an overlapping last one.
   blocked = _run(FORMATS[name], mode, rounding, moments, 16 * 24, monkeypatch)
   whole = _run(FORMATS[name], mode, rounding, moments, 1 << 30, monkeypatch)
-  for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
-    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8),
-                                  np.atleast_1d(np.asarray(b)).view(np.uint8))
+  _assert_bit_identical(blocked, whole)
+
+
+@pytest.mark.parametrize("mode,rounding,moments", [
+    ("eco", "stochastic", jnp.bfloat16), ("eco_exact", "nearest", None)])
+def test_16_bit_carries_through_the_blocks_as_bits_equal_the_whole_leaf(
+    mode, rounding, moments, monkeypatch):
+  # bfloat16 moments and eco_exact's bfloat16 error cross the loop as uint16 bits when a
+  # leaf has more blocks than _BLOCKS_BEFORE_BITS; here every blocked leaf does.
+  monkeypatch.setattr(st, "_BLOCKS_BEFORE_BITS", 0)
+  fmt = FORMATS["fp8-channel"]
+  as_bits = _run(fmt, mode, rounding, moments, 16 * 24, monkeypatch)
+  whole = _run(fmt, mode, rounding, moments, 1 << 30, monkeypatch)
+  state = as_bits[1]
+  assert (state.moments.mu["w"] if mode == "eco" else state.previous_error["w"].values
+          ).dtype == jnp.bfloat16
+  _assert_bit_identical(as_bits, whole)
 
 
 def test_rows_per_block_respects_the_format_blocks():
@@ -123,7 +143,7 @@ def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
 
   due = temporaries()
   monkeypatch.setattr(st, "_bits_when_due",
-                      lambda values, grad, previous_flags, fmt: st._values_to_bits(fmt)(values))
+                      lambda values, narrow, grad, previous_flags, fmt: st._to_bits(fmt)(values, narrow))
   upfront = temporaries()
   n = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
   largest = max(a * b for a, b in zip(sizes[:-1], sizes[1:]))
