@@ -97,6 +97,14 @@ def test_bfloat16_round_trip_error():
   np.testing.assert_array_equal(nearest, x.astype(jnp.bfloat16))   # the IEEE cast
 
 
+def test_bfloat16_stochastic_rounding_saturates_at_the_largest_bfloat16():
+  big = float(jnp.finfo(jnp.bfloat16).max)
+  x = jnp.array([big, np.nextafter(np.float32(big), np.float32(np.inf)), 3.4e38,
+                 float(np.finfo(np.float32).max), -3.4e38, -big])
+  stored = moments.float_storage(jnp.bfloat16).encode(x, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(stored, np.float32), [big] * 4 + [-big] * 2)
+
+
 def _statistically_unbiased(fmt, x, n=4000):
   """Mean of n stochastic encodings vs x, in standard errors of a two-point rounding."""
   keys = jax.random.split(jax.random.key(0), n)
