@@ -168,15 +168,6 @@ class FloatStorage:
     finite = jnp.isfinite(x)
     largest = float(ml_dtypes.finfo(self.dtype).max)
     y = jnp.clip(jnp.where(finite, x, 0.0), -largest, largest)
-    if self.dtype == jnp.bfloat16 and self.rounding == "stochastic":
-      # bfloat16 is the top half of FP32: adding 16 random bits to the FP32 bits and
-      # truncating rounds the magnitude up with probability (its low half) / 2^16,
-      # the exact stochastic rounding (y <= the largest bfloat16 cannot carry into inf).
-      noise = qz.stochastic_bits(key, y.shape, offset) >> 16
-      y = jax.lax.bitcast_convert_type(
-          ((jax.lax.bitcast_convert_type(y, jnp.uint32) + noise) >> 16).astype(jnp.uint16),
-          jnp.bfloat16)
-      return jnp.where(finite, y, x.astype(jnp.bfloat16))
     grid = qz.QuantFormat(name=self.dtype.name, dtype=self.dtype, scaling="none",
                           scale_policy="fixed", headroom=1.0)
     y = qz._round_to_grid(y, grid, self.rounding, key, offset)

@@ -452,10 +452,12 @@ def test_exact_rule_under_inject_hyperparams_reads_the_previous_learning_rate():
       updates, states[tx] = jax.jit(tx.update)({"w": g}, states[tx], qs[tx])
       qs[tx] = eco.apply_updates(qs[tx], updates)
     inner = states[injected].inner_state
-    np.testing.assert_array_equal(_raw_codes(qs[injected]), _raw_codes(qs[direct]))
     assert float(inner.previous_eta) == pytest.approx(float(states[direct].previous_eta))
     # The two rates differ in their last bits, and a kept error may round to the other
-    # bfloat16 neighbour (the debt carries it times 1/eta): a few elements differ by more.
+    # bfloat16 neighbour (the debt carries it times 1/eta): a few elements differ by more,
+    # and a weight next to a rounding boundary may take the neighbouring code.
+    codes = _raw_codes(qs[injected]).astype(int) - _raw_codes(qs[direct]).astype(int)
+    assert np.abs(codes).max() <= 1 and np.mean(codes != 0) <= 0.01
     mu, mu_direct = (np.asarray(s.moments.mu["w"]) for s in (inner, states[direct]))
     rel = np.abs(mu - mu_direct) / (np.abs(mu_direct) + 1e-6)
     assert np.median(rel) < 1e-4 and np.mean(rel > 1e-3) < 0.02
