@@ -819,8 +819,8 @@ def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
   """
   if rounding == "stochastic" and fmt.dtype == jnp.bfloat16:
     # bfloat16 is the top half of FP32: adding 16 random bits to the FP32 bits and
-    # truncating rounds the magnitude up with probability (its low half) / 2^16, this
-    # rule at a third of the cost (|y| <= the largest bfloat16: no carry into inf).
+    # truncating rounds the magnitude up with probability (its low half) / 2^16: this
+    # rule in fewer operations (|y| <= the largest bfloat16: no carry into inf).
     noise = stochastic_bits(key, y.shape, offset) >> 16
     codes = jax.lax.bitcast_convert_type(
         (jax.lax.bitcast_convert_type(y, jnp.uint32) + noise) & jnp.uint32(0xFFFF0000),

@@ -249,8 +249,8 @@ def _bits_when_due(values: jax.Array, narrow: list, grad: jax.Array,
   Measured with bfloat16 moments (SR), per step: equal at leaves of 1M elements (8
   blocks), 160 -> 118 ms at 6M (48 blocks), 633 -> 276 ms at 12.5M (96 blocks) when
   these carries travel through the loop as their bits, for a copy of 2 bytes per
-  element each (MLP of benchmarks/memory.py: optimizer-step temporaries 1.09 -> 2.09
-  bytes per parameter had its 1M-element leaves taken this way).
+  element each (taking the 1M-element leaves of benchmarks/memory.py's MLP this way
+  too raised its optimizer-step temporaries from 1.09 to 2.09 bytes per parameter).
   """
   to_bits = _to_bits(fmt)
   if jax.default_backend() != "cpu":
@@ -307,12 +307,17 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     carries[i] = x
   carries = [bits] + carries
 
+  def as_floats(xs):   # the narrow carries back in their float dtypes
+    xs = list(xs)
+    for i, dtype in zip(narrow, narrow_dtypes):
+      xs[i] = jax.lax.bitcast_convert_type(xs[i], dtype)
+    return xs
+
   always = None if whole else count >= 0
 
   def block_fn(r0, valid, carry, inp):
     bits, *rest = carry
-    for i, dtype in zip(narrow, narrow_dtypes):
-      rest[i] = jax.lax.bitcast_convert_type(rest[i], dtype)
+    rest = as_floats(rest)
     carry = [bits] + rest
     g, s, s_next, s_next_inverse, *inp = inp
     offset = r0 * row_size
@@ -369,8 +374,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
                                 always if conditional else None)
   poisoned = poisoned | ~jnp.isfinite(eta)
   bits, *rest = carries
-  for i, dtype in zip(narrow, narrow_dtypes):
-    rest[i] = jax.lax.bitcast_convert_type(rest[i], dtype)
+  rest = as_floats(rest)
   update = qtree.NewCodes(bits, jnp.where(poisoned, qtree.VALID | qtree.POISON,
                                           qtree.VALID).astype(jnp.uint8))
   new_moments = dict(zip(fields, rest))
