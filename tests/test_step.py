@@ -73,6 +73,10 @@ def test_rows_per_block_respects_the_format_blocks():
   n = st._rows_per_block((4096, 4096), fmt, whole=False)
   assert n % 32 == 0 and 0 < n < 4096
   assert st._rows_per_block((4096, 4096), fmt, whole=True) == 4096
+  # 128K-element blocks; a leaf of more than 16 of them takes blocks of 256K.
+  fp8 = eco.fp8_e4m3()
+  assert st._rows_per_block((2048, 1024), fp8, whole=False) == 128
+  assert st._rows_per_block((2049, 1024), fp8, whole=False) == 256
 
 
 def test_blockwise_last_block_keeps_rows_it_does_not_own():
