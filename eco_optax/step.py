@@ -250,8 +250,8 @@ def _bits_when_due(values: jax.Array, narrow: list, grad: jax.Array,
   error) when it is stepped in more than ``_BLOCKS_BEFORE_BITS`` blocks. XLA:CPU
   updates a slice of a bfloat16 array by converting the whole array to FP32 and
   back, once per block: a cost of the leaf's size times its number of blocks.
-  Measured with bfloat16 moments (SR), per step: equal at leaves of 1M elements (8
-  blocks), 160 -> 118 ms at 6M (48 blocks), 633 -> 276 ms at 12.5M (96 blocks) when
+  Measured with bfloat16 moments (SR), blocks of 128K elements, per step: equal at
+  leaves of 1M elements (8 blocks), 160 -> 118 ms at 6M (48), 633 -> 276 ms at 12.5M (96) when
   these carries travel through the loop as their bits, for a copy of 2 bytes per
   element each (taking the 1M-element leaves of benchmarks/memory.py's MLP this way
   too raised its optimizer-step temporaries from 1.09 to 2.09 bytes per parameter).
