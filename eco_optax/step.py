@@ -230,6 +230,12 @@ class _Quantizer:
     return qz._unblocked(bits, target.shape), qz._unblocked(codes * scale, target.shape)
 
 
+def _sharded_type(x: jax.Array) -> bool:
+  """Whether ``x``'s type carries a sharding (``jax.make_mesh``'s explicit axes)."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  return spec is not None and any(axes is not None for axes in spec)
+
+
 def _bits_when_due(values: jax.Array, narrow: list, grad: jax.Array,
                    previous_flags: Optional[jax.Array], fmt: qz.QuantFormat) -> tuple:
   """``(storage bits of values, [bits of each narrow-float carry])`` (``uint8``, ``uint16``
@@ -257,7 +263,7 @@ def _bits_when_due(values: jax.Array, narrow: list, grad: jax.Array,
   too raised its optimizer-step temporaries from 1.09 to 2.09 bytes per parameter).
   """
   to_bits = _to_bits(fmt)
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu" or _sharded_type(grad):
     return to_bits(values, narrow)
   first = grad[(0,) * grad.ndim]           # no reshape: a sharded gradient stays as it is
   due = first == first
@@ -286,8 +292,10 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   row_size = math.prod(shape[1:])
   scale = q.effective_scale
   next_scale = qz._decode_scale(*qz._next_scales(q))
-  whole = not rule.elementwise or any(
-      isinstance(formats.get(f), mom.Blockwise8bit) for f in fields)
+  # A gradient whose type is sharded (explicit mesh axes) is stepped whole: the loop's
+  # slices and in-place updates of a sharded dimension are refused there.
+  whole = (not rule.elementwise or _sharded_type(grad)
+           or any(isinstance(formats.get(f), mom.Blockwise8bit) for f in fields))
   n = _rows_per_block(shape, fmt, whole)
   err_fmt = error_format(fmt)
   error_key = jax.random.fold_in(key, 1) if mode.extra == "error" else None
