@@ -7,7 +7,8 @@ import eco_optax as eco
 def train_steps(tx, q, loss_fn, batch, steps):
   """``steps`` jitted steps of ``tx`` from ``q`` on ``loss_fn(params, *batch(i))``.
 
-  Gradients are taken at the dequantized weights. Returns ``(losses, final params)``.
+  Gradients are taken at the dequantized weights. Returns ``(losses, final params, final
+  optimizer state)``.
   """
   state = tx.init(q)
 
@@ -21,4 +22,4 @@ def train_steps(tx, q, loss_fn, batch, steps):
   for i in range(steps):
     q, state, loss = step(q, state, i)
     losses.append(float(loss))
-  return losses, q
+  return losses, q, state

@@ -47,7 +47,7 @@ def train(steps=40):
 
 
 def test_linen_training_with_fp8_kernels():
-  losses, q = train()
+  losses, q, _ = train()
   kernel = q["Dense_0"]["kernel"]
   assert eco.is_quantized(kernel) and kernel.values.dtype == jnp.float8_e4m3fn
   assert not eco.is_quantized(q["Dense_0"]["bias"])

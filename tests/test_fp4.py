@@ -275,7 +275,7 @@ def _regression(fmt, mode, rounding, steps=150, seed=0):
   def loss_fn(p, x):
     return jnp.mean((x @ p["w"] + p["b"] - x @ a) ** 2)
 
-  losses, q = train_steps(tx, q, loss_fn,
+  losses, q, _ = train_steps(tx, q, loss_fn,
                           lambda i: (jax.random.normal(jax.random.fold_in(k3, i), (128, 64)),),
                           steps)
   assert q["w"].values.dtype == ml_dtypes.float4_e2m1fn

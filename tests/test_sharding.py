@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eco_optax as eco
 
+from _helpers import train_steps
 from examples import sharded_training as st
 
 DEVICES = 8
@@ -80,21 +81,17 @@ def test_a_mesh_with_explicit_axes_steps_every_leaf_and_keeps_its_sharding(mode,
   mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   sharding = NamedSharding(mesh, P("data", None))
   params = {"w": jax.random.normal(jax.random.key(0), (4096, 64)) * 0.1}
-  grads = {"w": jax.random.normal(jax.random.key(1), (4096, 64))}
+  direction = jax.random.normal(jax.random.key(1), (4096, 64))
   tx = eco.adamw(1e-2, mode=mode, rounding=rounding, mu_dtype=moments, nu_dtype=moments)
 
-  def train(q, g):
-    state = tx.init(q)
-    step = jax.jit(lambda g, q, s: (lambda u, s: (eco.apply_updates(q, u), s))(
-        *tx.update(g, s, q)))
-    for _ in range(2):
-      q, state = step(g, q, state)
+  def train(q):   # the gradient is `direction`, sharded as the weights are
+    _, q, state = train_steps(tx, q, lambda p: jnp.sum(p["w"] * direction), lambda i: (), 2)
     return q, state
 
-  q_one, _ = train(eco.quantize_params(params, eco.fp8_e4m3()), grads)
-  q = jax.tree.map(lambda x: jax.device_put(x, sharding) if x.shape == (4096, 64) else x,
-                   eco.quantize_params(params, eco.fp8_e4m3()))
-  q_sharded, state = train(q, jax.device_put(grads, sharding))
+  q_one, _ = train(eco.quantize_params(params, eco.fp8_e4m3()))
+  q_sharded, state = train(jax.tree.map(
+      lambda x: jax.device_put(x, sharding) if x.shape == (4096, 64) else x,
+      eco.quantize_params(params, eco.fp8_e4m3())))
   assert q_sharded["w"].values.sharding.spec == P("data", None)
   assert state.moments.mu["w"].sharding.spec == P("data", None)
   codes = (np.asarray(q_sharded["w"].values).view(np.uint8).astype(int)
