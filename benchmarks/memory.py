@@ -12,13 +12,18 @@ alone (``update`` + ``apply_updates``, gradients as an argument) is reported too
 its temporaries. Two models: an MLP, and the byte-level transformer of
 ``python -m benchmarks`` (its block linears quantized).
 
+Each model is compiled twice: with XLA's default options and ``eco.grad``'s defaults,
+and, on CPU, with XLA:CPU's memory-optimised scheduler
+(:data:`MEMORY_OPTIMIZED`, for ``optax.adamw`` too) and ``eco.grad(...,
+recompute=True)`` (the FP32 weights recomputed in the backward pass, not kept).
+
 Run: ``python -m benchmarks.memory [--batch 32]``.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +40,12 @@ class Memory(NamedTuple):
   peak: float               # bytes per parameter, whole train step
   static: float             # bytes per parameter at rest (params + state)
   step_temp: float          # temporaries of the optimizer step alone, bytes per parameter
+  peak_memory_scheduler: Optional[float] = None   # peak, MEMORY_OPTIMIZED and recompute
+
+
+# XLA:CPU's compiler option for its memory-optimised scheduler (the default one runs
+# independent work early, for concurrency).
+MEMORY_OPTIMIZED = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 def mlp_problem(sizes=(512, 1024, 1024, 1024, 512), batch: int = 32):
@@ -77,33 +88,61 @@ def measure(name: str, problem: tuple) -> list[Memory]:
   """Every method of :data:`METHODS` on one problem."""
   params, loss, batch, _, policy = problem
   n = sum(x.size for x in jax.tree.leaves(params))
+  on_cpu = jax.default_backend() == "cpu"
   rows = []
   for method, make in METHODS.items():
     fmt, kwargs = make()
     if fmt is None:
-      p, tx, grad = params, optax.adamw(1e-3), jax.grad(loss)
+      p, tx = params, optax.adamw(1e-3)
+      grads = {None: jax.grad(loss), True: jax.grad(loss)}
       apply = optax.apply_updates
     else:
       p = eco.quantize_params(params, policy(fmt) if policy else fmt)
-      tx, grad, apply = eco.adamw(1e-3, **kwargs), eco.grad(loss), eco.apply_updates
+      tx, apply = eco.adamw(1e-3, **kwargs), eco.apply_updates
+      grads = {r: eco.grad(loss, recompute=r) for r in (None, True)}
     state = tx.init(p)
 
-    def train_step(p, s, *batch):
-      updates, s = tx.update(grad(p, *batch), s, p)
-      return apply(p, updates), s
+    def peak(recompute, options):
+      def train_step(p, s, *batch):
+        updates, s = tx.update(grads[recompute](p, *batch), s, p)
+        return apply(p, updates), s
+      compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+          p, state, *batch).compile(options)
+      return eco.memory.peak_bytes(compiled) / n
 
     def opt_step(g, p, s):
       updates, s = tx.update(g, s, p)
       return apply(p, updates), s
 
-    whole = jax.jit(train_step, donate_argnums=(0, 1)).lower(p, state, *batch).compile()
-    grads = jax.eval_shape(grad, p, *batch)
-    alone = jax.jit(opt_step, donate_argnums=(1, 2)).lower(grads, p, state).compile()
+    g = jax.eval_shape(grads[None], p, *batch)
+    alone = jax.jit(opt_step, donate_argnums=(1, 2)).lower(g, p, state).compile()
     static = eco.memory_report(p, state).total_bytes if fmt is not None else sum(
         x.nbytes for x in jax.tree.leaves((p, state)))
-    rows.append(Memory(name, method, n, eco.memory.peak_bytes(whole) / n,
-                       static / n, alone.memory_analysis().temp_size_in_bytes / n))
+    rows.append(Memory(name, method, n, peak(None, None), static / n,
+                       alone.memory_analysis().temp_size_in_bytes / n,
+                       peak(True, MEMORY_OPTIMIZED) if on_cpu else None))
   return rows
+
+
+def checkpoint_control(problem: tuple) -> float:
+  """Peak (bytes/param) of the ``optax.adamw`` train step with its loss under ``jax.checkpoint``.
+
+  ``eco.grad`` differentiates under ``jax.checkpoint`` (saving every residual but,
+  with ``recompute``, the FP32 weights); this is ``optax.adamw``'s step under the
+  same wrapper, saving everything: what the wrapper alone does to the schedule.
+  """
+  params, loss, batch, _, _ = problem
+  n = sum(x.size for x in jax.tree.leaves(params))
+  tx = optax.adamw(1e-3)
+  grad = jax.grad(jax.checkpoint(loss, policy=jax.checkpoint_policies.everything_saveable))
+
+  def train_step(p, s, *batch):
+    updates, s = tx.update(grad(p, *batch), s, p)
+    return optax.apply_updates(p, updates), s
+
+  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), *batch).compile()
+  return eco.memory.peak_bytes(compiled) / n
 
 
 def control_flow_probe(problem: tuple) -> dict[str, float]:
@@ -133,16 +172,22 @@ def main(argv: list[str] | None = None) -> list[Memory]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch", type=int, default=32)
   args = parser.parse_args(argv)
-  rows = []
+  rows, controls = [], {}
   for name, problem in (("mlp", mlp_problem(batch=args.batch)),
                         ("transformer", lm_problem(batch=args.batch))):
     rows += measure(name, problem)
+    controls[name] = checkpoint_control(problem)
   print(f"{'model':<12} {'method':<24} {'params':>10} {'static B/p':>10} {'peak B/p':>9} "
-        f"{'vs adamw':>9} {'opt-step temp B/p':>18}")
+        f"{'vs adamw':>9} {'opt-step temp B/p':>18} {'mem-sched peak B/p':>19} {'vs adamw':>9}")
   for r in rows:
     base = next(b for b in rows if b.model == r.model and b.method.startswith("optax"))
+    sched = (f"{r.peak_memory_scheduler:19.2f} "
+             f"{r.peak_memory_scheduler / base.peak_memory_scheduler:8.3f}x"
+             if r.peak_memory_scheduler is not None else "")
     print(f"{r.model:<12} {r.method:<24} {r.params:>10,} {r.static:10.2f} {r.peak:9.2f} "
-          f"{r.peak / base.peak:8.3f}x {r.step_temp:18.2f}")
+          f"{r.peak / base.peak:8.3f}x {r.step_temp:18.2f} {sched}")
+  print("\noptax.adamw with its loss under jax.checkpoint (eco.grad's wrapper, every residual "
+        "saved), peak B/param: " + ", ".join(f"{k} {v:.2f}" for k, v in controls.items()))
   probe = control_flow_probe(mlp_problem(batch=args.batch))
   print("\nSGD train step on the MLP, temporaries B/param by how each leaf's update is "
         "written: " + ", ".join(f"{k} {v:.2f}" for k, v in probe.items()))

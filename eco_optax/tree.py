@@ -15,7 +15,7 @@ import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
+from jax.extend.core.primitives import custom_vjp_call_p
 import jax.numpy as jnp
 import numpy as np
 
@@ -344,19 +344,51 @@ def _apply_updates(params: Any, updates: Any) -> Any:
   return jax.tree_util.tree_map_with_path(leaf_fn, params, updates, is_leaf=is_quantized)
 
 
-_DEQUANTIZED = "eco_optax_dequantized"
+# The first operand of every _dense call: an empty array of a shape of its own, by which
+# the checkpoint policy tells these calls apart (a policy sees operand shapes only).
+_DENSE_MARK = (0, 0xEC0)
 
 
-def value_and_grad(fun: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
+@jax.custom_vjp
+def _dense(mark: jax.Array, q: qz.QuantizedArray, delta: jax.Array) -> jax.Array:
+  """``Q(w) + delta``: the weights the loss sees; the gradient flows to ``delta``."""
+  del mark
+  return qz.dequantize(q) + delta
+
+
+_dense.defvjp(lambda mark, q, delta: (_dense(mark, q, delta), None),
+              lambda _, g: (None, None, g))
+
+
+def _save_all_but_dense(prim, *avals, **_) -> bool:
+  """``jax.checkpoint`` policy: save every residual but the outputs of :func:`_dense`.
+
+  The FP32 weights are recomputed in the backward pass from the stored codes; the
+  activations are saved. (JAX's ``save_anything_except_these_names`` can't express
+  it: a name marks the last operation of the dequantization, whose inputs, FP32
+  arrays the size of the weights, would then be saved instead.)
+  """
+  return not (prim is custom_vjp_call_p and avals and avals[0].shape == _DENSE_MARK)
+
+
+def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
+                   recompute: Optional[bool] = None) -> Callable[..., Any]:
   """``jax.value_and_grad`` of ``fun(dense_params, *args)`` at a quantized tree.
 
   Returns ``(value, grads)`` with ``grads`` the gradient with respect to the
   dequantized weights ``Q(w)`` (FP32, the structure of the dequantized params),
-  what the eco_optax optimizers take. ``fun`` sees ordinary arrays. The FP32 copy of
-  each quantized weight is not kept between the forward and the backward pass
-  (``jax.checkpoint`` with a policy that saves everything but them): the backward
-  pass dequantizes again from the stored codes, so the FP32 weights never all
-  live at once.
+  what the eco_optax optimizers take. ``fun`` sees ordinary arrays.
+
+  With ``recompute`` (the default except on CPU) the FP32 copy of each quantized
+  weight is not kept between the forward and the backward pass: under
+  ``jax.checkpoint`` with a policy that saves every residual but them, the backward
+  pass dequantizes again from the stored codes, and the activations are saved as
+  usual. Not by default on CPU: XLA:CPU's default scheduler computes every
+  recomputation at the start of the step, beside the forward pass's copy (MLP of
+  ``benchmarks/memory.py``, FP8 ECO AdamW: whole-step peak 0.95x -> 1.12x
+  ``optax.adamw``'s); with its memory-optimised scheduler
+  (``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``) it falls
+  to 0.84x.
 
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
@@ -367,29 +399,29 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False) -> Callable[.
     (32.0, dtype('float32'), (4, 4))
   """
 
-  def dense(q, delta):
-    return jax.tree.map(
-        lambda p, d: checkpoint_name(qz.dequantize(p) + d, _DEQUANTIZED)
-        if is_quantized(p) else d, q, delta, is_leaf=is_quantized)
-
-  policy = jax.checkpoint_policies.save_anything_except_these_names(_DEQUANTIZED)
-
   def wrapped(params, *args, **kwargs):
     # Differentiate w.r.t. a zero offset of each quantized weight (and the plain leaves).
     delta = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32) if is_quantized(p) else p,
                          params, is_leaf=is_quantized)
-    inner = jax.checkpoint(lambda delta: fun(dense(params, delta), *args, **kwargs),
-                           policy=policy)
+    mark = jnp.zeros(_DENSE_MARK, jnp.uint8)
+    dense = lambda delta: jax.tree.map(
+        lambda p, d: _dense(mark, p, d) if is_quantized(p) else d, params, delta,
+        is_leaf=is_quantized)
+    recomputes = jax.default_backend() != "cpu" if recompute is None else recompute
+    inner = jax.checkpoint(
+        lambda delta: fun(dense(delta), *args, **kwargs),
+        policy=_save_all_but_dense if recomputes else jax.checkpoint_policies.everything_saveable)
     return jax.value_and_grad(inner, has_aux=has_aux)(delta)
 
   return wrapped
 
 
-def grad(fun: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
+def grad(fun: Callable[..., Any], has_aux: bool = False, *,
+         recompute: Optional[bool] = None) -> Callable[..., Any]:
   """:func:`value_and_grad` without the value (with ``has_aux``: ``(grads, aux)``)."""
 
   def wrapped(params, *args, **kwargs):
-    value, grads = value_and_grad(fun, has_aux)(params, *args, **kwargs)
+    value, grads = value_and_grad(fun, has_aux, recompute=recompute)(params, *args, **kwargs)
     return (grads, value[1]) if has_aux else grads
 
   return wrapped
