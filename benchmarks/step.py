@@ -19,7 +19,8 @@ the moments once. The *effective bandwidth* reported is::
 with inputs ``(grads, state, params)`` and outputs ``(params, state)`` at their
 host ``nbytes``: the traffic of an ideal single-pass kernel. It is compared with
 the bandwidth of a jitted ``x + 1`` over a large FP32 array (read + write), a
-practical ceiling on the same machine.
+practical ceiling on the same machine. The last column is the compiled step's
+temporaries (``memory_analysis()``), in bytes per parameter.
 
 Run: ``python -m benchmarks.step [--sizes 1M,10M,50M] [--repeats 20]``.
 """
@@ -150,6 +151,7 @@ class Timing(NamedTuple):
   ratio: float          # seconds / seconds of optax.adamw at the same size
   bytes_moved: int      # inputs + outputs of one step
   bandwidth: float      # bytes_moved / seconds
+  temp_per_param: float  # the compiled step's temporaries (memory_analysis), bytes/param
 
 
 def time_size(num_params: int, fmt: eco.QuantFormat, warmup: int,
@@ -158,17 +160,20 @@ def time_size(num_params: int, fmt: eco.QuantFormat, warmup: int,
   params = matrices(num_params)
   n = sum(p.size for p in params.values())
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
-  steps, carries, moved = {}, {}, {}
+  steps, carries, moved, temps = {}, {}, {}, {}
   for name, (tx, p, apply_fn) in step_setups(params, fmt, moments=moments).items():
-    steps[name] = functools.partial(make_opt_step(tx, apply_fn), grads)
+    opt_step = make_opt_step(tx, apply_fn)
+    steps[name] = functools.partial(opt_step, grads)
     carries[name] = (jax.tree.map(jnp.copy, p), tx.init(p))  # donated: copy the shared p
     moved[name] = tree_bytes(grads, carries[name])
+    compiled = opt_step.lower(grads, *carries[name]).compile()
+    temps[name] = compiled.memory_analysis().temp_size_in_bytes / n
   seconds, carries = interleaved_median_times(steps, carries, warmup=warmup, repeats=repeats)
   base = seconds["optax.adamw (fp32)"]
   rows = []
   for name, s in seconds.items():
     num_bytes = moved[name] + tree_bytes(carries[name])
-    rows.append(Timing(n, name, s, s / base, num_bytes, num_bytes / s))
+    rows.append(Timing(n, name, s, s / base, num_bytes, num_bytes / s, temps[name]))
   return rows
 
 
@@ -201,13 +206,13 @@ def main(argv: list[str] | None = None) -> list[Timing]:
         f"format: {fmt.name} {fmt.scaling} scales ({fmt.scale_policy})")
   print(f"memory-copy bandwidth (jit x+1, 256 MiB f32): {bandwidth / 1e9:.2f} GB/s")
   print(f"{'params':>11}  {'method':<22} {'step ms':>9} {'vs adamw':>9} "
-        f"{'MB moved':>9} {'GB/s':>7} {'% copy':>7}")
+        f"{'MB moved':>9} {'GB/s':>7} {'% copy':>7} {'temp B/p':>9}")
   timings = []
   for size in map(parse_size, args.sizes.split(",")):
     for t in time_size(size, fmt, args.warmup, args.repeats, moments):
       print(f"{t.num_params:>11,}  {t.method:<22} {t.seconds * 1e3:9.3f} "
             f"{t.ratio:8.2f}x {t.bytes_moved / 1e6:9.1f} {t.bandwidth / 1e9:7.2f} "
-            f"{100 * t.bandwidth / bandwidth:6.1f}%")
+            f"{100 * t.bandwidth / bandwidth:6.1f}% {t.temp_per_param:9.2f}")
       timings.append(t)
   return timings
 

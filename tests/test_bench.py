@@ -135,6 +135,7 @@ def test_step_benchmark_small_size():
                                          "eco-sr 8bit moments"]
   assert timings[0].ratio == 1.0
   assert all(t.seconds > 0 and t.bandwidth > 0 and t.num_params > 16_000 for t in timings)
+  assert timings[0].temp_per_param < 0.01 and all(t.temp_per_param > 0 for t in timings[1:])
   assert bstep.parse_size("50M") == 50_000_000 and bstep.parse_size("250k") == 250_000
 
 
