@@ -386,9 +386,9 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
   usual. Not by default on CPU: XLA:CPU's default scheduler computes every
   recomputation at the start of the step, beside the forward pass's copy (MLP of
   ``benchmarks/memory.py``, FP8 ECO AdamW: whole-step peak 0.95x -> 1.12x
-  ``optax.adamw``'s); with its memory-optimised scheduler
-  (``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``) it falls
-  to 0.84x.
+  ``optax.adamw``'s); compiled with its memory-optimised scheduler
+  (``jax.jit(..., compiler_options={"xla_cpu_scheduler_type":
+  "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"})``, docs/guide.md) it falls to 0.84x.
 
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
@@ -408,6 +408,8 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
         lambda p, d: _dense(mark, p, d) if is_quantized(p) else d, params, delta,
         is_leaf=is_quantized)
     recomputes = jax.default_backend() != "cpu" if recompute is None else recompute
+    # Saving everything, the checkpoint still changes how XLA:CPU schedules the
+    # activations (benchmark transformer: 431 -> 354 B/param at peak, docs/design.md).
     inner = jax.checkpoint(
         lambda delta: fun(dense(delta), *args, **kwargs),
         policy=_save_all_but_dense if recomputes else jax.checkpoint_policies.everything_saveable)
