@@ -9,9 +9,9 @@ that trainable with the usual NNX idioms:
 * :func:`dequantized` gives a plain model (same graph, ``Q(w)`` as float arrays)
   for the forward pass, evaluation or export;
 * :func:`value_and_grad` / :func:`grad` differentiate a loss of the model with
-  respect to the dequantized weights (``nnx.value_and_grad`` on
-  :func:`dequantized`), writing any other state the loss changes (batch
-  statistics, RNG counters) back into the quantized model;
+  respect to the dequantized weights (:func:`eco_optax.value_and_grad` on the
+  model's state), writing any other state the loss changes (batch statistics,
+  RNG counters) back into the quantized model;
 * :class:`Optimizer` is :class:`flax.nnx.Optimizer` with
   :func:`eco_optax.apply_updates` in place of ``optax.apply_updates``, which
   cannot add FP32 updates to float8/int4 leaves.
@@ -97,38 +97,49 @@ def dequantized(model: M, dtype=jnp.float32) -> M:
 
 
 def value_and_grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param,
-                   has_aux: bool = False) -> Callable[..., tuple[Any, nnx.State]]:
+                   has_aux: bool = False,
+                   recompute: bool | None = None) -> Callable[..., tuple[Any, nnx.State]]:
   """``nnx.value_and_grad`` of ``fun(model, *args)`` w.r.t. the dequantized weights.
 
   The returned function takes the quantized model first. ``fun`` sees
   :func:`dequantized` ``(model)``; gradients are an ``nnx.State`` of float arrays
   for the ``wrt`` variables, the structure :meth:`Optimizer.update` expects.
   Variables outside ``wrt`` that ``fun`` modifies are written back to ``model``.
+  Built on :func:`eco_optax.value_and_grad`: with ``recompute`` (the default except
+  on CPU) the backward pass dequantizes the weights again instead of keeping them.
 
   Args:
     fun: ``fun(model, *args, **kwargs) -> loss`` (or ``(loss, aux)``).
     wrt: NNX filter of the differentiated variables, as in ``nnx.value_and_grad``.
     has_aux: as in ``jax.value_and_grad``.
+    recompute: as in :func:`eco_optax.value_and_grad`.
 
   Returns:
     ``f(model, *args, **kwargs) -> (value, grads)``.
   """
-  inner = nnx.value_and_grad(fun, argnums=nnx.DiffState(0, wrt),
-                             has_aux=has_aux)
 
   def wrapper(model, *args, **kwargs):
-    dense = dequantized(model)
-    out = inner(dense, *args, **kwargs)
-    nnx.update(model, nnx.state(dense, nnx.Not(wrt)))
-    return out
+    graphdef, diff, rest = nnx.split(model, wrt, ...)
+
+    def loss(dense, rest):
+      m = nnx.merge(graphdef, dense, rest)
+      out = fun(m, *args, **kwargs)
+      value, aux = out if has_aux else (out, None)
+      return value, (aux, nnx.to_pure_dict(nnx.state(m, nnx.Not(wrt))))
+
+    # As plain arrays: the model built inside the transformation owns its variables.
+    (value, (aux, changed)), grads = qtree.value_and_grad(
+        loss, has_aux=True, recompute=recompute)(diff, nnx.to_pure_dict(rest))
+    nnx.update(model, changed)
+    return ((value, aux) if has_aux else value), grads
 
   return wrapper
 
 
-def grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param,
-         has_aux: bool = False) -> Callable[..., Any]:
+def grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param, has_aux: bool = False,
+         recompute: bool | None = None) -> Callable[..., Any]:
   """Like :func:`value_and_grad` but returns only the gradients (and aux)."""
-  vg = value_and_grad(fun, wrt=wrt, has_aux=has_aux)
+  vg = value_and_grad(fun, wrt=wrt, has_aux=has_aux, recompute=recompute)
 
   def wrapper(model, *args, **kwargs):
     value, grads = vg(model, *args, **kwargs)

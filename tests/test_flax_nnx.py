@@ -97,6 +97,21 @@ def test_grad_with_aux_and_plain_params():
   assert grads["kernel"].get_value().shape == (16, 4)
 
 
+def test_recomputing_the_weights_changes_neither_gradients_nor_written_back_state():
+  results = []
+  for recompute in (False, True):
+    model = MLP(nnx.Rngs(0))
+    eco_nnx.quantize_model(model, eco.fp8_e4m3())
+    loss, grads = nnx.jit(
+        lambda m, recompute=recompute: eco_nnx.value_and_grad(mse, recompute=recompute)(m))(model)
+    results.append((loss, nnx.to_pure_dict(grads), model.norm.mean.get_value()))
+  (loss, grads, mean), (loss_rc, grads_rc, mean_rc) = results
+  assert float(loss) == float(loss_rc)
+  jax.tree.map(np.testing.assert_array_equal, grads, grads_rc)
+  np.testing.assert_array_equal(mean, mean_rc)
+  assert np.any(mean != 0)          # the loss's batch statistics were written back
+
+
 def test_plain_optax_still_works_without_quantized_leaves():
   model = nnx.Linear(16, 4, rngs=nnx.Rngs(0))
   optimizer = eco_nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
