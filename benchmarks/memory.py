@@ -94,7 +94,7 @@ def measure(name: str, problem: tuple) -> list[Memory]:
     fmt, kwargs = make()
     if fmt is None:
       p, tx = params, optax.adamw(1e-3)
-      grads = {None: jax.grad(loss), True: jax.grad(loss)}
+      grads = dict.fromkeys((None, True), jax.grad(loss))   # nothing to recompute
       apply = optax.apply_updates
     else:
       p = eco.quantize_params(params, policy(fmt) if policy else fmt)
