@@ -717,9 +717,12 @@ def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
   if fmt.scale_policy == "sticky":
     new = _sticky(scale, grow, code_max, rho, fmt.headroom, fmt.growth, _MIN_SCALE)
   elif fmt.is_integer:
-    # The largest code lands on the integer k = floor(rho / h), exactly: a fixed
-    # point (h * max|Q(w)| / rho re-rounded would drift by a code every step).
-    new = code_max * scale / math.floor(rho / fmt.headroom)
+    # The largest code lands on the integer k = floor(rho / h): a fixed point
+    # (h * max|Q(w)| / rho re-rounded would drift by a code every step). Kept
+    # exactly where it holds: compiled, XLA divides by k as a multiplication by
+    # its rounded reciprocal, and k * s * (1 / k) drifts by an ulp a step.
+    k = math.floor(rho / fmt.headroom)
+    new = jnp.where(code_max == k, scale, code_max * scale / k)
     new = jnp.where(new >= _MIN_SCALE, new, scale)
   else:
     new = _absmax_scale(code_max * scale, fmt)
