@@ -156,6 +156,7 @@ class FloatStorage:
                        f"{[str(d) for d in _FLOAT_DTYPES]}, got {self.dtype}")
     _check_rounding(self.rounding)
 
+  @functools.partial(jax.jit, static_argnums=0, inline=True)
   def encode(self, x: jax.Array, key: Optional[jax.Array] = None,
              offset: jax.Array | int = 0) -> jax.Array:
     """``R(clip(x))`` in :attr:`dtype`; non-finite entries stay as they are.
@@ -239,6 +240,7 @@ class Blockwise8bit:
                else (self.block_size // n, n))
     return matrix, k, size, -(-r // k), -(-n // size)
 
+  @functools.partial(jax.jit, static_argnums=0, inline=True)
   def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> BlockCodes:
     """Block absmax and map codes of ``x`` (any shape, scalars included)."""
     _check_key(self.rounding, key)
@@ -276,6 +278,7 @@ class Blockwise8bit:
     matrix, _, _, rb, nb = self._layout(shape)
     return (*matrix[:-2], rb, nb) if len(shape) >= 2 else (nb,)
 
+  @functools.partial(jax.jit, static_argnums=0, inline=True)
   def decode(self, stored: BlockCodes) -> jax.Array:
     """``map[c] * absmax``, in the stored shape."""
     matrix, k, size, rb, nb = self._layout(stored.shape)

@@ -736,6 +736,7 @@ def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
   return _encode_scale(new, fmt, tensor_scale, active=code_max > 0)
 
 
+@functools.partial(jax.jit, inline=True)
 def next_scale(q: QuantizedArray) -> jax.Array:
   """The FP32 scale ``s'`` of the next stored weights: a function of ``q`` alone.
 
@@ -871,6 +872,7 @@ def _store(x: jax.Array, scale: jax.Array, tensor_scale: jax.Array | None,
   return stored, _unblocked(codes * _expand_scale(fp32_scale, fmt, x.ndim), x.shape)
 
 
+@functools.partial(jax.jit, static_argnames=("fmt", "rounding"), inline=True)
 def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: QuantFormat,
                         rounding: Rounding = "nearest",
                         key: jax.Array | None = None) -> QuantizedArray:
@@ -884,6 +886,7 @@ def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: QuantFormat,
   return _store(x, *_encode_scale(scale, fmt), fmt, rounding, key)[0]
 
 
+@functools.partial(jax.jit, static_argnames=("fmt", "rounding"), inline=True)
 def quantize(x: jax.Array, fmt: QuantFormat, rounding: Rounding = "nearest",
              key: jax.Array | None = None) -> QuantizedArray:
   """Stores ``x`` in ``fmt`` with the initial absmax scale ``h * max|x| / rho``.
@@ -900,6 +903,7 @@ def quantize(x: jax.Array, fmt: QuantFormat, rounding: Rounding = "nearest",
   return _store(x, *_initial_scales(jnp.asarray(x), fmt), fmt, rounding, key)[0]
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",), inline=True)
 def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
   """``Q(x) = s * c`` (computed in FP32, returned in ``dtype``)."""
   if q.fmt.lossless:
@@ -941,6 +945,7 @@ def requantize(q: QuantizedArray, target: jax.Array,
   return requantize_with_value(q, target, rounding, key)[0]
 
 
+@functools.partial(jax.jit, static_argnames=("rounding",), inline=True)
 def requantize_with_value(q: QuantizedArray, target: jax.Array,
                           rounding: Rounding = "nearest",
                           key: jax.Array | None = None,

@@ -156,6 +156,21 @@ def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
   assert due[1] <= upfront[1] - (n - largest) // 2, (due[1] / n, upfront[1] / n)
 
 
+def test_eager_quantize_and_dequantize_compile_one_program_each(caplog):
+  """Outside ``jit``, storing and reading a leaf compile one program each (not one per
+  operation), and a second leaf of the same shape and format compiles nothing."""
+  x = np.linspace(-1.0, 1.0, 37 * 11, dtype=np.float32).reshape(37, 11)  # a shape of its own
+  fmt = eco.int8("block", block_size=11, scale_policy="dynamic")
+  with jax.log_compiles(), caplog.at_level(logging.DEBUG, logger="jax"):
+    for y in (x, -x):
+      q = eco.quantize_array(y, fmt)
+      np.testing.assert_allclose(q.dequantize(), y, atol=1.0 / 127)
+      eco.quantize.next_scale(q)
+  compiled = [r.getMessage().split()[1] for r in caplog.records
+              if r.getMessage().startswith("Compiling")]
+  assert compiled == ["jit(quantize)", "jit(dequantize)", "jit(next_scale)"]
+
+
 def test_an_eager_step_compiles_once(caplog):
   """Outside ``jit``, a second step with the same shapes reuses every executable."""
   params = {"w": jnp.ones((64, 32)), "v": jnp.ones((32, 16)), "b": jnp.zeros(16)}
