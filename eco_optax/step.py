@@ -10,10 +10,10 @@ The update contract
 -------------------
 The update of a quantized leaf *is* its new stored value, not a difference to add:
 a :class:`eco_optax.tree.NewCodes`, the storage bits of the new codes (``uint8``, 1
-byte per parameter) and a ``uint8`` flag (the scale of the new codes is the scale
-policy's :func:`eco_optax.quantize.next_scale` of the stored weights, which
-:func:`eco_optax.apply_updates` recomputes, or reuses when both run in one ``jit``).
-:func:`eco_optax.apply_updates` copies these bits: nothing is rounded twice. An
+byte per parameter), a ``uint8`` flag and the scale they were stored with (the scale
+policy's :func:`eco_optax.quantize.next_scale` of the stored weights, in stored form).
+:func:`eco_optax.apply_updates` copies these bits and this scale: nothing is rounded
+twice, and nothing is computed again. An
 update whose flag lacks ``VALID`` (all zeros) keeps the leaf's codes and scale, so
 wrappers that zero updates (:func:`eco_optax.apply_if_finite`,
 :class:`optax.MultiSteps`) skip a step exactly. A transformation placed after the
@@ -236,11 +236,12 @@ def _sharded_type(x: jax.Array) -> bool:
   return spec is not None and any(axes is not None for axes in spec)
 
 
-def _bits_when_due(values: jax.Array, narrow: list, grad: jax.Array,
-                   previous_flags: Optional[jax.Array], fmt: qz.QuantFormat) -> tuple:
-  """``(storage bits of values, [bits of each narrow-float carry])`` (``uint8``, ``uint16``
-  for 16-bit formats), computed once ``grad`` exists and the previous quantized leaf's
-  step (its ``previous_flags``, ``None`` for the first) is done.
+def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
+                   previous_flags: Optional[jax.Array]) -> tuple:
+  """``(storage bits of q's codes, [bits of each narrow-float carry], next scales)``
+  (bits as ``uint8``, ``uint16`` for 16-bit formats; the scales as stored,
+  :func:`eco_optax.quantize.next_scale`'s), computed once ``grad`` exists and the
+  previous quantized leaf's step (its ``previous_flags``, ``None`` for the first) is done.
 
   XLA:CPU materialises a float8 -> uint8 bitcast as a copy (1 byte per parameter), and
   its scheduler computes these copies for every leaf at the start of the step, where
@@ -249,8 +250,11 @@ def _bits_when_due(values: jax.Array, narrow: list, grad: jax.Array,
   leaf's flags (both branches alike), each copy is made when its leaf's step is about
   to run, and the scheduler applies each leaf's new codes before the next leaf's step
   starts: one leaf's copy is alive at a time (MLP of benchmarks/memory.py, FP32
-  moments: optimizer-step temporaries 1.84 -> 1.17 bytes per parameter). Elsewhere
-  the bitcast is free and a conditional would only add a synchronisation.
+  moments: optimizer-step temporaries 1.84 -> 1.17 bytes per parameter). The scale
+  policy's absmax of the codes runs there too: XLA:CPU reduces a copy of the code
+  magnitudes (1 byte per parameter), which it would otherwise make for every leaf at
+  once at the start of the step. Elsewhere the bitcast is free and a conditional
+  would only add a synchronisation.
 
   ``narrow``: the leaf's 16-bit float carries (bfloat16 moments, ``eco_exact``'s kept
   error) when it is stepped in more than ``_BLOCKS_BEFORE_BITS`` blocks. XLA:CPU
@@ -262,21 +266,21 @@ def _bits_when_due(values: jax.Array, narrow: list, grad: jax.Array,
   element each (taking the 1M-element leaves of benchmarks/memory.py's MLP this way
   too raised its optimizer-step temporaries from 1.09 to 2.09 bytes per parameter).
   """
-  to_bits = _to_bits(fmt)
+  to_bits = _to_bits(q.fmt)
   if jax.default_backend() != "cpu" or _sharded_type(grad):
-    return to_bits(values, narrow)
+    return to_bits(q, narrow)
   first = grad[(0,) * grad.ndim]           # no reshape: a sharded gradient stays as it is
   due = first == first
   if previous_flags is not None:           # always true; XLA folds away an integer x == x
     due = due & (previous_flags < 0x80)
-  return jax.lax.cond(due, to_bits, to_bits, values, narrow)
+  return jax.lax.cond(due, to_bits, to_bits, q, narrow)
 
 
 @functools.cache   # one function per format: an eager step does not compile the branch again
-def _to_bits(fmt: qz.QuantFormat) -> Callable[[jax.Array, list], tuple]:
-  return lambda values, narrow: (
-      qz.values_to_bits(values, fmt).astype(qtree.new_codes_dtype(fmt)),
-      [_float_bits(x) for x in narrow])
+def _to_bits(fmt: qz.QuantFormat) -> Callable[[qz.QuantizedArray, list], tuple]:
+  return lambda q, narrow: (
+      qz.values_to_bits(q.values, fmt).astype(qtree.new_codes_dtype(fmt)),
+      [_float_bits(x) for x in narrow], qz._next_scales(q))
 
 
 def _float_bits(x: jax.Array) -> jax.Array:
@@ -291,7 +295,6 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   fmt, shape = q.fmt, q.shape
   row_size = math.prod(shape[1:])
   scale = q.effective_scale
-  next_scale = qz._decode_scale(*qz._next_scales(q))
   # A gradient whose type is sharded (explicit mesh axes) is stepped whole: the loop's
   # slices and in-place updates of a sharded dimension are refused there.
   whole = (not rule.elementwise or _sharded_type(grad)
@@ -302,19 +305,21 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   # The loop's first carry enters with the stored bits: each block reads its old codes
   # there and writes the new ones, and it leaves as the update's bits.
   carries = [stored_moments[f] for f in fields]
-  # The reciprocal of the next scale is materialised here: XLA would otherwise fuse its
-  # division into the loop over the elements.
-  inputs = [grad, scale, next_scale, 1.0 / next_scale]
   if mode.extra == "master":
     carries.append(extra)
   elif mode.extra == "error":
     carries.append(extra.values)
-    inputs.append(extra.effective_scale)
   narrow = [] if -(-shape[0] // n) <= _BLOCKS_BEFORE_BITS else [
       i for i, c in enumerate(carries) if isinstance(c, jax.Array) and c.dtype.itemsize == 2]
   narrow_dtypes = [carries[i].dtype for i in narrow]
-  bits, narrow_bits = _bits_when_due(q.values, [carries[i] for i in narrow], grad,
-                                     previous_flags, fmt)
+  bits, narrow_bits, next_scales = _bits_when_due(q, [carries[i] for i in narrow], grad,
+                                                  previous_flags)
+  next_scale = qz._decode_scale(*next_scales)
+  # The reciprocal of the next scale is materialised here: XLA would otherwise fuse its
+  # division into the loop over the elements.
+  inputs = [grad, scale, next_scale, 1.0 / next_scale]
+  if mode.extra == "error":
+    inputs.append(extra.effective_scale)
   for i, x in zip(narrow, narrow_bits):
     carries[i] = x
   carries = [bits] + carries
@@ -388,7 +393,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   bits, *rest = carries
   rest = as_floats(rest)
   update = qtree.NewCodes(bits, jnp.where(poisoned, qtree.VALID | qtree.POISON,
-                                          qtree.VALID).astype(jnp.uint8))
+                                          qtree.VALID).astype(jnp.uint8), *next_scales)
   new_moments = dict(zip(fields, rest))
   if mode.extra == "master":
     extra = rest[len(fields)]

@@ -185,7 +185,7 @@ POISON = 2   # NewCodes.flags: a non-finite gradient or learning rate reached th
 
 
 class NewCodes(NamedTuple):
-  """The update of a quantized leaf: its new codes, which :func:`apply_updates` copies.
+  """The update of a quantized leaf: its new codes and scale, which :func:`apply_updates` copies.
 
   Attributes:
     bits: the storage bits of the new codes, shaped as the leaf: ``uint8``
@@ -194,9 +194,15 @@ class NewCodes(NamedTuple):
       zeros: :class:`optax.MultiSteps` between accumulation steps,
       :func:`eco_optax.apply_if_finite` on a rejected step) keeps codes and scale;
       ``POISON`` marks a leaf that received a non-finite value (its scale becomes NaN).
+    scale: the scale the codes were stored with, as the leaf stores it (the scale
+      policy's :func:`~eco_optax.quantize.next_scale` of the stored weights).
+      ``None``: :func:`apply_updates` computes that scale from the stored weights.
+    tensor_scale: NVFP4's tensor scale, as ``scale``; ``None`` for other formats.
   """
   bits: jax.Array
   flags: jax.Array
+  scale: Optional[jax.Array] = None
+  tensor_scale: Optional[jax.Array] = None
 
 
 def new_codes_dtype(fmt: qz.QuantFormat) -> np.dtype:
@@ -282,11 +288,18 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedAr
         "eco_optax.MultiSteps.")
   if u.bits.shape != p.shape:
     raise ValueError(f"{path}: update has shape {u.bits.shape}, expected {p.shape}")
+  if u.scale is not None and (jnp.shape(u.scale) != jnp.shape(p.scale)
+                              or jnp.result_type(u.scale) != p.scale.dtype
+                              or (u.tensor_scale is None) != (p.tensor_scale is None)):
+    raise TypeError(f"{path}: the update's scale is {jnp.result_type(u.scale)}"
+                    f"{list(jnp.shape(u.scale))}, but this {p.fmt.name} leaf stores "
+                    f"{p.scale.dtype}{list(p.scale.shape)}" + (
+                        " and a tensor scale" if p.tensor_scale is not None else ""))
   applied = (u.flags & VALID) != 0
   # All or nothing (a conditional, not a select per element: nothing but the new
   # codes is written).
   values = jax.lax.cond(applied, lambda: qz.bits_to_values(u.bits, p.fmt), lambda: p.values)
-  scale, tensor_scale = qz._next_scales(p)
+  scale, tensor_scale = qz._next_scales(p) if u.scale is None else (u.scale, u.tensor_scale)
   scale = jnp.where(applied, scale, p.scale)
   if tensor_scale is not None:
     tensor_scale = jnp.where(applied, tensor_scale, p.tensor_scale)
@@ -306,9 +319,9 @@ def apply_updates(params: Any, updates: Any) -> Any:
 
   Plain leaves (and lossless ones): ``p + u`` cast back to ``p.dtype``, as
   :func:`optax.apply_updates`. Quantized leaves: the update is a :class:`NewCodes`,
-  whose bits are copied, never rounded again, with the scale
-  :func:`~eco_optax.quantize.next_scale` of the stored weights, the scale the
-  optimizer stored them with. A leaf's update is applied when its flags carry
+  whose bits and scale (the one the optimizer stored them with,
+  :func:`~eco_optax.quantize.next_scale` of the stored weights) are copied, never
+  rounded again. A leaf's update is applied when its flags carry
   ``VALID``; an all-zero update
   (a step skipped by :func:`eco_optax.apply_if_finite` or :class:`eco_optax.MultiSteps`)
   keeps codes and scale; a leaf marked as having received a non-finite gradient or

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from eco_optax import quantize as qz
 from eco_optax import tree as qtree
 
 
@@ -70,14 +71,18 @@ def _codes_as_float(updates: Any) -> Any:
 
 
 def _codes_from_float(updates: Any, params: Any) -> Any:
-  """The inverse of :func:`_codes_as_float` (zeros become an update that keeps the leaf)."""
+  """The inverse of :func:`_codes_as_float` (zeros become an update that keeps the leaf).
+
+  The scale, which the float form does not carry, is the scale policy's next scale of
+  the stored weights again: the one the optimizer stored the codes with.
+  """
 
   def from_float(p, u):
     if not qtree.is_lossy(p):
       return u
     x = u.astype(jnp.uint32)
     return qtree.NewCodes((x & 0xFFFF).astype(qtree.new_codes_dtype(p.fmt)),
-                          (x[(0,) * x.ndim] >> 16).astype(jnp.uint8))
+                          (x[(0,) * x.ndim] >> 16).astype(jnp.uint8), *qz._next_scales(p))
 
   return jax.tree.map(from_float, params, updates, is_leaf=qtree.is_quantized)
 

@@ -147,7 +147,7 @@ def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
 
   due = temporaries()
   monkeypatch.setattr(st, "_bits_when_due",
-                      lambda values, narrow, grad, previous_flags, fmt: st._to_bits(fmt)(values, narrow))
+                      lambda q, narrow, grad, previous_flags: st._to_bits(q.fmt)(q, narrow))
   upfront = temporaries()
   n = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
   largest = max(a * b for a, b in zip(sizes[:-1], sizes[1:]))

@@ -81,12 +81,14 @@ def test_apply_updates_copies_the_codes_the_optimizer_computed(fmt, rounding):
                                     np.asarray(u.bits.astype(qz.bits_dtype(fmt))))
       assert got.values.dtype == fmt.dtype and got.scale.dtype == fmt.scale_dtype
       expected_scale, expected_tensor_scale = qz._next_scales(old)
-      np.testing.assert_array_equal(np.asarray(got.scale.astype(jnp.float32)),
-                                    np.asarray(expected_scale.astype(jnp.float32)))
+      for scale in (u.scale, got.scale):             # carried by the update, then copied
+        assert scale.dtype == fmt.scale_dtype
+        np.testing.assert_array_equal(np.asarray(scale.astype(jnp.float32)),
+                                      np.asarray(expected_scale.astype(jnp.float32)))
       if fmt.has_tensor_scale:
-        assert float(got.tensor_scale) == float(expected_tensor_scale)
+        assert float(got.tensor_scale) == float(u.tensor_scale) == float(expected_tensor_scale)
       else:
-        assert got.tensor_scale is None
+        assert got.tensor_scale is None and u.tensor_scale is None
       np.testing.assert_array_equal(np.asarray(got.effective_scale),
                                     np.asarray(qz.next_scale(old)))
       if step == 0:                                           # the large step moved codes
@@ -171,6 +173,17 @@ def test_zero_update_keeps_weights_and_scale_even_when_the_policy_would_move(nam
   moved = eco.apply_updates({"w": leaf}, {"w": valid})["w"]
   np.testing.assert_array_equal(np.asarray(moved.effective_scale),
                                 np.asarray(qz.next_scale(leaf)))
+
+
+def test_new_codes_with_a_scale_of_another_shape_or_dtype_are_refused():
+  q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.fp8_e4m3())   # row scales, f32[1, 4]
+  bits = qz.values_to_bits(q["w"].values, q["w"].fmt)
+  valid = jnp.asarray(eco.tree.VALID, jnp.uint8)
+  for scale, got in ((jnp.ones((4, 1)), r"float32\[4, 1\]"),
+                     (jnp.ones((1, 4), jnp.bfloat16), r"bfloat16\[1, 4\]")):
+    with pytest.raises(TypeError, match=r"\['w'\]: the update's scale is " + got +
+                       r", but this fp8_e4m3 leaf stores float32\[1, 4\]"):
+      eco.apply_updates(q, {"w": eco.tree.NewCodes(bits, valid, scale)})
 
 
 def test_a_float_update_of_a_quantized_leaf_is_refused_at_trace_time():
