@@ -270,10 +270,10 @@ def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
   if jax.default_backend() != "cpu" or _sharded_type(grad):
     return to_bits(q, narrow)
   first = grad[(0,) * grad.ndim]           # no reshape: a sharded gradient stays as it is
-  due = first == first
+  due = (first == first) | (first != first)    # always true, NaN too; XLA does not fold it
   if previous_flags is not None:           # always true; XLA folds away an integer x == x
     due = due & (previous_flags < 0x80)
-  return jax.lax.cond(due, to_bits, to_bits, q, narrow)
+  return jax.lax.cond(due, to_bits, _zeros_like_bits(q.fmt), q, narrow)
 
 
 @functools.cache   # one function per format: an eager step does not compile the branch again
@@ -281,6 +281,12 @@ def _to_bits(fmt: qz.QuantFormat) -> Callable[[qz.QuantizedArray, list], tuple]:
   return lambda q, narrow: (
       qz.values_to_bits(q.values, fmt).astype(qtree.new_codes_dtype(fmt)),
       [_float_bits(x) for x in narrow], qz._next_scales(q))
+
+
+@functools.cache
+def _zeros_like_bits(fmt: qz.QuantFormat) -> Callable[[qz.QuantizedArray, list], tuple]:
+  """The branch of :func:`_bits_when_due` that never runs: zeros shaped as ``_to_bits``'s."""
+  return lambda q, narrow: jax.tree.map(jnp.zeros_like, jax.eval_shape(_to_bits(fmt), q, narrow))
 
 
 def _float_bits(x: jax.Array) -> jax.Array:

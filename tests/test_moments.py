@@ -105,18 +105,33 @@ def test_bfloat16_stochastic_rounding_saturates_at_the_largest_bfloat16():
   np.testing.assert_array_equal(np.asarray(stored, np.float32), [big] * 4 + [-big] * 2)
 
 
+def _neighbours(fmt, x):
+  """The two storable values around each element of ``x`` (one block of 8-bit codes)."""
+  x = np.asarray(x, np.float32)
+  if isinstance(fmt, moments.FloatStorage):
+    near = x.astype(fmt.dtype).astype(np.float32)
+    step = lambda v, to: np.nextafter(v.astype(fmt.dtype), np.asarray(to, fmt.dtype)).astype(
+        np.float32)
+    return np.where(near <= x, near, step(near, -np.inf)), np.where(near >= x, near,
+                                                                    step(near, np.inf))
+  grid = np.asarray(fmt.table, np.float32) * np.abs(x).max()
+  return (grid[np.searchsorted(grid, x, "right") - 1],
+          grid[np.minimum(np.searchsorted(grid, x, "left"), grid.size - 1)])
+
+
 def _statistically_unbiased(fmt, x, n=4000):
   """Mean of n stochastic encodings vs x, in standard errors of a two-point rounding."""
   keys = jax.random.split(jax.random.key(0), n)
-  decoded = jax.jit(jax.vmap(lambda k: fmt.decode(fmt.encode(x, k))))(keys)
-  lo, hi = decoded.min(axis=0), decoded.max(axis=0)
-  # Every draw is one of two neighbours around x.
-  assert bool(jnp.all((decoded == lo) | (decoded == hi)))
-  assert bool(jnp.all((lo <= x) & (x <= hi)))
-  p = jnp.where(hi > lo, (x - lo) / (hi - lo), 0.0)
-  standard_error = (hi - lo) * jnp.sqrt(p * (1 - p) / n)
-  z = jnp.abs(decoded.mean(axis=0) - x) / jnp.where(hi > lo, standard_error, 1.0)
-  return np.asarray(jnp.where(hi > lo, z, 0.0))    # hi == lo: x is an entry, stored exactly
+  decoded = np.asarray(jax.jit(jax.vmap(lambda k: fmt.decode(fmt.encode(x, k))))(keys))
+  lo, hi = _neighbours(fmt, x)
+  x = np.asarray(x)
+  assert np.all((lo <= x) & (x <= hi))
+  # Every draw is one of the two neighbours around x.
+  assert np.all((decoded == lo) | (decoded == hi))
+  p = np.where(hi > lo, (x - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
+  standard_error = (hi - lo) * np.sqrt(p * (1 - p) / n)
+  z = np.abs(decoded.mean(axis=0) - x) / np.where(hi > lo, standard_error, 1.0)
+  return np.where(hi > lo, z, 0.0)    # hi == lo: x is an entry, stored exactly
 
 
 @pytest.mark.parametrize("fmt", [moments.float_storage(jnp.bfloat16),
