@@ -273,7 +273,7 @@ def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
   due = (first == first) | (first != first)    # always true, NaN too; XLA does not fold it
   if previous_flags is not None:           # always true; XLA folds away an integer x == x
     due = due & (previous_flags < 0x80)
-  return jax.lax.cond(due, to_bits, _zeros_like_bits(q.fmt), q, narrow)
+  return jax.lax.cond(due, to_bits, _untaken_bits(q.fmt), q, narrow)
 
 
 @functools.cache   # one function per format: an eager step does not compile the branch again
@@ -284,9 +284,14 @@ def _to_bits(fmt: qz.QuantFormat) -> Callable[[qz.QuantizedArray, list], tuple]:
 
 
 @functools.cache
-def _zeros_like_bits(fmt: qz.QuantFormat) -> Callable[[qz.QuantizedArray, list], tuple]:
-  """The branch of :func:`_bits_when_due` that never runs: zeros shaped as ``_to_bits``'s."""
-  return lambda q, narrow: jax.tree.map(jnp.zeros_like, jax.eval_shape(_to_bits(fmt), q, narrow))
+def _untaken_bits(fmt: qz.QuantFormat) -> Callable[[qz.QuantizedArray, list], tuple]:
+  """The branch of :func:`_bits_when_due` that never runs: zero bits and the stored scales
+  (passed through: nothing to compute)."""
+  def untaken(q, narrow):
+    bits, narrow_bits, _ = jax.eval_shape(_to_bits(fmt), q, narrow)
+    return (jnp.zeros(bits.shape, bits.dtype), [jnp.zeros(x.shape, x.dtype) for x in narrow_bits],
+            (q.scale, q.tensor_scale))
+  return untaken
 
 
 def _float_bits(x: jax.Array) -> jax.Array:
