@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 import jax
+import jax.numpy as jnp
 
 import eco_optax as eco
 
@@ -23,3 +24,27 @@ def train_steps(tx, q, loss_fn, batch, steps):
     q, state, loss = step(q, state, i)
     losses.append(float(loss))
   return losses, q, state
+
+
+def quadratic_rms_errors(fmt, w0, w_star, steps_by_lr, mode, curvature=1.0, **sgdm_kwargs):
+  """SGDM (momentum 0.9) on ``f(w) = (curvature / 2) ||w - w_star||^2`` from ``w0`` stored in
+  ``fmt``: ``{lr: RMS distance to w_star after steps_by_lr[lr] steps}``.
+
+  One executable for every learning rate (``lr`` and the step count are its arguments).
+  """
+  q = eco.quantize_params({"w": w0}, fmt)
+
+  @jax.jit
+  def train(lr, steps):
+    tx = eco.sgdm(lr, momentum=0.9, mode=mode, **sgdm_kwargs)
+
+    def body(_, carry):
+      q, state = carry
+      grads = {"w": curvature * (eco.dequantize_params(q)["w"] - w_star)}
+      updates, state = tx.update(grads, state, q)
+      return eco.apply_updates(q, updates), state
+
+    q_end, _ = jax.lax.fori_loop(0, steps, body, (q, tx.init(q)))
+    return jnp.sqrt(jnp.mean((eco.dequantize_params(q_end)["w"] - w_star) ** 2))
+
+  return {lr: float(train(jnp.float32(lr), steps)) for lr, steps in steps_by_lr.items()}

@@ -14,6 +14,7 @@ import pytest
 
 import eco_optax as eco
 from eco_optax import quantize as qz
+from _helpers import quadratic_rms_errors
 
 W_STAR = jax.random.normal(jax.random.key(0), (64, 64))
 W0 = 0.01 * jnp.sign(jax.random.normal(jax.random.key(1), (64, 64)))
@@ -23,25 +24,11 @@ DEFAULTS = [eco.fp8_e4m3(), eco.fp8_e5m2(), eco.int8(), eco.int4(),
             eco.fp4_e2m1("mxfp4"), eco.fp4_e2m1("nvfp4")]
 
 
-def _rms_error(fmt, mode, lr):
-  q = eco.quantize_params({"w": W0}, fmt)
-  tx = eco.sgdm(lr, momentum=0.9, mode=mode)
-
-  def body(carry, _):
-    q, state = carry
-    grads = {"w": eco.dequantize_params(q)["w"] - W_STAR}
-    updates, state = tx.update(grads, state, q)
-    return (eco.apply_updates(q, updates), state), None
-
-  (q, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, None, STEPS[lr]))((q, tx.init(q)))
-  return float(jnp.sqrt(jnp.mean((eco.dequantize_params(q)["w"] - W_STAR) ** 2)))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", DEFAULTS, ids=lambda f: f.name)
 def test_default_scales_let_small_weights_grow_and_eco_tracks_master_weights(fmt):
-  errors = {(mode, lr): _rms_error(fmt, mode, lr)
-            for mode in ("naive", "eco", "master_weights") for lr in STEPS}
+  errors = {(mode, lr): error for mode in ("naive", "eco", "master_weights")
+            for lr, error in quadratic_rms_errors(fmt, W0, W_STAR, STEPS, mode).items()}
   print(fmt.name, errors)
   for lr in STEPS:
     assert errors[("master_weights", lr)] < 0.35          # the weights did grow (from 1.0)

@@ -11,31 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 
 import eco_optax as eco
+from _helpers import quadratic_rms_errors
 
 L = 1.0
 W_STAR = jax.random.uniform(jax.random.key(0), (32, 32), minval=-1.0, maxval=1.0)
 FMT = eco.int8("tensor", scale_policy="fixed", headroom=1.0)
 
 
-def _rms_error(mode, lr, rounding="nearest"):
-  q = eco.quantize_params({"w": jnp.sign(W_STAR)}, FMT)   # range [-1, 1]
-  tx = eco.sgdm(lr, momentum=0.9, mode=mode, rounding=rounding)
-
-  def body(carry, _):
-    q, state = carry
-    g = {"w": L * (eco.dequantize_params(q)["w"] - W_STAR)}
-    updates, state = tx.update(g, state, q)
-    return (eco.apply_updates(q, updates), state), None
-
-  steps = int(20 / lr)
-  (q, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, None, steps))((q, tx.init(q)))
-  return float(jnp.sqrt(jnp.mean((eco.dequantize_params(q)["w"] - W_STAR) ** 2)))
-
-
 @pytest.mark.filterwarnings("ignore:.*scale_policy='fixed':RuntimeWarning")  # the fixed range is the point
 def test_naive_error_grows_as_lr_shrinks_while_eco_stays_in_a_constant_radius():
-  errors = {(m, lr): _rms_error(m, lr) for m in ("naive", "eco", "master_weights")
-            for lr in (0.05, 0.005)}
+  errors = {(m, lr): error for m in ("naive", "eco", "master_weights")
+            for lr, error in quadratic_rms_errors(FMT, jnp.sign(W_STAR), W_STAR,
+                                                  {lr: int(20 / lr) for lr in (0.05, 0.005)},
+                                                  m, L).items()}
   print("RMS distance to the optimum:", errors)
   grid_rms = (1.0 / 127) / np.sqrt(12)   # RMS rounding error of the int8 grid
   assert errors[("naive", 0.005)] > 3 * errors[("naive", 0.05)]     # grows as lr shrinks
