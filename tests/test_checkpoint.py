@@ -115,9 +115,13 @@ def test_fp4_weights_and_scales_round_trip_bit_identical(tmp_path):
   q = eco.quantize_params(params, lambda path, leaf: eco.fp4_e2m1(
       "mxfp4" if "mx" in jax.tree_util.keystr(path) else "nvfp4"))
   tx = eco.adamw(1e-2, rounding="stochastic", mode="eco_exact")
-  state = tx.init(q)
-  updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, q)
-  q = eco.apply_updates(q, updates)
+
+  @jax.jit      # one executable, not an eager compile per operation
+  def step(q, state):
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, q)
+    return eco.apply_updates(q, updates), state
+
+  q, state = step(q, tx.init(q))
   checkpoint.save(tmp_path / "fp4", {"params": q, "opt_state": state})
   got = checkpoint.restore(tmp_path / "fp4", {"params": q, "opt_state": state})
   assert as_bytes(got) == as_bytes({"params": q, "opt_state": state})
