@@ -1,4 +1,6 @@
 """quantize_params / dequantize_params / apply_updates and their errors."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -59,41 +61,59 @@ def _step(q, lr, rounding, seed=0, mode="eco"):
   return updates, eco.apply_updates(q, updates)
 
 
+@functools.partial(jax.jit, static_argnames="rounding")
+def _sgdm_update(q, lr, rounding, seed):
+  """The updates of one SGDM step on random gradients, jitted (``lr``, ``seed`` traced)."""
+  g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed), x.shape),
+                   eco.dequantize_params(q))
+  tx = eco.sgdm(lr, 0.5, rounding=rounding)
+  return tx.update(g, tx.init(q), q)[0]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_apply_updates_copies_the_codes_the_optimizer_computed(fmt, rounding):
-  """The new codes are the update's bits, bit for bit; the scale is the policy's next scale."""
-  q = eco.quantize_params(_params(), fmt)
-  mask = (1 << fmt.bits) - 1
+def test_apply_updates_copies_the_codes_the_optimizer_computed(rounding):
+  """The new codes are the update's bits, bit for bit; the scale is the policy's next scale.
+
+  Every format in one tree (``_params()`` per format, its matrices quantized)."""
+  formats = dict(zip(IDS, FORMATS))
+  q = eco.quantize_params({name: _params() for name in IDS},
+                          lambda path, x: formats[path[0].key] if x.ndim >= 2 else None)
   for step, lr in enumerate([1.0, 1e-2, 1e-5]):          # large to vanishing steps
-    updates, new = _step(q, lr, rounding, seed=step)
-    for path in (("head",), ("layer", "kernel")):
-      u, old, got = updates, q, new
-      for key in path:
-        u, old, got = u[key], old[key], got[key]
-      # 1 byte per parameter; 2 for the 16-bit format
-      assert isinstance(u, eco.tree.NewCodes) and u.bits.shape == old.shape
-      assert u.bits.dtype == (np.uint16 if fmt.bits == 16 else np.uint8)
-      assert u.flags.dtype == np.uint8 and int(u.flags) == eco.tree.VALID
-      assert not bool(jnp.any(u.bits & ~u.bits.dtype.type(mask)))   # nothing but the code
-      np.testing.assert_array_equal(np.asarray(qz.values_to_bits(got.values, fmt)),
-                                    np.asarray(u.bits.astype(qz.bits_dtype(fmt))))
-      assert got.values.dtype == fmt.dtype and got.scale.dtype == fmt.scale_dtype
-      expected_scale, expected_tensor_scale = qz._next_scales(old)
-      for scale in (u.scale, got.scale):             # carried by the update, then copied
-        assert scale.dtype == fmt.scale_dtype
-        np.testing.assert_array_equal(np.asarray(scale.astype(jnp.float32)),
-                                      np.asarray(expected_scale.astype(jnp.float32)))
-      if fmt.has_tensor_scale:
-        assert float(got.tensor_scale) == float(u.tensor_scale) == float(expected_tensor_scale)
-      else:
-        assert got.tensor_scale is None and u.tensor_scale is None
-      np.testing.assert_array_equal(np.asarray(got.effective_scale),
-                                    np.asarray(qz.next_scale(old)))
-      if step == 0:                                           # the large step moved codes
-        assert not np.array_equal(np.asarray(qz.values_to_bits(got.values, fmt)),
-                                  np.asarray(qz.values_to_bits(old.values, fmt)))
+    updates = _sgdm_update(q, lr, rounding, step)
+    new = eco.apply_updates(q, updates)
+    for name, fmt in formats.items():
+      mask = (1 << fmt.bits) - 1
+      for path in (("head",), ("layer", "kernel")):
+        u, old, got = updates[name], q[name], new[name]
+        for key in path:
+          u, old, got = u[key], old[key], got[key]
+        where = (name, path)
+        # 1 byte per parameter; 2 for the 16-bit format
+        assert isinstance(u, eco.tree.NewCodes) and u.bits.shape == old.shape, where
+        assert u.bits.dtype == (np.uint16 if fmt.bits == 16 else np.uint8), where
+        assert u.flags.dtype == np.uint8 and int(u.flags) == eco.tree.VALID, where
+        assert not bool(jnp.any(u.bits & ~u.bits.dtype.type(mask))), where  # only the code
+        np.testing.assert_array_equal(np.asarray(qz.values_to_bits(got.values, fmt)),
+                                      np.asarray(u.bits.astype(qz.bits_dtype(fmt))),
+                                      err_msg=str(where))
+        assert got.values.dtype == fmt.dtype and got.scale.dtype == fmt.scale_dtype, where
+        expected_scale, expected_tensor_scale = qz._next_scales(old)
+        for scale in (u.scale, got.scale):             # carried by the update, then copied
+          assert scale.dtype == fmt.scale_dtype, where
+          np.testing.assert_array_equal(np.asarray(scale.astype(jnp.float32)),
+                                        np.asarray(expected_scale.astype(jnp.float32)),
+                                        err_msg=str(where))
+        if fmt.has_tensor_scale:
+          assert (float(got.tensor_scale) == float(u.tensor_scale)
+                  == float(expected_tensor_scale)), where
+        else:
+          assert got.tensor_scale is None and u.tensor_scale is None, where
+        np.testing.assert_array_equal(np.asarray(got.effective_scale),
+                                      np.asarray(qz.next_scale(old)), err_msg=str(where))
+        if step == 0:                                         # the large step moved codes
+          assert not np.array_equal(np.asarray(qz.values_to_bits(got.values, fmt)),
+                                    np.asarray(qz.values_to_bits(old.values, fmt))), where
     q = new
 
 
