@@ -301,8 +301,11 @@ def _float_bits(x: jax.Array) -> jax.Array:
 
 def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.QuantizedArray,
                     grad, stored_moments: dict, extra, count, eta, eta_before, decay,
-                    rounding, key, moment_keys: dict, previous_flags):
-  """Steps one quantized leaf: returns ``(update, stored moments, extra)``."""
+                    rounding, key, error_key, moment_keys: dict, previous_flags):
+  """Steps one quantized leaf: returns ``(update, stored moments, extra)``.
+
+  ``key`` seeds the stochastic rounding of its weights, ``error_key`` that of its kept
+  error (``eco_exact``; ``None`` in the other modes)."""
   fmt, shape = q.fmt, q.shape
   row_size = math.prod(shape[1:])
   scale = q.effective_scale
@@ -312,7 +315,6 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
            or any(isinstance(formats.get(f), mom.Blockwise8bit) for f in fields))
   n = _rows_per_block(shape, fmt, whole)
   err_fmt = error_format(fmt)
-  error_key = jax.random.fold_in(key, 1) if mode.extra == "error" else None
   # The loop's first carry enters with the stored bits: each block reads its old codes
   # there and writes the new ones, and it leaves as the update's bits.
   carries = [stored_moments[f] for f in fields]
@@ -456,8 +458,9 @@ class ErrorFeedbackState(NamedTuple):
   previous_eta: Optional[jax.Array] = None
 
 
-# fold_in(state.key, _MOMENT_STREAM) seeds the moments' rounding; the weights use
-# split(state.key, n + 1)[i] (= fold_in(state.key, i)) for i <= n.
+# fold_in(state.key, _MOMENT_STREAM) seeds the moments' rounding; with n lossy leaves the
+# weights use split(state.key, m)[i] (= fold_in(state.key, i)) for 1 <= i <= n, and
+# eco_exact's kept errors i = n + 1 ... 2n.
 _MOMENT_STREAM = 2**32 - 1
 
 
@@ -540,13 +543,15 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     eta_before = state.previous_eta if state.previous_eta is not None else jnp.zeros([])
     n_lossy = sum(map(qtree.is_lossy, leaves))
     if rounding == "stochastic" or mode.extra == "error" or moment_formats:
-      keys = jax.random.split(state.key, n_lossy + 1)
-      next_key, leaf_keys = keys[0], iter(keys[1:])
+      # One split for the step: its own next key, the weights' keys, the kept errors' keys.
+      keys = jax.random.split(state.key, n_lossy * (2 if mode.extra == "error" else 1) + 1)
+      next_key, leaf_keys = keys[0], iter(keys[1:n_lossy + 1])
+      error_keys = iter(keys[n_lossy + 1:])
       moment_root = jax.random.fold_in(state.key, _MOMENT_STREAM)
       moment_keys = {name: iter(jax.random.split(jax.random.fold_in(moment_root, i), len(leaves)))
                      for i, name in enumerate(rule.moments._fields)}
     else:   # nothing is rounded stochastically: no key is drawn (a threefry hash less to compile)
-      next_key, leaf_keys = state.key, iter([None] * n_lossy)
+      next_key, leaf_keys, error_keys = state.key, iter([None] * n_lossy), iter([])
       moment_keys = {name: iter([None] * len(leaves)) for name in rule.moments._fields}
     stored = {name: treedef.flatten_up_to(getattr(state.moments, name))
               for name in rule.moments._fields}
@@ -555,6 +560,8 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
              if state.previous_error is not None else None)
 
     weight_keys = [next(leaf_keys) if qtree.is_lossy(p) else None for p in leaves]
+    leaf_error_keys = [next(error_keys) if qtree.is_lossy(p) and mode.extra == "error" else None
+                       for p in leaves]
     leaf_moment_keys = [{name: next(moment_keys[name]) for name in rule.moments._fields}
                         for _ in leaves]
     updates, new_extra = [None] * len(leaves), [None] * len(leaves)
@@ -572,7 +579,8 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
             error[i] if mode.extra == "error" else None)
         u, moments_out, new_extra[i] = _quantized_leaf(
             mode, leaf_rule, fields, formats, p, g, moments_in, extra, count, eta,
-            eta_before, 0.0 if lam is None else lam, rounding, weight_keys[i], mkeys,
+            eta_before, 0.0 if lam is None else lam, rounding, weight_keys[i],
+            leaf_error_keys[i], mkeys,
             previous_flags)
         previous_flags = u.flags
       else:
