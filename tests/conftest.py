@@ -1,5 +1,5 @@
 """Shared test settings: 8 CPU devices for the sharding tests, full-precision float32 matmuls,
-and one XLA compilation cache per test run.
+one XLA compilation cache per test run, and the slow tests first.
 
 The device flag is set before JAX starts a backend, so ``pytest`` alone runs the
 sharded checks in-process (as ``make test`` does). Many tests compile the same
@@ -34,3 +34,9 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if getattr(config, "eco_optax_owns_cache", False):
     shutil.rmtree(os.environ.pop(_CACHE), ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+  # The tests marked slow first: with pytest -n, the long ones start early and the
+  # workers finish together on short ones.
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -75,13 +75,14 @@ def _sgdm_update(q, lr, rounding, seed):
 def test_apply_updates_copies_the_codes_the_optimizer_computed(rounding):
   """The new codes are the update's bits, bit for bit; the scale is the policy's next scale.
 
-  Every format in one tree (``_params()`` per format, its matrices quantized)."""
+  Every format in one tree (``_params()`` per format, its matrices quantized), updated
+  and applied by one executable each."""
   formats = dict(zip(IDS, FORMATS))
   q = eco.quantize_params({name: _params() for name in IDS},
                           lambda path, x: formats[path[0].key] if x.ndim >= 2 else None)
   for step, lr in enumerate([1.0, 1e-2, 1e-5]):          # large to vanishing steps
     updates = _sgdm_update(q, lr, rounding, step)
-    new = eco.apply_updates(q, updates)
+    new = jax.jit(eco.apply_updates)(q, updates)
     for name, fmt in formats.items():
       mask = (1 << fmt.bits) - 1
       for path in (("head",), ("layer", "kernel")):
@@ -98,7 +99,7 @@ def test_apply_updates_copies_the_codes_the_optimizer_computed(rounding):
                                       np.asarray(u.bits.astype(qz.bits_dtype(fmt))),
                                       err_msg=str(where))
         assert got.values.dtype == fmt.dtype and got.scale.dtype == fmt.scale_dtype, where
-        expected_scale, expected_tensor_scale = qz._next_scales(old)
+        expected_scale, expected_tensor_scale = jax.jit(qz._next_scales)(old)
         for scale in (u.scale, got.scale):             # carried by the update, then copied
           assert scale.dtype == fmt.scale_dtype, where
           np.testing.assert_array_equal(np.asarray(scale.astype(jnp.float32)),
