@@ -26,7 +26,7 @@ def train_steps(tx, q, loss_fn, batch, steps):
   return losses, q, state
 
 
-def quadratic_rms_errors(fmt, w0, w_star, steps_by_lr, mode, curvature=1.0, **sgdm_kwargs):
+def quadratic_rms_errors(fmt, w0, w_star, steps_by_lr, mode, curvature=1.0):
   """SGDM (momentum 0.9) on ``f(w) = (curvature / 2) ||w - w_star||^2`` from ``w0`` stored in
   ``fmt``: ``{lr: RMS distance to w_star after steps_by_lr[lr] steps}``.
 
@@ -36,7 +36,7 @@ def quadratic_rms_errors(fmt, w0, w_star, steps_by_lr, mode, curvature=1.0, **sg
 
   @jax.jit
   def train(lr, steps):
-    tx = eco.sgdm(lr, momentum=0.9, mode=mode, **sgdm_kwargs)
+    tx = eco.sgdm(lr, momentum=0.9, mode=mode)
 
     def body(_, carry):
       q, state = carry
