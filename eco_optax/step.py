@@ -249,8 +249,8 @@ def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
   leaf's codes are applied. Behind a conditional on the gradient and on the previous
   leaf's flags (its other branch, never taken, returns zeros and the stored scales),
   each copy is made when its leaf's step is about to run, and the scheduler applies
-  each leaf's new codes before the next leaf's step
-  starts: one leaf's copy is alive at a time (MLP of benchmarks/memory.py, FP32
+  each leaf's new codes before the next leaf's step starts: one leaf's copy is alive
+  at a time (MLP of benchmarks/memory.py, FP32
   moments: optimizer-step temporaries 1.84 -> 1.17 bytes per parameter). The scale
   policy's absmax of the codes runs there too: XLA:CPU reduces a copy of the code
   magnitudes (1 byte per parameter), which it would otherwise make for every leaf at

@@ -52,22 +52,18 @@ def test_policy_callable_gets_paths():
   assert "['layer']['kernel']" in seen
 
 
-def _step(q, lr, rounding, seed=0, mode="eco"):
-  """One eco_optax SGDM step on random gradients: ``(updates, new params)``."""
+def _sgdm_update(q, lr, rounding, seed=0, mode="eco"):
+  """The updates of one eco_optax SGDM step on random gradients."""
   g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed), x.shape),
                    eco.dequantize_params(q))
   tx = eco.sgdm(lr, 0.5, mode=mode, rounding=rounding)
-  updates, _ = tx.update(g, tx.init(q), q)
-  return updates, eco.apply_updates(q, updates)
-
-
-@functools.partial(jax.jit, static_argnames="rounding")
-def _sgdm_update(q, lr, rounding, seed):
-  """The updates of one SGDM step on random gradients, jitted (``lr``, ``seed`` traced)."""
-  g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed), x.shape),
-                   eco.dequantize_params(q))
-  tx = eco.sgdm(lr, 0.5, rounding=rounding)
   return tx.update(g, tx.init(q), q)[0]
+
+
+def _step(q, lr, rounding, seed=0, mode="eco"):
+  """One eager eco_optax SGDM step on random gradients: ``(updates, new params)``."""
+  updates = _sgdm_update(q, lr, rounding, seed, mode)
+  return updates, eco.apply_updates(q, updates)
 
 
 @pytest.mark.slow
@@ -80,8 +76,9 @@ def test_apply_updates_copies_the_codes_the_optimizer_computed(rounding):
   formats = dict(zip(IDS, FORMATS))
   q = eco.quantize_params({name: _params() for name in IDS},
                           lambda path, x: formats[path[0].key] if x.ndim >= 2 else None)
+  update = jax.jit(_sgdm_update, static_argnames=("rounding", "mode"))   # lr, seed traced
   for step, lr in enumerate([1.0, 1e-2, 1e-5]):          # large to vanishing steps
-    updates = _sgdm_update(q, lr, rounding, step)
+    updates = update(q, lr, rounding, step)
     new = jax.jit(eco.apply_updates)(q, updates)
     for name, fmt in formats.items():
       mask = (1 << fmt.bits) - 1
