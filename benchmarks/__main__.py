@@ -15,6 +15,7 @@ Table 1 set for FP8 E4M3 (row-wise scales) and INT4 (tensor-wise by default):
 ``<fmt>-eco-rtn``         ECO: error injected into the momentum, round to nearest
 ``<fmt>-eco-sr``          ECO with stochastic rounding
 ``<fmt>-eco-exact-rtn``   ECO's exact rule (previous error kept, +2 B/param), RTN
+``<fmt>-eco-exact-sr``    the exact rule with stochastic rounding
 ========================  ====================================================
 
 Each step takes the gradient at the stored weights ``Q(w)`` with one jitted
@@ -25,7 +26,9 @@ the model's backward pass once instead of once per method.)
 
 The default rows (``--methods headline``) are ``fp32`` and the paper's set in FP8
 (master weights, naive RTN / SR, ECO-RTN / SR). ``<fmt>`` is ``fp8`` (E4M3, row-wise
-scales) or ``int4`` (tensor-wise) for ``--methods paper`` (both, with the exact rule),
+scales) or ``int4`` (tensor-wise) for ``--methods paper`` (both, with the exact rule
+in the memory-free rule's bytes: ``<fmt>-eco-exact-rtn-bf16-nu-moments``, AdamW's second
+moment in bfloat16 and the kept error in the two bytes it frees),
 and ``mxfp4`` / ``nvfp4`` (:func:`eco_optax.fp4_e2m1`) for ``--methods fp4``. ``--methods moments`` adds
 ``fp8-mw-<m>-moments`` and ``fp8-eco-sr-<m>-moments``: AdamW's moments stored in
 bfloat16 (``m = bf16``) or 8-bit block-wise codes (``m = 8bit``), compared with
@@ -77,7 +80,9 @@ class Method:
   """One row of the benchmark. ``fmt`` is ``None`` for plain FP32 training.
 
   ``moments`` stores the optimizer's moments in FP32 (``"fp32"``), bfloat16
-  (``"bf16"``) or 8-bit block-wise codes (``"8bit"``, :func:`eco_optax.moments.blockwise_8bit`).
+  (``"bf16"``) or 8-bit block-wise codes (``"8bit"``, :func:`eco_optax.moments.blockwise_8bit`),
+  or only the second moment in bfloat16 (``"bf16-nu"``: the exact rule's kept error then
+  takes the two bytes the second moment gives up, 9 B/param for FP8 as memory-free ECO).
   """
 
   name: str
@@ -102,22 +107,27 @@ VARIANTS = {
     "eco-rtn": ("eco", "nearest"),
     "eco-sr": ("eco", "stochastic"),
     "eco-exact-rtn": ("eco_exact", "nearest"),
+    "eco-exact-sr": ("eco_exact", "stochastic"),
 }
 FORMATS = ("fp8", "int4", "mxfp4", "nvfp4")
-MOMENTS = ("bf16", "8bit")
 METHODS = (
     {"fp32": Method("fp32")}
     | {f"{f}-{v}": Method(f"{f}-{v}", f, v) for f in FORMATS for v in VARIANTS}
     | {f"fp8-{v}-{m}-moments": Method(f"fp8-{v}-{m}-moments", "fp8", v, m)
-       for m in MOMENTS for v in ("mw", "eco-sr", "eco-exact-rtn")})
+       for m in ("bf16", "8bit") for v in ("mw", "eco-sr", "eco-exact-rtn")}
+    | {f"{f}-{v}-bf16-nu-moments": Method(f"{f}-{v}-bf16-nu-moments", f, v, "bf16-nu")
+       for f in FORMATS for v in ("eco-exact-rtn", "eco-exact-sr")})
 # --methods groups: the paper's Table 1 set in FP8 (the default), in FP8 and INT4 with
-# the exact rule, and the rows beyond it.
+# the exact rule in the memory-free rule's bytes, and the rows beyond it.
+PAPER_VARIANTS = ("mw", "naive-rtn", "naive-sr", "eco-rtn", "eco-sr")
 GROUPS = {
-    "headline": ["fp32", *(f"fp8-{v}" for v in VARIANTS if v != "eco-exact-rtn")],
-    "paper": ["fp32", *(f"{f}-{v}" for f in ("fp8", "int4") for v in VARIANTS)],
-    "fp4": [f"{f}-{v}" for f in ("mxfp4", "nvfp4") for v in VARIANTS if v != "eco-exact-rtn"],
+    "headline": ["fp32", *(f"fp8-{v}" for v in PAPER_VARIANTS)],
+    "paper": ["fp32", *(f"{f}-{v}" for f in ("fp8", "int4")
+                        for v in (*PAPER_VARIANTS, "eco-exact-rtn-bf16-nu-moments"))],
+    "fp4": [f"{f}-{v}" for f in ("mxfp4", "nvfp4") for v in PAPER_VARIANTS],
     "moments": ["fp8-mw", "fp8-eco-sr",
-                *(f"fp8-{v}-{m}-moments" for m in MOMENTS for v in ("mw", "eco-sr", "eco-exact-rtn"))],
+                *(f"fp8-{v}-{m}-moments" for m in ("bf16", "8bit")
+                  for v in ("mw", "eco-sr", "eco-exact-rtn"))],
     "all": list(METHODS),
 }
 
@@ -194,7 +204,9 @@ def make_optimizer(method: Method, cfg: BenchConfig) -> optax.GradientTransforma
   }[cfg.optimizer]
   if method.fmt is None:
     return plain(lr, **hyper)
-  if method.moments != "fp32":
+  if method.moments == "bf16-nu":
+    hyper |= dict(nu_dtype=jnp.bfloat16)
+  elif method.moments != "fp32":
     spec = {"bf16": jnp.bfloat16, "8bit": eco.moments.blockwise_8bit()}[method.moments]
     hyper |= dict(mu_dtype=spec) | ({} if cfg.optimizer == "lion" else dict(nu_dtype=spec))
   return ours(lr, **hyper, mode=method.mode, rounding=method.rounding, seed=cfg.seed)
@@ -362,21 +374,25 @@ def paper_checks(results: dict[str, dict]) -> list[tuple[str, str, str]]:
                  lambda: results[name]["quantized_bytes_per_param"] <= limit,
                  lambda: f"{results[name]['quantized_bytes_per_param']:.3f} B/param")
 
+  exact9 = "eco-exact-rtn-bf16-nu-moments"   # the exact rule in memory-free ECO's bytes
   checks = [delta_check("fp8-eco-sr", 0.2), delta_check("fp8-eco-rtn", 1.0),
-            delta_check("fp8-eco-exact-rtn", 1.0), delta_check("int4-eco-sr", 2.0)]
+            delta_check(f"fp8-{exact9}", 1.0),
+            memory_check(f"fp8-{exact9}", 9.05), delta_check(f"int4-{exact9}", 1.0),
+            memory_check(f"int4-{exact9}", 8.5), delta_check("int4-eco-sr", 2.0)]
   for moments, limit in (("bf16", 5.0), ("8bit", 3.0)):
     checks += [delta_check(f"fp8-eco-sr-{moments}-moments", 0.5),
                memory_check(f"fp8-eco-sr-{moments}-moments", limit)]
   for f in ("fp8", "int4"):
-    naive, eco_rtn = f"{f}-naive-rtn", f"{f}-eco-rtn"
+    naive = f"{f}-naive-rtn"
     checks.append(check(
         f"{naive} visibly worse than {f}-mw (> +1%)", [naive, f"{f}-mw"],
         lambda n=naive: not delta(n) <= 1.0,   # NaN (diverged) counts as worse
         lambda n=naive: f"{delta(n):+.3f}%"))
-    checks.append(check(
-        f"{eco_rtn} never worse than {naive}", [eco_rtn, naive],
-        lambda e=eco_rtn, n=naive: not loss(e) > loss(n) and math.isfinite(loss(e)),
-        lambda e=eco_rtn, n=naive: f"{loss(e):.4f} vs {loss(n):.4f}"))
+    for eco_rtn in (f"{f}-eco-rtn", f"{f}-{exact9}"):
+      checks.append(check(
+          f"{eco_rtn} never worse than {naive}", [eco_rtn, naive],
+          lambda e=eco_rtn, n=naive: not loss(e) > loss(n) and math.isfinite(loss(e)),
+          lambda e=eco_rtn, n=naive: f"{loss(e):.4f} vs {loss(n):.4f}"))
   return checks
 
 

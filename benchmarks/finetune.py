@@ -38,7 +38,7 @@ from benchmarks import model as bmodel
 from benchmarks import plotting
 from benchmarks import step as bstep
 
-VARIANTS = ("mw", "naive-rtn", "naive-sr", "eco-rtn", "eco-sr")   # the paper's set
+VARIANTS = bench.PAPER_VARIANTS
 FORMATS = ("fp8", "int4")
 
 

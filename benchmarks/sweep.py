@@ -24,7 +24,7 @@ import time
 from benchmarks import __main__ as bench
 from benchmarks import plotting
 
-VARIANTS = tuple(v for v in bench.VARIANTS if v != "eco-exact-rtn")   # the paper's set
+VARIANTS = bench.PAPER_VARIANTS
 FORMATS = ("fp8", "int4")
 
 
@@ -53,11 +53,11 @@ def format_table(table: dict[float, dict], methods: list[str], formats: list[str
   return "\n".join(lines)
 
 
-def plot(table: dict[float, dict], formats: list[str], path: pathlib.Path) -> None:
+def plot(table: dict[float, dict], methods: list[str], formats: list[str],
+         path: pathlib.Path) -> None:
   """Final validation loss against the peak learning rate, one panel per format."""
   lrs = sorted(table)
-  names = {f: [n for n in ["fp32", *(f"{f}-{v}" for v in VARIANTS)] if n in table[lrs[0]]]
-           for f in formats}
+  names = {f: [n for n in methods if n == "fp32" or n.startswith(f + "-")] for f in formats}
   plotting.panels({f: [(n, lrs, [table[lr][n]["loss"] for lr in lrs], n == "fp32")
                        for n in names[f]] for f in formats},
                   path, xlabel="peak learning rate", xscale="log",
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[float, dict]:
   print(f"\n{text}\n\n'lost': the share of naive RTN's updates that rounded back (below half "
         f"a grid step). Wall time {time.perf_counter() - start:.0f} s.")
   (out / "sweep.txt").write_text(text + "\n")
-  plot(table, formats, out / "sweep.png")
+  plot(table, methods, formats, out / "sweep.png")
   return table
 
 

@@ -401,19 +401,22 @@ def test_exact_rule_keeps_each_debt_in_the_units_it_was_written_in():
     q, debt_before, kept_before = eco.apply_updates(q, updates), c * p * kept, kept
 
 
-def test_exact_rule_stays_on_the_master_weight_path_under_a_schedule():
+@pytest.mark.parametrize("nu_dtype", [None, jnp.bfloat16], ids=["fp32-nu", "bf16-nu"])
+def test_exact_rule_stays_on_the_master_weight_path_under_a_schedule(nu_dtype):
   """Adam with warm-up, cosine decay and weight decay, FP8 RTN: Q(w) + e is the master copy.
 
   The gradients do not depend on the weights, so the master-weight run sees the same
   ones. Each step the stored weights plus the kept error equal the master weights up
   to the bfloat16 storage of the error, and the stored codes are the master's codes.
+  With a bfloat16 second moment (the exact rule in memory-free ECO's bytes) both runs
+  store it so.
   """
   lr = optax.warmup_cosine_decay_schedule(1e-4, 1e-2, 5, 40, 1e-3)
   q0 = eco.quantize_params({"w": jnp.linspace(-1, 1, 512).reshape(16, 32)}, eco.fp8_e4m3())
   grads = jax.random.normal(jax.random.key(3), (40, 16, 32))
   runs = {}
   for mode in ("master_weights", "eco_exact"):
-    tx = eco.adamw(lr, b2=0.98, weight_decay=0.1, mode=mode)
+    tx = eco.adamw(lr, b2=0.98, weight_decay=0.1, mode=mode, nu_dtype=nu_dtype)
 
     def body(carry, g, tx=tx):
       q, state = carry
