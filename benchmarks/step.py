@@ -1,7 +1,8 @@
 """Optimizer-step benchmark: one jitted ``update`` + ``apply_updates``.
 
 Times, side by side in one process, AdamW with ECO (RTN and SR), AdamW with
-FP32 master weights, and ``optax.adamw`` on FP32 parameters (``--moments bf16,8bit``
+FP32 master weights, the exact rule with RTN and a bfloat16 second moment (ECO's bytes),
+and ``optax.adamw`` on FP32 parameters (``--moments bf16,8bit``
 adds ECO-SR with low-precision moments), for parameter
 trees of a few 2-D matrices (FP8 E4M3, row-wise scales) summing to each size.
 The methods take turns, one step each per round (so a slow spell of a noisy
@@ -126,16 +127,18 @@ def step_setups(params: dict[str, jax.Array], fmt: eco.QuantFormat,
                 learning_rate: float = 1e-3, moments: tuple[str, ...] = ()) -> dict[str, Setup]:
   """The optimizers compared, keyed by display name.
 
-  ``optax.adamw``, ECO-RTN, ECO-SR and master weights; plus ECO-SR with its moments
-  stored in each of ``moments`` (keys of :data:`MOMENT_SPECS`).
+  ``optax.adamw``, ECO-RTN, ECO-SR, master weights and the exact rule with round-to-nearest
+  in ECO's bytes (its second moment in bfloat16); plus ECO-SR with its moments stored in
+  each of ``moments`` (keys of :data:`MOMENT_SPECS`).
   """
   q = eco.quantize_params(params, fmt)
   setups = {"optax.adamw (fp32)": Setup(optax.adamw(learning_rate), params,
                                          optax.apply_updates)}
-  for name, mode, rounding in (("eco-rtn", "eco", "nearest"),
-                               ("eco-sr", "eco", "stochastic"),
-                               ("master-weights", "master_weights", "nearest")):
-    tx = eco.adamw(learning_rate, mode=mode, rounding=rounding)
+  for name, mode, rounding, nu_dtype in (
+      ("eco-rtn", "eco", "nearest", None), ("eco-sr", "eco", "stochastic", None),
+      ("master-weights", "master_weights", "nearest", None),
+      ("eco-exact-rtn bf16 nu", "eco_exact", "nearest", jnp.bfloat16)):
+    tx = eco.adamw(learning_rate, mode=mode, rounding=rounding, nu_dtype=nu_dtype)
     setups[name] = Setup(tx, q, eco.apply_updates)
   for m in moments:
     spec = MOMENT_SPECS[m]

@@ -22,7 +22,12 @@ moments between steps in low precision (:mod:`eco_optax.moments`): ``jnp.bfloat1
 or ``jnp.float16`` with stochastic rounding, or ``eco.moments.blockwise_8bit()``
 (bitsandbytes' block-wise 8-bit). ``None`` keeps FP32. AdamW on FP8 weights then
 takes 9 bytes per parameter with FP32 moments, 5 with bfloat16 and about 3.03 with
-8-bit moments (:func:`eco_optax.memory_report`).
+8-bit moments (:func:`eco_optax.memory_report`). For round-to-nearest, the exact
+rule with a bfloat16 second moment takes the 9 bytes of memory-free ECO with FP32
+moments and follows the master-weight path, where the memory-free rule trails it
+(``docs/design.md``)::
+
+    eco.adamw(lr, mode="eco_exact", nu_dtype=jnp.bfloat16)
 """
 
 from __future__ import annotations
