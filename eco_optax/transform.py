@@ -19,7 +19,8 @@ injection ``delta_{t+1} - beta*delta_t = c_t P_t(e_t) - c_{t+1} P_{t+1}(e_{t+1})
 beta``. With consecutive errors aligned, ``e_t ~ e_{t+1}`` (the paper's Figure 3),
 and the units taken as constant, it is ``alpha P(e)`` above and costs no memory
 (:func:`eco_step`). The exact injection, with ``e_t`` kept in the state at two bytes
-per parameter, is :func:`eco_exact_step`; it keeps each debt in the units it was
+per parameter (those a bfloat16 second moment gives up, for Adam: memory-free ECO's
+bytes), is :func:`eco_exact_step`; it keeps each debt in the units it was
 written in (under warm-up ``c`` halves from the first step to the second, and
 Adam's ``P`` moves with ``v`` and the bias correction ``1 - b1^t``) and adds to the
 target what the debt, read in the current units, leaves unpaid: ``Q(w) + e`` is
