@@ -25,10 +25,10 @@ same executable whose time is reported. (Splitting the step this way compiles
 the model's backward pass once instead of once per method.)
 
 The default rows (``--methods headline``) are ``fp32`` and the paper's set in FP8
-(master weights, naive RTN / SR, ECO-RTN / SR). ``<fmt>`` is ``fp8`` (E4M3, row-wise
-scales) or ``int4`` (tensor-wise) for ``--methods paper`` (both, with the exact rule
-in the memory-free rule's bytes: ``<fmt>-eco-exact-rtn-bf16-nu-moments``, AdamW's second
-moment in bfloat16 and the kept error in the two bytes it frees),
+(master weights, naive RTN / SR, ECO-RTN / SR) with the exact rule in the memory-free
+rule's bytes (``<fmt>-eco-exact-rtn-bf16-nu-moments``: AdamW's second moment in bfloat16
+and the kept error in the two bytes it frees). ``<fmt>`` is ``fp8`` (E4M3, row-wise
+scales) or ``int4`` (tensor-wise) for ``--methods paper`` (the same rows in both formats),
 and ``mxfp4`` / ``nvfp4`` (:func:`eco_optax.fp4_e2m1`) for ``--methods fp4``. ``--methods moments`` adds
 ``fp8-mw-<m>-moments`` and ``fp8-eco-sr-<m>-moments``: AdamW's moments stored in
 bfloat16 (``m = bf16``) or 8-bit block-wise codes (``m = 8bit``), compared with
@@ -117,11 +117,12 @@ METHODS = (
        for m in ("bf16", "8bit") for v in ("mw", "eco-sr", "eco-exact-rtn")}
     | {f"{f}-{v}-bf16-nu-moments": Method(f"{f}-{v}-bf16-nu-moments", f, v, "bf16-nu")
        for f in FORMATS for v in ("eco-exact-rtn", "eco-exact-sr")})
-# --methods groups: the paper's Table 1 set in FP8 (the default), in FP8 and INT4 with
-# the exact rule in the memory-free rule's bytes, and the rows beyond it.
+# --methods groups: the paper's Table 1 set in FP8 (the default) and in FP8 and INT4, each
+# with the exact rule in the memory-free rule's bytes, and the rows beyond it.
 PAPER_VARIANTS = ("mw", "naive-rtn", "naive-sr", "eco-rtn", "eco-sr")
 GROUPS = {
-    "headline": ["fp32", *(f"fp8-{v}" for v in PAPER_VARIANTS)],
+    "headline": ["fp32", *(f"fp8-{v}"
+                           for v in (*PAPER_VARIANTS, "eco-exact-rtn-bf16-nu-moments"))],
     "paper": ["fp32", *(f"{f}-{v}" for f in ("fp8", "int4")
                         for v in (*PAPER_VARIANTS, "eco-exact-rtn-bf16-nu-moments"))],
     "fp4": [f"{f}-{v}" for f in ("mxfp4", "nvfp4") for v in PAPER_VARIANTS],
@@ -474,7 +475,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--methods", default="headline",
                  help=f"comma list of methods and groups ({', '.join(GROUPS)}); methods: "
                       f"{', '.join(METHODS)} (default: headline, the paper's Table 1 set "
-                      "in FP8; paper: in FP8 and INT4, with the exact rule)")
+                      "in FP8; paper: in FP8 and INT4; both with the exact rule in ECO's "
+                      "bytes)")
   p.add_argument("--full", action="store_true",
                  help="--methods paper, then the learning-rate sweep, the quantized "
                       "fine-tune and the long run, each in a subfolder of --out (about 55 "

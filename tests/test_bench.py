@@ -267,7 +267,8 @@ def test_long_run_reports_the_gap_to_master_weights_over_training(tmp_path):
 def test_full_runs_the_paper_set_then_each_study(tmp_path, monkeypatch):
   assert bench.parse_args([]).methods == "headline"
   assert bench.GROUPS["headline"] == ["fp32", "fp8-mw", "fp8-naive-rtn", "fp8-naive-sr",
-                                      "fp8-eco-rtn", "fp8-eco-sr"]
+                                      "fp8-eco-rtn", "fp8-eco-sr",
+                                      "fp8-eco-exact-rtn-bf16-nu-moments"]
   calls = []
   for module in (sweep, finetune, long_run):
     monkeypatch.setattr(module, "main", lambda argv, m=module: calls.append((m, argv)))
