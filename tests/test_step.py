@@ -76,8 +76,11 @@ def test_rows_per_block_respects_the_format_blocks():
   n = st._rows_per_block((4096, 4096), fmt, whole=False)
   assert n % 32 == 0 and 0 < n < 4096
   assert st._rows_per_block((4096, 4096), fmt, whole=True) == 4096
-  # 128K-element blocks; a leaf of more than 16 of them takes blocks of 256K.
+  # 64K-element blocks; a leaf of more than 16 of them takes blocks twice as large, up
+  # to 256K.
   fp8 = eco.fp8_e4m3()
+  assert st._rows_per_block((1024, 1024), fp8, whole=False) == 64
+  assert st._rows_per_block((16384, 1024), fp8, whole=False) == 256
   assert st._rows_per_block((2048, 1024), fp8, whole=False) == 128
   assert st._rows_per_block((2049, 1024), fp8, whole=False) == 256
 
@@ -113,50 +116,72 @@ def test_blockwise_runs_a_single_block_behind_the_conditional_it_is_given():
   assert bool(flag)
 
 
+MLP_SIZES = (512, 1024, 1024, 1024, 512)     # the MLP of python -m benchmarks.memory
+
+
+def _mlp(fmt):
+  """``(quantized kernels, loss(q, x), x, number of weights)`` of the benchmark MLP."""
+  keys = jax.random.split(jax.random.key(0), len(MLP_SIZES) - 1)
+  params = {f"l{i}": jax.random.normal(k, (a, b)) / a ** 0.5
+            for i, (k, a, b) in enumerate(zip(keys, MLP_SIZES[:-1], MLP_SIZES[1:]))}
+
+  def loss(p, x):
+    for i in range(len(MLP_SIZES) - 1):
+      x = jax.nn.relu(x @ p[f"l{i}"])
+    return jnp.mean(x ** 2)
+
+  n = sum(x.size for x in params.values())
+  return eco.quantize_params(params, fmt), loss, jnp.ones((32, MLP_SIZES[0])), n
+
+
+def _optimizer_step_temporaries(tx, q, grads) -> int:
+  def step(grads, q, state):
+    updates, state = tx.update(grads, state, q)
+    return eco.apply_updates(q, updates), state
+
+  compiled = jax.jit(step, donate_argnums=(1, 2)).lower(grads, q, tx.init(q)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.int4()], ids=["fp8", "int4"])
 def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
   # XLA:CPU copies the codes for each leaf's loop; made behind a conditional on the
   # gradient and on the previous leaf's step, they do not all stay alive through the
   # backward pass, nor through the other leaves' steps.
-  sizes = (512, 1024, 1024, 1024, 512)                # the MLP of python -m benchmarks.memory
-  keys = jax.random.split(jax.random.key(0), len(sizes) - 1)
-  params = {f"l{i}": jax.random.normal(k, (a, b)) / a ** 0.5
-            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
-
-  def loss(p, x):
-    for i in range(len(sizes) - 1):
-      x = jax.nn.relu(x @ p[f"l{i}"])
-    return jnp.mean(x ** 2)
-
-  q = eco.quantize_params(params, fmt)
+  q, loss, x, n = _mlp(fmt)
   tx = eco.adamw(1e-3)
-  state = tx.init(q)
-  x = jnp.ones((32, sizes[0]))
   grads = jax.eval_shape(eco.grad(loss), q, x)
 
   def temporaries():
     def train_step(q, state, x):
-      return step(eco.grad(loss)(q, x), q, state)
-
-    def step(grads, q, state):
-      updates, state = tx.update(grads, state, q)
+      updates, state = tx.update(eco.grad(loss)(q, x), state, q)
       return eco.apply_updates(q, updates), state
 
-    whole = jax.jit(train_step, donate_argnums=(0, 1)).lower(q, state, x).compile()
-    alone = jax.jit(step, donate_argnums=(1, 2)).lower(grads, q, state).compile()
-    return (whole.memory_analysis().temp_size_in_bytes,
-            alone.memory_analysis().temp_size_in_bytes)
+    whole = jax.jit(train_step, donate_argnums=(0, 1)).lower(q, tx.init(q), x).compile()
+    return whole.memory_analysis().temp_size_in_bytes, _optimizer_step_temporaries(tx, q, grads)
 
   due = temporaries()
   monkeypatch.setattr(st, "_bits_when_due",
                       lambda q, narrow, grad, previous_flags: st._to_bits(q.fmt)(q, narrow))
   upfront = temporaries()
-  n = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-  largest = max(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+  largest = max(a * b for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
   assert due[0] < upfront[0] - n // 8, (due[0] / n, upfront[0] / n)
   # The optimizer step alone: one leaf's copy at a time, not all four.
   assert due[1] <= upfront[1] - (n - largest) // 2, (due[1] / n, upfront[1] / n)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+                                    dict(mode="master_weights")],
+                         ids=["fp32-moments", "bf16-moments", "master-weights"])
+def test_the_optimizer_step_keeps_under_a_byte_per_weight_of_temporaries(kwargs):
+  # The block buffers of 1M-element leaves (blocks of 64K elements) and one leaf's code
+  # copy; the scale policy's code absmax reads the codes without a copy of their
+  # magnitudes. No FP32 array the size of a leaf, let alone of all the weights.
+  q, loss, x, n = _mlp(eco.fp8_e4m3())
+  grads = jax.eval_shape(eco.grad(loss), q, x)
+  temporaries = _optimizer_step_temporaries(eco.adamw(1e-3, **kwargs), q, grads)
+  assert temporaries <= 0.8 * n, temporaries / n
 
 
 def test_eager_quantize_and_dequantize_compile_one_program_each(caplog):
