@@ -79,7 +79,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -628,22 +628,8 @@ def _magnitude_to_float32(m: jax.Array, fmt: QuantFormat) -> jax.Array:
 
 def _code_absmax(values: jax.Array, fmt: QuantFormat) -> jax.Array:
   """``max|c|`` per scale group, in FP32, without converting every code: the
-  integer magnitudes are reduced, then only the maxima decoded.
-
-  A variadic reduction (max and min, both used): XLA:CPU hands a plain max to a
-  library kernel that needs its input materialised, a copy of the magnitudes of 1
-  byte per parameter (benchmarks/memory.py's MLP, FP8: optimizer-step temporaries
-  1.00 -> 0.75 B/param); a variadic one it fuses with the magnitudes. (A max whose
-  combiner takes the magnitudes fuses too, but XLA cannot reduce it across devices.)
-  """
-  magnitude = _code_magnitudes(values, fmt)[0]
-  zero = np.zeros((), magnitude.dtype)
-  top = np.array(ml_dtypes.iinfo(magnitude.dtype).max, magnitude.dtype)
-  largest, smallest = _reduce_groups(
-      (magnitude, magnitude), (zero, top),
-      lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])), fmt)
-  # max(largest, smallest) is largest: both outputs used, the reduction stays variadic.
-  return _magnitude_to_float32(jnp.maximum(largest, smallest), fmt)
+  integer magnitudes are reduced, then only the maxima decoded."""
+  return _magnitude_to_float32(_group_absmax(_code_magnitudes(values, fmt)[0], fmt), fmt)
 
 
 def _group_size(shape: tuple[int, ...], fmt: QuantFormat) -> int:
@@ -666,25 +652,21 @@ def _code_absmax_and_saturated_count(values: jax.Array,
   every leaf at once); a variadic one it fuses with the elementwise code above it.
   """
   magnitude, at_max = _code_magnitudes(values, fmt)
-  top, count = _reduce_groups(
-      (magnitude, at_max.astype(jnp.int32)), (np.zeros((), magnitude.dtype), np.int32(0)),
-      lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]), fmt)
-  return _magnitude_to_float32(top, fmt), count
-
-
-def _reduce_groups(operands: tuple, inits: tuple, combine: Callable,
-                   fmt: QuantFormat) -> tuple:
-  """``jax.lax.reduce`` of ``operands`` (shaped alike) over each scale group, each
-  result shaped like the scale."""
-  ndim = operands[0].ndim
+  operands = (magnitude, at_max.astype(jnp.int32))
+  inits = (np.zeros((), magnitude.dtype), np.int32(0))
+  combine = lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1])
   if fmt.scaling == "tensor":
-    return jax.lax.reduce(operands, inits, combine, tuple(range(ndim)))
-  axis = _normalize_axis(fmt.axis, ndim, fmt.name)
-  if fmt.scaling == "channel":
-    others = tuple(i for i in range(ndim) if i != axis)
-    return tuple(jnp.expand_dims(x, others)
-                 for x in jax.lax.reduce(operands, inits, combine, others))
-  return jax.lax.reduce(tuple(_blocked(x, fmt) for x in operands), inits, combine, (axis + 1,))
+    top, count = jax.lax.reduce(operands, inits, combine, tuple(range(values.ndim)))
+  else:
+    axis = _normalize_axis(fmt.axis, values.ndim, fmt.name)
+    if fmt.scaling == "channel":
+      others = tuple(i for i in range(values.ndim) if i != axis)
+      top, count = (jnp.expand_dims(x, others)
+                    for x in jax.lax.reduce(operands, inits, combine, others))
+    else:
+      top, count = jax.lax.reduce(tuple(_blocked(x, fmt) for x in operands), inits, combine,
+                                  (axis + 1,))
+  return _magnitude_to_float32(top, fmt), count
 
 
 def saturation(q: QuantizedArray) -> jax.Array:

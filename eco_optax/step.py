@@ -57,7 +57,7 @@ from eco_optax import tree as qtree
 # iterations, each with its fixed cost (FP8 ECO-RTN, 2.5M- and 12.5M-element leaves:
 # 6-9% faster steps), while the block buffers (about 20 bytes per element of a
 # block) stay small beside the leaf (benchmarks/memory.py's MLP, 1M-element leaves:
-# optimizer-step temporaries 1.17 -> 0.75 B/param with blocks of 64K rather than 128K;
+# optimizer-step temporaries 1.17 -> 1.00 B/param with blocks of 64K rather than 128K;
 # the step as fast).
 BLOCK_ELEMENTS = 1 << 16
 # Leaves of more blocks than this carry their 16-bit floats as bits (_bits_when_due).
@@ -252,15 +252,18 @@ def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
   its scheduler computes these copies for every leaf at the start of the step, where
   they all stay alive (through the backward pass, in a train step) until the last
   leaf's codes are applied. Behind a conditional on the gradient and on the previous
-  leaf's flags (its other branch, never taken, returns zeros and the stored scales),
+  leaf's flags (its other branch, never taken, returns zeros),
   each copy is made when its leaf's step is about to run, and the scheduler applies
   each leaf's new codes before the next leaf's step starts: one leaf's copy is alive
   at a time (MLP of benchmarks/memory.py, FP32
   moments: optimizer-step temporaries 1.84 -> 1.17 bytes per parameter). The scale
-  policy's absmax of the codes runs there too: XLA:CPU reduces a copy of the code
-  magnitudes (1 byte per parameter), which it would otherwise make for every leaf at
-  once at the start of the step. Elsewhere the bitcast is free and a conditional
-  would only add a synchronisation.
+  policy's absmax of the codes runs behind a conditional of its own, before the
+  copies: XLA:CPU reduces a copy of the code magnitudes (1 byte per parameter; its
+  library max kernel reads a materialised input, and a fused reduction was 25 times
+  slower), which it would otherwise make for every leaf at once at the start of the
+  step, and which is freed before the leaf's code copy is made (the MLP: 1.00 -> 0.75
+  bytes per parameter). Elsewhere the bitcast is free and a conditional would only
+  add a synchronisation.
 
   ``narrow``: the leaf's 16-bit float carries (bfloat16 moments, ``eco_exact``'s kept
   error) when it is stepped in more than ``_BLOCKS_BEFORE_BITS`` blocks. XLA:CPU
@@ -272,30 +275,43 @@ def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
   element each (taking the 1M-element leaves of benchmarks/memory.py's MLP this way
   too raised its optimizer-step temporaries from 1.09 to 2.09 bytes per parameter).
   """
-  to_bits = _to_bits(q.fmt)
   if jax.default_backend() != "cpu" or _sharded_type(grad):
-    return to_bits(q, narrow)
-  first = grad[(0,) * grad.ndim]           # no reshape: a sharded gradient stays as it is
-  due = (first == first) | (first != first)    # always true, NaN too; XLA does not fold it
+    return bits_and_scales(q, narrow)
+  due = _always(grad)
   if previous_flags is not None:           # always true; XLA folds away an integer x == x
     due = due & (previous_flags < 0x80)
-  return jax.lax.cond(due, to_bits, _untaken_bits(q.fmt), q, narrow)
+  scales = jax.lax.cond(due, qz._next_scales, _stored_scales, q)
+  due = due & _always(scales[0])
+  return jax.lax.cond(due, _to_bits(q.fmt), _untaken_bits(q.fmt), q, narrow) + (scales,)
+
+
+def bits_and_scales(q: qz.QuantizedArray, narrow: list) -> tuple:
+  """:func:`_bits_when_due`'s result, computed where it stands (no conditional)."""
+  return _to_bits(q.fmt)(q, narrow) + (qz._next_scales(q),)
+
+
+def _always(x: jax.Array) -> jax.Array:
+  """A predicate on ``x`` that always holds (NaN too) and that XLA does not fold away."""
+  first = x[(0,) * x.ndim]                 # no reshape: a sharded array stays as it is
+  return (first == first) | (first != first)
+
+
+def _stored_scales(q: qz.QuantizedArray) -> tuple:
+  """The branch of :func:`_bits_when_due` that never runs: the stored scales, passed through."""
+  return q.scale, q.tensor_scale
 
 
 @functools.cache   # one function per format: an eager step does not compile the branch again
 def _to_bits(fmt: qz.QuantFormat) -> Callable[[qz.QuantizedArray, list], tuple]:
-  return lambda q, narrow: (
-      qz.values_to_bits(q.values, fmt).astype(qtree.new_codes_dtype(fmt)),
-      [_float_bits(x) for x in narrow], qz._next_scales(q))
+  return lambda q, narrow: (qz.values_to_bits(q.values, fmt).astype(qtree.new_codes_dtype(fmt)),
+                            [_float_bits(x) for x in narrow])
 
 
 @functools.cache
 def _untaken_bits(fmt: qz.QuantFormat) -> Callable[[qz.QuantizedArray, list], tuple]:
-  """The branch of :func:`_bits_when_due` that never runs: zero bits and the stored scales
-  (passed through: nothing to compute)."""
-  return lambda q, narrow: (
-      jnp.zeros(q.shape, qtree.new_codes_dtype(fmt)),
-      [jnp.zeros(x.shape, jnp.uint16) for x in narrow], (q.scale, q.tensor_scale))
+  """The branch of :func:`_bits_when_due` that never runs: zero bits."""
+  return lambda q, narrow: (jnp.zeros(q.shape, qtree.new_codes_dtype(fmt)),
+                            [jnp.zeros(x.shape, jnp.uint16) for x in narrow])
 
 
 def _float_bits(x: jax.Array) -> jax.Array:

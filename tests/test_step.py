@@ -163,7 +163,7 @@ def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
 
   due = temporaries()
   monkeypatch.setattr(st, "_bits_when_due",
-                      lambda q, narrow, grad, previous_flags: st._to_bits(q.fmt)(q, narrow))
+                      lambda q, narrow, grad, previous_flags: st.bits_and_scales(q, narrow))
   upfront = temporaries()
   largest = max(a * b for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
   assert due[0] < upfront[0] - n // 8, (due[0] / n, upfront[0] / n)
