@@ -38,7 +38,7 @@ from benchmarks import model as bmodel
 from benchmarks import plotting
 from benchmarks import step as bstep
 
-VARIANTS = bench.PAPER_VARIANTS
+VARIANTS = bench.CORE_VARIANTS
 FORMATS = ("fp8", "int4")
 
 

@@ -24,7 +24,7 @@ import time
 from benchmarks import __main__ as bench
 from benchmarks import plotting
 
-VARIANTS = bench.PAPER_VARIANTS
+VARIANTS = bench.CORE_VARIANTS
 FORMATS = ("fp8", "int4")
 
 

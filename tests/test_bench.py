@@ -79,11 +79,11 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
     assert qbytes[f"{f}-eco-exact-rtn-bf16-nu-moments"] == pytest.approx(whole + 2 * scales,
                                                                         abs=1e-3)
   assert {c["verdict"] for c in report["checks"]} <= {"PASS", "MISS"}
-  assert len(report["checks"]) == 17
+  assert len(report["checks"]) == 19
   assert (tmp_path / "curves.png").stat().st_size > 10_000
   out = capsys.readouterr().out
   assert all(name in out for name in names)
-  assert out.count("PASS") + out.count("MISS") >= 17
+  assert out.count("PASS") + out.count("MISS") >= 19
 
 
 @pytest.mark.slow
@@ -104,7 +104,7 @@ def test_fp4_rows_run(tmp_path):
 def test_paper_checks_report_misses_and_skips():
   def row(loss, delta):
     return {"final_val_loss": loss, "delta_vs_mw_pct": delta}
-  results = {"fp8-mw": row(2.0, 0.0), "fp8-eco-sr": row(2.01, 0.5),
+  results = {"fp8-mw": row(2.0, 0.0), "fp8-mw-sr": row(2.008, 0.4), "fp8-eco-sr": row(2.01, 0.5),
              "fp8-eco-rtn": row(2.01, 0.5), "fp8-naive-rtn": row(2.1, 5.0)}
   verdicts = {claim: v for v, claim, _ in bench.paper_checks(results)}
   assert verdicts == {
@@ -115,6 +115,8 @@ def test_paper_checks_report_misses_and_skips():
       "int4-eco-exact-rtn-bf16-nu-moments within +1.0% of int4-mw": "SKIP",
       "int4-eco-exact-rtn-bf16-nu-moments at <= 8.51 B/param (quantized leaves)": "SKIP",
       "int4-eco-sr within +2.0% of int4-mw": "SKIP",
+      "fp8-eco-sr within +0.2% of fp8-mw-sr": "PASS",
+      "int4-eco-sr within +1.0% of int4-mw-sr": "SKIP",
       "fp8-naive-rtn visibly worse than fp8-mw (> +1%)": "PASS",
       "fp8-eco-rtn never worse than fp8-naive-rtn": "PASS",
       "fp8-eco-exact-rtn-bf16-nu-moments never worse than fp8-naive-rtn": "SKIP",
@@ -266,7 +268,7 @@ def test_long_run_reports_the_gap_to_master_weights_over_training(tmp_path):
 @pytest.mark.slow
 def test_full_runs_the_paper_set_then_each_study(tmp_path, monkeypatch):
   assert bench.parse_args([]).methods == "headline"
-  assert bench.GROUPS["headline"] == ["fp32", "fp8-mw", "fp8-naive-rtn", "fp8-naive-sr",
+  assert bench.GROUPS["headline"] == ["fp32", "fp8-mw", "fp8-mw-sr", "fp8-naive-rtn", "fp8-naive-sr",
                                       "fp8-eco-rtn", "fp8-eco-sr",
                                       "fp8-eco-exact-rtn-bf16-nu-moments"]
   calls = []
