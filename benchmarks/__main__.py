@@ -26,8 +26,8 @@ same executable whose time is reported. (Splitting the step this way compiles
 the model's backward pass once instead of once per method.)
 
 The default rows (``--methods headline``) are ``fp32`` and the paper's set in FP8
-(master weights with RTN / SR, naive RTN / SR, ECO-RTN / SR) with the exact rule in the memory-free
-rule's bytes (``<fmt>-eco-exact-rtn-bf16-nu-moments``: AdamW's second moment in bfloat16
+(master weights with RTN / SR, naive RTN / SR, ECO-RTN / SR) with the exact rule in the
+memory-free rule's bytes (``<fmt>-eco-exact-rtn-bf16-nu-moments``: AdamW's second moment in bfloat16
 and the kept error in the two bytes it frees). ``<fmt>`` is ``fp8`` (E4M3, row-wise
 scales) or ``int4`` (tensor-wise) for ``--methods paper`` (the same rows in both formats),
 and ``mxfp4`` / ``nvfp4`` (:func:`eco_optax.fp4_e2m1`) for ``--methods fp4``. ``--methods moments`` adds

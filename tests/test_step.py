@@ -176,8 +176,9 @@ def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
                          ids=["fp32-moments", "bf16-moments", "master-weights"])
 def test_the_optimizer_step_keeps_under_a_byte_per_weight_of_temporaries(kwargs):
   # The block buffers of 1M-element leaves (blocks of 64K elements) and one leaf's code
-  # copy; the scale policy's code absmax reads the codes without a copy of their
-  # magnitudes. No FP32 array the size of a leaf, let alone of all the weights.
+  # copy; the copy of the code magnitudes that the scale policy's absmax reads is freed
+  # before the code copy is made. No FP32 array the size of a leaf, let alone of all
+  # the weights.
   q, loss, x, n = _mlp(eco.fp8_e4m3())
   grads = jax.eval_shape(eco.grad(loss), q, x)
   temporaries = _optimizer_step_temporaries(eco.adamw(1e-3, **kwargs), q, grads)
