@@ -74,8 +74,9 @@ class LeafRule(NamedTuple):
     precondition_before: ``(old_state, error) -> P_{t-1}(error)``, the previous
       step's ``P`` from the state that step returned, in which the debt the
       momentum carries was written (Adam's moves with ``v`` and the bias
-      correction). ``None`` where the state does not determine it (Lion and
-      Muon read the previous gradient): the current ``P`` stands in.
+      correction). ``None`` where the state does not determine it (Lion's and
+      Muon's matrix ``P`` read the gradient): such a leaf refuses
+      ``mode="eco_exact"``.
   """
   transform: optax.GradientTransformation
   beta: float

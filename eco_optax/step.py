@@ -518,8 +518,18 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
   schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def leaf_rules(params):
-    leaves, treedef = jax.tree.flatten(params, is_leaf=qtree.is_quantized)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=qtree.is_quantized)
+    leaves = [p for _, p in with_paths]
     out = [rule.for_leaf(jax.ShapeDtypeStruct(jnp.shape(p), jnp.float32)) for p in leaves]
+    if mode.extra == "error":
+      for (path, p), (lr, _) in zip(with_paths, out):
+        if qtree.is_lossy(p) and lr.precondition_before is None:
+          raise ValueError(
+              f"{qtree.path_str(path)}: mode='eco_exact' pays the kept error back in the "
+              "preconditioner the previous step applied, and this optimizer's state does not "
+              "determine it for this leaf (Lion's step and Muon's matrix step read the "
+              "gradient). Use mode='eco' (the paper's memory-free rule) or "
+              "mode='master_weights'.")
     if check_beta:
       # A traced beta (optax.inject_hyperparams) has no value to check at trace time.
       betas = {float(lr.beta) for lr, _ in out if not isinstance(lr.beta, jax.core.Tracer)}
@@ -551,6 +561,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
   def update(grads, state, params=None):
     if params is None:
       raise ValueError("eco_optax optimizers need params: tx.update(grads, state, params)")
+    _check_state(state, rule.moments, mode)
     qtree.check_updates_match(params, grads, "grads")
     qtree.check_formats_match(params, state.formats)
     leaves, treedef, lrules = leaf_rules(params)
@@ -620,6 +631,24 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
         eta if mode.extra == "error" else None)
 
   return optax.GradientTransformation(init, update)
+
+
+def _check_state(state: Any, moments: type, mode: Mode) -> None:
+  """Refuses a state that an ``init`` of this optimizer (rule and mode) did not return."""
+  kept = {"master": "a master copy", "error": "the previous error"}
+  if isinstance(state, ErrorFeedbackState):
+    has = {"master": state.master is not None, "error": state.previous_error is not None}
+    if isinstance(state.moments, moments) and all(has[k] == (mode.extra == k) for k in kept):
+      return
+    got = f"an ErrorFeedbackState of {type(state.moments).__name__}" + "".join(
+        f" with {kept[k]}" for k in kept if has[k])
+  else:
+    got = f"a {type(state).__name__}"
+  raise TypeError(
+      f"state: expected this optimizer's init(params): an ErrorFeedbackState of "
+      f"{moments.__name__}{''.join(f' with {kept[k]}' for k in kept if mode.extra == k)}, "
+      f"got {got}. Pass each transformation the state its own init returned (optax.chain "
+      "hands each of its transformations its part).")
 
 
 def _zero_moment(fmt, shape):

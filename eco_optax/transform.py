@@ -77,18 +77,14 @@ def _inject(rule: rules.LeafRule, state, delta: jax.Array):
   return rule.pack(state.count, moments)
 
 
-def _debt_written_before(rule: rules.LeafRule, eta: jax.Array, decay, b: Block, state,
-                        error: jax.Array) -> jax.Array:
+def _debt_written_before(rule: rules.LeafRule, decay, b: Block, error: jax.Array) -> jax.Array:
   """``c_{t-1} P_{t-1}(error)``: a debt in the units of the previous step (0 at the first).
 
   The momentum ``m_t`` carries ``-c_{t-1} P_{t-1}(e_t)`` (times ``beta`` after its
   decay): ``c_{t-1} = (1 - eta_{t-1} lambda) / eta_{t-1}`` and ``P_{t-1}`` as the
-  previous step applied them (:attr:`rules.LeafRule.precondition_before`). Where
-  the state does not determine ``P_{t-1}`` (Lion's and Muon's read the previous
-  gradient) this is ``c_t P_t(error)``, the current step's units.
+  previous step applied them (:attr:`rules.LeafRule.precondition_before`; a rule
+  without it refuses this mode).
   """
-  if rule.precondition_before is None:
-    return payback(eta, decay) * rule.precondition(b.state, state, b.grad, error)
   p_error = rule.precondition_before(b.state, error)
   return jnp.where(b.eta_before > 0, payback(b.eta_before, decay) * p_error, 0.0)
 
@@ -134,7 +130,7 @@ def eco_exact_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
     ``(codes of w', optax state with the new momentum, e_{t+1} as kept)``.
   """
   direction, state = rule.transform.update(b.grad, b.state)
-  debt = _debt_written_before(rule, eta, decay, b, state, b.extra)
+  debt = _debt_written_before(rule, decay, b, b.extra)
   target = (b.stored - eta * (direction + decay * b.stored)
             + _unpaid(rule, eta, decay, b, state, debt))
   codes, new_w = b.quantize(target)
@@ -150,12 +146,8 @@ def _unpaid(rule: rules.LeafRule, eta: jax.Array, decay, b: Block, state, debt: 
 
   The debt ``c_{t-1} P_{t-1}(e_t)`` moves the target by ``eta_t P_t^{-1}`` of it, which
   is ``(1 - eta_t lambda) e_t`` only when the units did not change (a constant learning
-  rate, SGDM); the target adds the rest, so that it is the master-weight iterate. Zero
-  where ``P`` is not elementwise (the rule's own first-order model,
-  :attr:`rules.LeafRule.precondition_before` ``None``).
+  rate, SGDM); the target adds the rest, so that it is the master-weight iterate.
   """
-  if rule.precondition_before is None:
-    return 0.0
   moved = eta * debt / rule.precondition(b.state, state, b.grad, jnp.ones_like(debt))
   return jnp.where(jnp.isfinite(moved), (1 - eta * decay) * b.extra - moved, 0.0)
 

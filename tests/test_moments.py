@@ -345,8 +345,9 @@ def test_fp32_moments_are_bit_identical_to_the_default(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-@pytest.mark.parametrize("mode", transform.MODES)
+@pytest.mark.parametrize("name,mode", [   # Lion and Muon's matrices refuse the exact rule
+    (n, m) for m in transform.MODES for n in OPTIMIZERS
+    if not (m == "eco_exact" and n in ("lion", "muon"))])
 def test_every_optimizer_and_mode_with_low_precision_moments(name, mode):
   # Both codecs on every optimizer: 8-bit mu with bf16 nu, or the other way round.
   mu, nu = (EIGHT_BIT, jnp.bfloat16) if transform.MODES.index(mode) % 2 else (jnp.bfloat16, EIGHT_BIT)

@@ -152,6 +152,22 @@ def test_muon_checks_the_adam_momentum_too():
   eco.muon(0.02, adam_b1=0.0, mode="naive").init(q)
 
 
+@pytest.mark.parametrize("make", [lambda **kw: eco.lion(1e-3, **kw),
+                                  lambda **kw: eco.muon(0.02, **kw)], ids=["lion", "muon"])
+def test_the_exact_rule_is_refused_where_the_state_lacks_the_previous_preconditioner(make):
+  params = {"layer": {"w": jnp.ones((8, 16))}, "b": jnp.zeros(16)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  tx = make(mode="eco_exact")
+  refused = r"\['layer'\]\['w'\]: mode='eco_exact' pays the kept error back .* Use mode='eco'"
+  with pytest.raises(ValueError, match=refused):
+    tx.init(q)
+  with pytest.raises(ValueError, match=refused):
+    tx.update(grads, make(mode="eco").init(q), q)
+  lossless = eco.quantize_params(params, eco.lossless())   # no error is kept: optax's step
+  tx.update(grads, tx.init(lossless), lossless)
+
+
 def test_lion_eco_rtn_recovers_overshoot_that_naive_rtn_loses():
   """Lion steps of about one grid step: here 0.297 (ECO) vs 0.330 (naive) after 300 steps."""
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)

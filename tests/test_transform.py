@@ -162,6 +162,21 @@ def test_update_needs_params():
     tx.update({"w": jnp.ones((4, 4))}, tx.init(q))
 
 
+def test_update_refuses_a_state_that_another_optimizer_made():
+  params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  g = jax.tree.map(jnp.ones_like, params)
+  expected = r"state: expected this optimizer's init\(params\): an ErrorFeedbackState of "
+  for tx, state, got in [
+      (eco.adamw(1e-2), eco.sgdm(0.1).init(q), "AdamMoments, got an ErrorFeedbackState of SGDMMoments"),
+      (eco.adamw(1e-2), optax.adamw(1e-2).init(params), "AdamMoments, got a tuple"),
+      (eco.adamw(1e-2, mode="master_weights"), eco.adamw(1e-2, mode="eco_exact").init(q),
+       "AdamMoments with a master copy, got an ErrorFeedbackState of AdamMoments with the "
+       "previous error")]:
+    with pytest.raises(TypeError, match=expected + got + r"\. Pass each transformation"):
+      tx.update(g, state, q)
+
+
 def test_grads_with_wrong_tree_or_shape_are_clear_errors():
   q = eco.quantize_params({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, eco.int8())
   tx = eco.adamw(1e-3)
