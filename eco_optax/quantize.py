@@ -903,6 +903,9 @@ def quantize(x: jax.Array, fmt: QuantFormat, rounding: Rounding = "nearest",
              key: jax.Array | None = None) -> QuantizedArray:
   """Stores ``x`` in ``fmt`` with the initial absmax scale ``h * max|x| / rho``.
 
+  An ``x`` with a NaN or infinity is stored poisoned (:func:`poison`): it reads back
+  NaN everywhere, so the fault shows.
+
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
     >>> q = eco.quantize_array(jnp.array([[1024.0, -0.5, 3.0]]), eco.fp8_e4m3("tensor"))
@@ -912,7 +915,20 @@ def quantize(x: jax.Array, fmt: QuantFormat, rounding: Rounding = "nearest",
     [[1024.0, -0.5, 3.0]]
   """
   fmt.check_shape(tuple(jnp.shape(x)))
-  return _store(x, *_initial_scales(jnp.asarray(x), fmt), fmt, rounding, key)[0]
+  stored = _store(x, *_initial_scales(jnp.asarray(x), fmt), fmt, rounding, key)[0]
+  return stored if fmt.lossless else poison(stored, ~jnp.all(jnp.isfinite(x)))
+
+
+def poison(q: QuantizedArray, poisoned: jax.Array) -> QuantizedArray:
+  """``q`` with a NaN scale where ``poisoned`` (a boolean scalar): every value reads NaN.
+
+  A non-finite input shows in every weight of the leaf instead of being stored as
+  codes (which have no NaN in most formats); NVFP4's tensor scale carries it.
+  """
+  if q.fmt.has_tensor_scale:
+    return dataclasses.replace(q, tensor_scale=jnp.where(poisoned, jnp.nan, q.tensor_scale))
+  scale = jnp.where(poisoned, jnp.nan, q.scale.astype(jnp.float32)).astype(q.scale.dtype)
+  return dataclasses.replace(q, scale=scale)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",), inline=True)

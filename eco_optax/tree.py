@@ -306,12 +306,8 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedAr
   if p.fmt.scale_policy == "fixed" and p.fmt.scaling != "none":
     new = dataclasses.replace(p, values=qz.bits_to_values(u.bits, p.fmt))
     _warn_if_saturated(path, p.fmt, jnp.where(applied, qz.saturation(new), 0.0))
-  poisoned = (u.flags & POISON) != 0
-  if p.fmt.has_tensor_scale:
-    tensor_scale = jnp.where(poisoned, jnp.nan, tensor_scale)
-  else:
-    scale = jnp.where(poisoned, jnp.nan, scale.astype(jnp.float32)).astype(p.scale.dtype)
-  return dataclasses.replace(p, values=values, scale=scale, tensor_scale=tensor_scale)
+  return qz.poison(dataclasses.replace(p, values=values, scale=scale, tensor_scale=tensor_scale),
+                   (u.flags & POISON) != 0)
 
 
 def apply_updates(params: Any, updates: Any) -> Any:

@@ -87,6 +87,18 @@ def test_values_beyond_the_range_saturate_and_never_become_nan(name, fmt_fn, hug
   assert out[0, 4] == 1.0 and out[0, 5] == 0.0
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_value_poisons_the_stored_leaf(fmt, bad):
+  """It reads back NaN everywhere (most formats have no NaN code), eagerly and under
+  jit, where quantize_params cannot raise; finite neighbours stay finite elsewhere."""
+  x = jnp.ones((32, 64)).at[5, 7].set(bad)
+  for f in (fmt, eco.bf16()):
+    assert np.all(np.isnan(np.asarray(eco.quantize_array(x, f).dequantize()))), f.name
+    q = jax.jit(lambda p, f=f: eco.quantize_params(p, f))({"w": x})
+    assert np.all(np.isnan(np.asarray(eco.dequantize_params(q)["w"]))), f.name
+    assert np.all(np.isfinite(np.asarray(eco.quantize_array(x.at[5, 7].set(2.0), f).dequantize())))
+
+
 def test_e4m3_cast_alone_would_overflow_to_nan():
   """Why saturation matters: the raw cast of 500 to e4m3fn is NaN."""
   assert np.isnan(np.asarray(jnp.asarray(500.0).astype(jnp.float8_e4m3fn), np.float32))
