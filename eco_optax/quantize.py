@@ -316,7 +316,13 @@ def int4(scaling: Scaling = "tensor", *, block_size: int = 32,
   stays within +-5 (below ``7 / 1.25``). On a grid this coarse a few weights clipped at the top cost
   less than a coarser grid for all (the MSE-optimal 4-bit clip of a Gaussian
   leaves about 1% of it saturated), while weights that all have to grow (a small
-  initialisation, a fine-tune that moves far) still can.
+  initialisation, a fine-tune that moves far) still can. The absmax
+  initialisation fills the top code with the tail of the initial distribution:
+  uniform and truncated-normal initialisations (Flax's default) put more than
+  1/64 of the codes at +-7, so the first step grows such a leaf's scale and
+  re-rounds it, whatever the gradient. Starting without codes at +-7
+  (``headroom=7/6.5``) avoids it, and cost master weights more than it gained ECO
+  on the benchmark LM (``docs/benchmarks.md``, "Scale policies").
 
   Example:
     >>> import eco_optax as eco
