@@ -90,7 +90,7 @@ def test_values_beyond_the_range_saturate_and_never_become_nan(name, fmt_fn, hug
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_a_non_finite_value_poisons_the_stored_leaf(fmt, bad):
   """It reads back NaN everywhere (most formats have no NaN code), eagerly and under
-  jit, where quantize_params cannot raise; finite neighbours stay finite elsewhere."""
+  jit, where quantize_params cannot raise; the same array made finite reads back finite."""
   x = jnp.ones((32, 64)).at[5, 7].set(bad)
   for f in (fmt, eco.bf16()):
     assert np.all(np.isnan(np.asarray(eco.quantize_array(x, f).dequantize()))), f.name
