@@ -272,6 +272,20 @@ def _warn_if_saturated(path: str, fmt: qz.QuantFormat, fraction: jax.Array) -> N
                lambda: jax.debug.callback(warn, fraction), lambda: None)
 
 
+def _warn_if_altered(path: str, altered: jax.Array) -> None:
+  """Warns (from the running step) when an update's flags are none an optimizer writes."""
+
+  def warn(altered):
+    warnings.warn(
+        f"{path}: this update's flags are not ones an eco_optax optimizer writes: a "
+        "transformation after the optimizer changed its new codes (an integer optax.scale, "
+        "scale_by_learning_rate, ...). The leaf is poisoned (NaN) rather than stored "
+        "altered. Place gradient transformations before the eco_optax optimizer and change "
+        "its learning_rate to scale its steps.", RuntimeWarning, stacklevel=2)
+
+  jax.lax.cond(altered, lambda: jax.debug.callback(warn, altered), lambda: None)
+
+
 def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedArray:
   dtype = new_codes_dtype(p.fmt)
   if not (is_new_codes(u) and jnp.result_type(u.bits) == dtype
@@ -306,8 +320,12 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedAr
   if p.fmt.scale_policy == "fixed" and p.fmt.scaling != "none":
     new = dataclasses.replace(p, values=qz.bits_to_values(u.bits, p.fmt))
     _warn_if_saturated(path, p.fmt, jnp.where(applied, qz.saturation(new), 0.0))
+  # An optimizer writes 0 (keep), VALID or VALID | POISON; a transformation that kept the
+  # uint8 dtype but scaled the update (optax.scale(2): 2, scale(-1): 255) leaves others.
+  altered = (u.flags != 0) & (u.flags != VALID) & (u.flags != VALID | POISON)
+  _warn_if_altered(path, altered)
   return qz.poison(dataclasses.replace(p, values=values, scale=scale, tensor_scale=tensor_scale),
-                   (u.flags & POISON) != 0)
+                   ((u.flags & POISON) != 0) | altered)
 
 
 def apply_updates(params: Any, updates: Any) -> Any:

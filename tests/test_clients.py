@@ -56,6 +56,21 @@ def test_a_transformation_after_the_optimizer_is_refused_at_trace_time():
     step(q, state, _grads(_params(), 0))
 
 
+@pytest.mark.parametrize("post", [optax.scale(2), optax.scale(-1), optax.scale_by_learning_rate(1)],
+                         ids=["scale(2)", "scale(-1)", "scale_by_learning_rate(1)"])
+def test_an_integer_scale_after_the_optimizer_poisons_the_leaf_and_says_why(post):
+  """Integer factors keep the codes uint8, so no dtype check sees them: the flags do."""
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = optax.chain(eco.adamw(0.1), post)
+  updates, _ = jax.jit(tx.update)(_grads(_params(), 0), tx.init(q), q)
+  with pytest.warns(RuntimeWarning, match=r"\['w'\]: this update's flags are not ones an "
+                                          r"eco_optax optimizer writes"):
+    new = jax.block_until_ready(jax.jit(eco.apply_updates)(q, updates))
+  assert np.all(np.isnan(np.asarray(new["w"].dequantize())))
+  kept = eco.apply_updates(q, jax.tree.map(jnp.zeros_like, updates))   # flags 0: keep the leaf
+  np.testing.assert_array_equal(np.asarray(kept["w"].dequantize()), np.asarray(q["w"].dequantize()))
+
+
 def test_flax_train_state_drop_in_equals_the_functional_loop():
   q = eco.quantize_params(_params(), eco.fp8_e4m3())
   tx = eco.adamw(0.05, rounding="stochastic")
