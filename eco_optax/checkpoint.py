@@ -53,7 +53,10 @@ def _key_name(key: Any) -> str:
 
 
 def _stored_form(leaf: Any) -> tuple[tuple[int, ...], Any]:
-  """(shape, dtype) as orbax writes ``leaf``: typed PRNG keys as their raw data."""
+  """(shape, dtype) as orbax writes ``leaf``: typed PRNG keys as their raw data; a Python
+  scalar (``TrainState.create``'s ``step``) as shape ``()`` of any dtype (``None``)."""
+  if not hasattr(leaf, "dtype"):
+    return (), None
   if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     leaf = jax.eval_shape(jax.random.key_data, leaf)
   return tuple(leaf.shape), leaf.dtype
@@ -72,7 +75,7 @@ def _check_matches(directory: str, stored_tree: Any, like: Any) -> None:
         f"checkpoint {directory} does not have the structure of `like`: "
         f"missing {missing[:5]}, unexpected {extra[:5]}")
   for name, (shape, dtype) in wanted.items():
-    if stored[name] != (shape, dtype):
+    if stored[name] != (shape, dtype if dtype is not None else stored[name][1]):
       raise ValueError(
           f"checkpoint {directory}: {name} is stored with shape {stored[name][0]} "
           f"and dtype {stored[name][1]}, but `like` expects shape {shape} and "

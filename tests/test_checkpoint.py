@@ -152,3 +152,17 @@ def resume_main(ckpt, steps, out):
 
 if __name__ == "__main__":
   resume_main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+
+
+def test_restore_into_a_fresh_train_state_whose_step_is_a_python_int(tmp_path):
+  """TrainState.create's step is a Python 0; the saved one, a jitted step's int32 array."""
+  params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+  make = lambda: eco.TrainState.create(apply_fn=None, params=eco.quantize_params(
+      params, eco.fp8_e4m3()), tx=eco.adamw(1e-3))
+  grads = jax.tree.map(jnp.ones_like, params)
+  trained = jax.jit(lambda s: s.apply_gradients(grads=grads))(make())
+  checkpoint.save(tmp_path / "ts", trained)
+  restored = checkpoint.restore(tmp_path / "ts", like=make())
+  assert int(restored.step) == 1
+  np.testing.assert_array_equal(np.asarray(restored.params["w"].dequantize()),
+                                np.asarray(trained.params["w"].dequantize()))
