@@ -10,17 +10,19 @@ The update contract
 -------------------
 The update of a quantized leaf *is* its new stored value, not a difference to add:
 a :class:`eco_optax.tree.NewCodes`, the storage bits of the new codes (``uint8``, 1
-byte per parameter), a ``uint8`` flag and the scale they were stored with (the scale
+byte per parameter), a ``float32`` flag and the scale they were stored with (the scale
 policy's :func:`eco_optax.quantize.next_scale` of the stored weights, in stored form).
 :func:`eco_optax.apply_updates` copies these bits and this scale: nothing is rounded
-twice, and nothing is computed again. An
-update whose flag lacks ``VALID`` (all zeros) keeps the leaf's codes and scale, so
-wrappers that zero updates (:func:`eco_optax.apply_if_finite`,
-:class:`optax.MultiSteps`) skip a step exactly. A transformation placed after the
-optimizer that does arithmetic on updates (``optax.scale``, ``optax.clip``...) turns
-them into floats, and :func:`eco_optax.apply_updates` refuses them at trace time.
-``POISON`` in the flag marks a leaf that received a non-finite value: its scale
-becomes NaN, so the fault shows in the weights and the loss.
+twice, and nothing is computed again. The flag is ``VALID`` (apply), NaN (apply and
+poison: a non-finite value reached the leaf, its scale becomes NaN, so the fault shows
+in the weights and the loss) or ``KEEP``, which the skipping wrappers
+(:func:`eco_optax.apply_if_finite`, :class:`eco_optax.MultiSteps`) write to keep the
+leaf's codes and scale: a skipped step is skipped exactly. A transformation placed
+after the optimizer that does arithmetic on updates (``optax.scale``,
+``optax.clip``...) turns the bits into floats, and :func:`eco_optax.apply_updates`
+refuses them at trace time; one that keeps them ``uint8`` (``optax.scale_by_schedule``
+casts its factor to the update's dtype) multiplies the flag by its factor, and
+:func:`eco_optax.apply_updates` poisons the leaf and warns.
 Updates of plain (and lossless) leaves are FP32 differences, as in optax.
 
 Memory and speed
@@ -278,8 +280,8 @@ def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
   if jax.default_backend() != "cpu" or _sharded_type(grad):
     return bits_and_scales(q, narrow)
   due = _always(grad)
-  if previous_flags is not None:           # always true; XLA folds away an integer x == x
-    due = due & (previous_flags < 0x80)
+  if previous_flags is not None:
+    due = due & _always(previous_flags)
   scales = jax.lax.cond(due, qz._next_scales, _stored_scales, q)
   due = due & _always(scales[0])
   return jax.lax.cond(due, _to_bits(q.fmt), _untaken_bits(q.fmt), q, narrow) + (scales,)
@@ -425,8 +427,8 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   poisoned = poisoned | ~jnp.isfinite(eta)
   bits, *rest = carries
   rest = as_floats(rest)
-  update = qtree.NewCodes(bits, jnp.where(poisoned, qtree.VALID | qtree.POISON,
-                                          qtree.VALID).astype(jnp.uint8), *next_scales)
+  update = qtree.NewCodes(bits, jnp.where(poisoned, jnp.nan, qtree.VALID).astype(jnp.float32),
+                          *next_scales)
   new_moments = dict(zip(fields, rest))
   if mode.extra == "master":
     extra = rest[len(fields)]

@@ -180,8 +180,15 @@ def check_updates_match(params: Any, updates: Any, what: str = "updates") -> Non
                       f"{jnp.result_type(u)}, expected a float array")
 
 
-VALID = 1    # NewCodes.flags: apply the bits
-POISON = 2   # NewCodes.flags: a non-finite gradient or learning rate reached the leaf
+# NewCodes.flags, a float32 scalar: VALID applies the bits, NaN applies them and poisons
+# the leaf (a non-finite gradient or learning rate reached it), KEEP keeps the stored codes
+# and scale (a step skipped by eco_optax.MultiSteps or eco_optax.apply_if_finite). Float,
+# so that a transformation after the optimizer that multiplies the update by any factor
+# but 1 changes them: optax.scale_by_schedule casts its factor to the bits' uint8
+# (0.5 -> 0, 1.5 -> 1) but multiplies the flags by the exact factor. KEEP is neither 0
+# nor a factor a schedule or a scale would give by design, and exact in float32.
+VALID = 1.0
+KEEP = 0.6171875   # 79 / 128
 
 
 class NewCodes(NamedTuple):
@@ -190,10 +197,12 @@ class NewCodes(NamedTuple):
   Attributes:
     bits: the storage bits of the new codes, shaped as the leaf: ``uint8``
       (``uint16`` for 16-bit formats; :func:`new_codes_dtype`), 1 byte per parameter.
-    flags: ``uint8`` scalar. ``VALID`` applies the bits; an update without it (all
-      zeros: :class:`optax.MultiSteps` between accumulation steps,
-      :func:`eco_optax.apply_if_finite` on a rejected step) keeps codes and scale;
-      ``POISON`` marks a leaf that received a non-finite value (its scale becomes NaN).
+    flags: ``float32`` scalar. ``VALID`` applies the bits; NaN applies them and
+      poisons the leaf, which received a non-finite value (its scale becomes NaN);
+      ``KEEP`` keeps codes and scale (:class:`eco_optax.MultiSteps` between
+      accumulation steps, :func:`eco_optax.apply_if_finite` on a rejected step). Any
+      other value (0 included) means a transformation after the optimizer changed the
+      update: :func:`apply_updates` poisons the leaf and warns.
     scale: the scale the codes were stored with, as the leaf stores it (the scale
       policy's :func:`~eco_optax.quantize.next_scale` of the stored weights).
       ``None``: :func:`apply_updates` computes that scale from the stored weights.
@@ -278,8 +287,8 @@ def _warn_if_altered(path: str, altered: jax.Array) -> None:
   def warn(altered):
     warnings.warn(
         f"{path}: this update's flags are not ones an eco_optax optimizer writes: a "
-        "transformation after the optimizer changed its new codes (an integer optax.scale, "
-        "scale_by_learning_rate, ...). The leaf is poisoned (NaN) rather than stored "
+        "transformation after the optimizer changed its new codes (optax.scale_by_schedule, "
+        "an integer optax.scale, ...). The leaf is poisoned (NaN) rather than stored "
         "altered. Place gradient transformations before the eco_optax optimizer and change "
         "its learning_rate to scale its steps.", RuntimeWarning, stacklevel=2)
 
@@ -289,12 +298,12 @@ def _warn_if_altered(path: str, altered: jax.Array) -> None:
 def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedArray:
   dtype = new_codes_dtype(p.fmt)
   if not (is_new_codes(u) and jnp.result_type(u.bits) == dtype
-          and jnp.result_type(u.flags) == np.uint8):
+          and jnp.result_type(u.flags) == np.float32):
     got = (f"NewCodes with {jnp.result_type(u.bits)} bits and {jnp.result_type(u.flags)} "
            "flags" if is_new_codes(u) else f"an array of {jnp.result_type(u)}")
     raise TypeError(
         f"{path}: the update of this {p.fmt.name} leaf is {got}, but eco_optax optimizers "
-        f"return the new codes of quantized leaves (NewCodes with {dtype} bits and uint8 "
+        f"return the new codes of quantized leaves (NewCodes with {dtype} bits and float32 "
         "flags), to be copied, not added. A transformation after the eco_optax optimizer in "
         "optax.chain changed them (optax.scale, optax.clip, ...), or a float update reached a "
         "quantized leaf. Place gradient transformations before the eco_optax optimizer, "
@@ -309,7 +318,8 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedAr
                     f"{list(jnp.shape(u.scale))}, but this {p.fmt.name} leaf stores "
                     f"{p.scale.dtype}{list(p.scale.shape)}" + (
                         " and a tensor scale" if p.tensor_scale is not None else ""))
-  applied = (u.flags & VALID) != 0
+  poisoned = jnp.isnan(u.flags)
+  applied = (u.flags == VALID) | poisoned
   # All or nothing (a conditional, not a select per element: nothing but the new
   # codes is written).
   values = jax.lax.cond(applied, lambda: qz.bits_to_values(u.bits, p.fmt), lambda: p.values)
@@ -320,12 +330,13 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedAr
   if p.fmt.scale_policy == "fixed" and p.fmt.scaling != "none":
     new = dataclasses.replace(p, values=qz.bits_to_values(u.bits, p.fmt))
     _warn_if_saturated(path, p.fmt, jnp.where(applied, qz.saturation(new), 0.0))
-  # An optimizer writes 0 (keep), VALID or VALID | POISON; a transformation that kept the
-  # uint8 dtype but scaled the update (optax.scale(2): 2, scale(-1): 255) leaves others.
-  altered = (u.flags != 0) & (u.flags != VALID) & (u.flags != VALID | POISON)
+  # An optimizer writes VALID or NaN, a skipping wrapper KEEP; a transformation that kept
+  # the uint8 bits but scaled the update (optax.scale_by_schedule, optax.scale(2)) leaves
+  # any other value.
+  altered = ~applied & (u.flags != KEEP)
   _warn_if_altered(path, altered)
   return qz.poison(dataclasses.replace(p, values=values, scale=scale, tensor_scale=tensor_scale),
-                   ((u.flags & POISON) != 0) | altered)
+                   poisoned | altered)
 
 
 def apply_updates(params: Any, updates: Any) -> Any:
@@ -335,11 +346,12 @@ def apply_updates(params: Any, updates: Any) -> Any:
   :func:`optax.apply_updates`. Quantized leaves: the update is a :class:`NewCodes`,
   whose bits and scale (the one the optimizer stored them with,
   :func:`~eco_optax.quantize.next_scale` of the stored weights) are copied, never
-  rounded again. A leaf's update is applied when its flags carry
-  ``VALID``; an all-zero update
-  (a step skipped by :func:`eco_optax.apply_if_finite` or :class:`eco_optax.MultiSteps`)
-  keeps codes and scale; a leaf marked as having received a non-finite gradient or
-  learning rate gets a NaN scale, so the fault shows.
+  rounded again. A leaf's update is applied when its flags are ``VALID``; a step
+  skipped by :func:`eco_optax.apply_if_finite` or :class:`eco_optax.MultiSteps`
+  (flags ``KEEP``) keeps codes and scale; a leaf that received a non-finite gradient
+  or learning rate (flags NaN) gets a NaN scale, so the fault shows. Any other flags
+  (a transformation after the optimizer scaled the update) poison the leaf with a
+  ``RuntimeWarning`` naming it.
 
   ``optax.apply_updates`` can't apply these updates (it adds them), and nothing may
   change them between the optimizer and this function: a float update of a
@@ -351,7 +363,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
     >>> tx = eco.sgdm(1.0)
     >>> updates, _ = tx.update({"w": jnp.full((2, 2), 2.5)}, tx.init(q), q)
     >>> updates["w"].bits.dtype, updates["w"].flags
-    (dtype('uint8'), Array(1, dtype=uint8))
+    (dtype('uint8'), Array(1., dtype=float32))
     >>> eco.dequantize_params(eco.apply_updates(q, updates))["w"].tolist()
     [[0.75, 0.75], [0.75, 0.75]]
   """

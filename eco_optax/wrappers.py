@@ -3,9 +3,9 @@
 Gradient accumulation. :class:`optax.MultiSteps` builds its accumulator from the params it is initialized
 with, and quantized params have another structure than their gradients.
 :class:`MultiSteps` is optax's class with an accumulator shaped like the dequantized
-params; everything else is optax's: the inner optimizer steps on the mean (or sum)
-of ``k`` gradients, and the updates of the other micro-steps are zeros, which
-:func:`eco_optax.apply_updates` applies as "keep" (codes and scales unchanged).
+params, and updates that mark the micro-steps that do not step as skipped (flags
+``KEEP``: :func:`eco_optax.apply_updates` keeps codes and scales); everything else is
+optax's: the inner optimizer steps on the mean (or sum) of ``k`` gradients.
 
 Accumulate *before* the optimizer: ``optax.apply_every`` placed after an eco_optax
 optimizer would add up new codes, and is refused.
@@ -43,9 +43,10 @@ from eco_optax import tree as qtree
 class MultiSteps(optax.MultiSteps):
   """:class:`optax.MultiSteps` for parameter trees with quantized leaves.
 
-  Takes the arguments of :class:`optax.MultiSteps`. Only ``init`` differs: the
-  accumulated gradients have the structure and shapes of
-  :func:`eco_optax.dequantize_params` of the params.
+  Takes the arguments of :class:`optax.MultiSteps`. The accumulated gradients have the
+  structure and shapes of :func:`eco_optax.dequantize_params` of the params, and the
+  zero updates of the micro-steps that do not step keep the quantized leaves
+  (flags ``KEEP``).
   """
 
   def init(self, params: Any) -> optax.MultiStepsState:
@@ -55,17 +56,38 @@ class MultiSteps(optax.MultiSteps):
     state = super().init(dense)
     return state._replace(inner_opt_state=self.inner_opt.init(params))
 
+  def update(self, updates: Any, state: optax.MultiStepsState, params: Any = None,
+             **extra_args: Any) -> tuple[Any, optax.MultiStepsState]:
+    updates, new_state = super().update(updates, state, params, **extra_args)
+    stepped = new_state.gradient_step != state.gradient_step
+    return _keep_unless(stepped, updates), new_state
+
+
+def _keep_unless(stepped: jax.Array, updates: Any) -> Any:
+  """``updates`` with the flags of each :class:`~eco_optax.tree.NewCodes` set to ``KEEP``
+  where ``stepped`` is false (a wrapper's zeros, which would otherwise read as altered)."""
+  return jax.tree.map(
+      lambda u: u._replace(flags=jnp.where(stepped, u.flags, qtree.KEEP).astype(jnp.float32))
+      if qtree.is_new_codes(u) else u, updates, is_leaf=qtree.is_new_codes)
+
+
+# The flags a NewCodes carries through apply_if_finite, by their index in the float form
+# (index 0, optax's zeros for a rejected step: keep the leaf; the last: any other flags).
+_FLAGS_BY_INDEX = (qtree.KEEP, qtree.VALID, jnp.nan, qtree.KEEP, 0.0)
+
 
 def _codes_as_float(updates: Any) -> Any:
   """``updates`` with each :class:`~eco_optax.tree.NewCodes` as one FP32 array shaped like
-  its leaf: ``bits + 2^16 flags`` in the first element, ``bits`` elsewhere (exact)."""
+  its leaf: ``bits + 2^16 i`` in the first element, ``bits`` elsewhere (exact), with
+  ``i`` the index of its flags in ``_FLAGS_BY_INDEX``."""
 
   def as_float(u):
     if not qtree.is_new_codes(u):
       return u
     first = (0,) * u.bits.ndim
-    x = u.bits.astype(jnp.float32)
-    return x.at[first].add(u.flags.astype(jnp.float32) * 2.0**16)
+    index = jnp.select([u.flags == qtree.VALID, jnp.isnan(u.flags), u.flags == qtree.KEEP],
+                       [1.0, 2.0, 3.0], 4.0)
+    return u.bits.astype(jnp.float32).at[first].add(index * 2.0**16)
 
   return jax.tree.map(as_float, updates, is_leaf=qtree.is_new_codes)
 
@@ -81,8 +103,9 @@ def _codes_from_float(updates: Any, params: Any) -> Any:
     if not qtree.is_lossy(p):
       return u
     x = u.astype(jnp.uint32)
-    return qtree.NewCodes((x & 0xFFFF).astype(qtree.new_codes_dtype(p.fmt)),
-                          (x[(0,) * x.ndim] >> 16).astype(jnp.uint8), *qz._next_scales(p))
+    flags = jnp.asarray(_FLAGS_BY_INDEX, jnp.float32)[x[(0,) * x.ndim] >> 16]
+    return qtree.NewCodes((x & 0xFFFF).astype(qtree.new_codes_dtype(p.fmt)), flags,
+                          *qz._next_scales(p))
 
   return jax.tree.map(from_float, params, updates, is_leaf=qtree.is_quantized)
 

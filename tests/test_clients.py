@@ -56,19 +56,38 @@ def test_a_transformation_after_the_optimizer_is_refused_at_trace_time():
     step(q, state, _grads(_params(), 0))
 
 
-@pytest.mark.parametrize("post", [optax.scale(2), optax.scale(-1), optax.scale_by_learning_rate(1)],
-                         ids=["scale(2)", "scale(-1)", "scale_by_learning_rate(1)"])
-def test_an_integer_scale_after_the_optimizer_poisons_the_leaf_and_says_why(post):
-  """Integer factors keep the codes uint8, so no dtype check sees them: the flags do."""
+@pytest.mark.parametrize("post", [
+    optax.scale(2), optax.scale(-1), optax.scale_by_learning_rate(1),
+    optax.scale_by_schedule(lambda count: 0.0), optax.scale_by_schedule(lambda count: 0.5),
+    optax.scale_by_schedule(lambda count: 1.5),
+    optax.scale_by_schedule(optax.linear_schedule(0.0, 1.0, 10))],
+    ids=["scale(2)", "scale(-1)", "scale_by_learning_rate(1)", "schedule(0)", "schedule(0.5)",
+         "schedule(1.5)", "warmup"])
+def test_a_factor_after_the_optimizer_that_keeps_the_codes_uint8_poisons_the_leaf_and_says_why(post):
+  """Integer factors, and schedules (optax casts their factor to the update's dtype), keep
+  the codes uint8, so no dtype check sees them: the flags, multiplied by the exact factor,
+  do. A schedule below 1 would otherwise zero the codes (read as "keep": a silent
+  freeze), one in [1, 2) would be truncated to 1 (ignored)."""
   q = eco.quantize_params(_params(), eco.fp8_e4m3())
   tx = optax.chain(eco.adamw(0.1), post)
   updates, _ = jax.jit(tx.update)(_grads(_params(), 0), tx.init(q), q)
+  assert updates["w"].bits.dtype == np.uint8
   with pytest.warns(RuntimeWarning, match=r"\['w'\]: this update's flags are not ones an "
                                           r"eco_optax optimizer writes"):
     new = jax.block_until_ready(jax.jit(eco.apply_updates)(q, updates))
   assert np.all(np.isnan(np.asarray(new["w"].dequantize())))
-  kept = eco.apply_updates(q, jax.tree.map(jnp.zeros_like, updates))   # flags 0: keep the leaf
-  np.testing.assert_array_equal(np.asarray(kept["w"].dequantize()), np.asarray(q["w"].dequantize()))
+  assert np.all(np.isfinite(np.asarray(new["b"])))        # a plain leaf: optax's arithmetic
+
+
+def test_a_factor_of_one_after_the_optimizer_changes_nothing():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  g = _grads(_params(), 0)
+  tx = optax.chain(eco.adamw(0.1), optax.scale_by_schedule(lambda count: 1.0))
+  updates, _ = jax.jit(tx.update)(g, tx.init(q), q)
+  reference, _ = eco.adamw(0.1).update(g, eco.adamw(0.1).init(q), q)
+  chex.assert_trees_all_equal(updates, reference)
+  np.testing.assert_array_equal(_bits(eco.apply_updates(q, updates)["w"]),
+                                _bits(eco.apply_updates(q, reference)["w"]))
 
 
 def test_flax_train_state_drop_in_equals_the_functional_loop():
@@ -109,7 +128,7 @@ def test_multisteps_is_one_step_on_the_mean_gradient(name, k):
     updates, state = update(g, state, qa)
     new = eco.apply_updates(qa, updates)
     if i < k - 1:   # zero updates: nothing moves, not even a scale
-      assert int(updates["w"].flags) == 0 and not np.any(np.asarray(updates["w"].bits))
+      assert float(updates["w"].flags) == eco.tree.KEEP and not np.any(np.asarray(updates["w"].bits))
       np.testing.assert_array_equal(_bits(new["w"]), _bits(qa["w"]))
       np.testing.assert_array_equal(np.asarray(new["w"].scale), np.asarray(qa["w"].scale))
     qa = new

@@ -222,11 +222,11 @@ def test_non_finite_grads_show_in_the_stored_weights(bad, jit):
     w = w.at[i, 2 * i].set(x)
   g = {"w": w, "v": jnp.full((4, 4), 0.1)}
   updates, state = (jax.jit(tx.update) if jit else tx.update)(g, tx.init(q), q)
-  assert int(updates["w"].flags) == eco.tree.VALID | eco.tree.POISON
+  assert bool(jnp.isnan(updates["w"].flags))
   out = eco.dequantize_params(eco.apply_updates(q, updates))
   assert bool(jnp.all(jnp.isnan(out["w"])))
   assert bool(jnp.all(jnp.isfinite(out["v"])))
-  assert int(updates["v"].flags) == eco.tree.VALID
+  assert float(updates["v"].flags) == eco.tree.VALID
 
 
 def test_a_non_finite_learning_rate_poisons_every_leaf():
@@ -234,7 +234,7 @@ def test_a_non_finite_learning_rate_poisons_every_leaf():
   tx = eco.sgdm(lambda count: jnp.inf * (count + 1), 0.9)
   updates, _ = jax.jit(tx.update)({"w": jnp.full((4, 4), 0.1), "b": jnp.full(4, 0.1)},
                                   tx.init(q), q)
-  assert int(updates["w"].flags) & eco.tree.POISON
+  assert bool(jnp.isnan(updates["w"].flags))
   out = eco.dequantize_params(eco.apply_updates(q, updates))
   assert bool(jnp.all(jnp.isnan(out["w"])))
   assert not bool(jnp.any(jnp.isfinite(out["b"])))    # a plain leaf, as in optax: -inf

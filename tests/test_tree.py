@@ -90,7 +90,7 @@ def test_apply_updates_copies_the_codes_the_optimizer_computed(rounding):
         # 1 byte per parameter; 2 for the 16-bit format
         assert isinstance(u, eco.tree.NewCodes) and u.bits.shape == old.shape, where
         assert u.bits.dtype == (np.uint16 if fmt.bits == 16 else np.uint8), where
-        assert u.flags.dtype == np.uint8 and int(u.flags) == eco.tree.VALID, where
+        assert u.flags.dtype == np.float32 and float(u.flags) == eco.tree.VALID, where
         assert not bool(jnp.any(u.bits & ~u.bits.dtype.type(mask))), where  # only the code
         np.testing.assert_array_equal(np.asarray(qz.values_to_bits(got.values, fmt)),
                                       np.asarray(u.bits.astype(qz.bits_dtype(fmt))),
@@ -172,22 +172,23 @@ def _would_move(name):
 
 
 @pytest.mark.parametrize("name", ["int8-sticky", "e4m3-dynamic", "nvfp4-sticky"])
-def test_zero_update_keeps_weights_and_scale_even_when_the_policy_would_move(name):
+def test_a_kept_update_keeps_weights_and_scale_even_when_the_policy_would_move(name):
   leaf = _would_move(name)
   assert not np.array_equal(np.asarray(qz.next_scale(leaf)),
                             np.asarray(leaf.effective_scale))          # the policy moves
   for apply in (eco.apply_updates, jax.jit(eco.apply_updates)):
-    zeros = eco.tree.NewCodes(jnp.zeros((16, 16), jnp.uint8), jnp.zeros((), jnp.uint8))
-    out = apply({"w": leaf}, {"w": zeros})["w"]
+    kept = eco.tree.NewCodes(jnp.zeros((16, 16), jnp.uint8),
+                             jnp.asarray(eco.tree.KEEP, jnp.float32))
+    out = apply({"w": leaf}, {"w": kept})["w"]
     np.testing.assert_array_equal(np.asarray(qz.values_to_bits(out.values, leaf.fmt)),
                                   np.asarray(qz.values_to_bits(leaf.values, leaf.fmt)))
     np.testing.assert_array_equal(np.asarray(out.scale.astype(jnp.float32)),
                                   np.asarray(leaf.scale.astype(jnp.float32)))
     np.testing.assert_array_equal(np.asarray(out.effective_scale),
                                   np.asarray(leaf.effective_scale))
-  # The same codes marked VALID do move the scale: the zeros, not the codes, kept it.
+  # The same codes marked VALID do move the scale: the flags, not the codes, kept it.
   valid = eco.tree.NewCodes(qz.values_to_bits(leaf.values, leaf.fmt).astype(jnp.uint8),
-                            jnp.asarray(eco.tree.VALID, jnp.uint8))
+                            jnp.asarray(eco.tree.VALID, jnp.float32))
   moved = eco.apply_updates({"w": leaf}, {"w": valid})["w"]
   np.testing.assert_array_equal(np.asarray(moved.effective_scale),
                                 np.asarray(qz.next_scale(leaf)))
@@ -196,7 +197,7 @@ def test_zero_update_keeps_weights_and_scale_even_when_the_policy_would_move(nam
 def test_new_codes_with_a_scale_of_another_shape_or_dtype_are_refused():
   q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.fp8_e4m3())   # row scales, f32[1, 4]
   bits = qz.values_to_bits(q["w"].values, q["w"].fmt)
-  valid = jnp.asarray(eco.tree.VALID, jnp.uint8)
+  valid = jnp.asarray(eco.tree.VALID, jnp.float32)
   for scale, got in ((jnp.ones((4, 1)), r"float32\[4, 1\]"),
                      (jnp.ones((1, 4), jnp.bfloat16), r"bfloat16\[1, 4\]")):
     with pytest.raises(TypeError, match=r"\['w'\]: the update's scale is " + got +
@@ -218,7 +219,7 @@ def test_a_float_update_of_a_quantized_leaf_is_refused_at_trace_time():
 def test_poison_gives_the_leaf_a_nan_scale_and_leaves_the_others(fmt):
   q = eco.quantize_params({"w": jnp.ones((16, 16)), "v": jnp.ones((16, 16))}, fmt)
   updates, clean = _step(q, 0.1, "nearest")
-  poisoned = dict(updates, w=updates["w"]._replace(flags=updates["w"].flags | eco.tree.POISON))
+  poisoned = dict(updates, w=updates["w"]._replace(flags=jnp.float32(jnp.nan)))
   out = eco.apply_updates(q, poisoned)
   assert bool(jnp.all(jnp.isnan(out["w"].dequantize())))
   if fmt.has_tensor_scale:                       # NVFP4: the FP32 tensor scale is NaN
