@@ -104,7 +104,9 @@ def value_and_grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param,
   The returned function takes the quantized model first. ``fun`` sees
   :func:`dequantized` ``(model)``; gradients are an ``nnx.State`` of float arrays
   for the ``wrt`` variables, the structure :meth:`Optimizer.update` expects.
-  Variables outside ``wrt`` that ``fun`` modifies are written back to ``model``.
+  Variables outside ``wrt`` that ``fun`` modifies are written back to ``model``;
+  quantized weights outside ``wrt`` (frozen) enter ``fun`` dequantized and stay stored
+  as they are.
   Built on :func:`eco_optax.value_and_grad`: with ``recompute`` (the default except
   on CPU) the backward pass dequantizes the weights again instead of keeping them.
 
@@ -120,17 +122,21 @@ def value_and_grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param,
 
   def wrapper(model, *args, **kwargs):
     graphdef, diff, rest = nnx.split(model, wrt, ...)
+    # As plain arrays: the model built inside the transformation owns its variables.
+    rest = nnx.to_pure_dict(rest)
 
     def loss(dense, rest):
-      m = nnx.merge(graphdef, dense, rest)
+      # Quantized weights outside ``wrt`` (frozen ones) enter the forward dequantized.
+      m = nnx.merge(graphdef, dense, qtree.dequantize_params(rest))
       out = fun(m, *args, **kwargs)
       value, aux = out if has_aux else (out, None)
       return value, (aux, nnx.to_pure_dict(nnx.state(m, nnx.Not(wrt))))
 
-    # As plain arrays: the model built inside the transformation owns its variables.
     (value, (aux, changed)), grads = qtree.value_and_grad(
-        loss, has_aux=True, recompute=recompute)(diff, nnx.to_pure_dict(rest))
-    nnx.update(model, changed)
+        loss, has_aux=True, recompute=recompute)(diff, rest)
+    # ... and stay stored as they were: only the other variables are written back.
+    nnx.update(model, jax.tree.map(lambda r, c: r if qtree.is_quantized(r) else c,
+                                   rest, changed, is_leaf=qtree.is_quantized))
     return ((value, aux) if has_aux else value), grads
 
   return wrapper

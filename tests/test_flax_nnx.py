@@ -112,6 +112,32 @@ def test_recomputing_the_weights_changes_neither_gradients_nor_written_back_stat
   assert np.any(mean != 0)          # the loss's batch statistics were written back
 
 
+def test_training_a_subset_keeps_the_other_quantized_weights_stored_as_they_are():
+  """Fine-tuning one layer: the frozen quantized layer enters the loss dequantized."""
+  model = MLP(nnx.Rngs(0))
+  eco_nnx.quantize_model(model, eco.fp8_e4m3())
+  frozen = model.up.kernel.get_value()
+  down = nnx.All(nnx.Param, nnx.PathContains("down"))
+  optimizer = eco_nnx.Optimizer(model, eco.adamw(3e-2), wrt=down)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = eco_nnx.value_and_grad(mse, wrt=down)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  before = model.down.kernel.get_value().dequantize()
+  losses = [float(step(model, optimizer)) for _ in range(5)]
+  kept = model.up.kernel.get_value()
+  assert eco.is_quantized(kept) and kept.values.dtype == jnp.float8_e4m3fn
+  np.testing.assert_array_equal(np.asarray(kept.values, np.float32),
+                                np.asarray(frozen.values, np.float32))
+  np.testing.assert_array_equal(kept.scale, frozen.scale)
+  trained = model.down.kernel.get_value()
+  assert eco.is_quantized(trained) and np.any(trained.dequantize() != before)
+  assert losses[-1] < losses[0]
+
+
 def test_plain_optax_still_works_without_quantized_leaves():
   model = nnx.Linear(16, 4, rngs=nnx.Rngs(0))
   optimizer = eco_nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
