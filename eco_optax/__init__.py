@@ -22,7 +22,7 @@ from eco_optax import quantize
 from eco_optax import rules
 from eco_optax import step
 from eco_optax import transform
-from eco_optax.wrappers import MultiSteps, apply_if_finite
+from eco_optax.wrappers import MultiSteps, apply_if_finite, set_to_zero
 from eco_optax.alias import adam, adamw, lion, muon, sgdm
 from eco_optax.memory import MemoryReport, memory_report
 from eco_optax.quantize import (QuantFormat, QuantizedArray, bf16, dequantize,
@@ -49,7 +49,7 @@ __all__ = [
     # training
     "apply_updates", "grad", "value_and_grad",
     # wrappers
-    "MultiSteps", "TrainState", "apply_if_finite",
+    "MultiSteps", "TrainState", "apply_if_finite", "set_to_zero",
     # memory
     "memory_report",
 ]

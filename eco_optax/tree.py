@@ -308,7 +308,9 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedAr
         "optax.chain changed them (optax.scale, optax.clip, ...), or a float update reached a "
         "quantized leaf. Place gradient transformations before the eco_optax optimizer, "
         "change its learning_rate to scale its steps, and accumulate gradients with "
-        "eco_optax.MultiSteps.")
+        "eco_optax.MultiSteps. To freeze quantized leaves, give them eco_optax.set_to_zero() "
+        "in optax.multi_transform (optax.set_to_zero answers with float zeros, and "
+        "optax.masked passes the gradients of the leaves it leaves out through).")
   if u.bits.shape != p.shape:
     raise ValueError(f"{path}: update has shape {u.bits.shape}, expected {p.shape}")
   if u.scale is not None and (jnp.shape(u.scale) != jnp.shape(p.scale)

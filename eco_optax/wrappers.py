@@ -1,4 +1,5 @@
-"""optax's wrappers for quantized parameters: :class:`MultiSteps`, :func:`apply_if_finite`.
+"""optax's wrappers for quantized parameters: :class:`MultiSteps`, :func:`apply_if_finite`,
+:func:`set_to_zero`.
 
 Gradient accumulation. :class:`optax.MultiSteps` builds its accumulator from the params it is initialized
 with, and quantized params have another structure than their gradients.
@@ -15,6 +16,10 @@ with zeros shaped like the *gradients* (FP32), and ``lax.cond`` refuses them bes
 the new codes of quantized leaves. :func:`apply_if_finite` is optax's wrapper around the
 optimizer with those codes passed through it as FP32 arrays shaped like the gradients
 (exact).
+
+Freezing leaves. :func:`optax.set_to_zero` answers with float zeros, which
+:func:`eco_optax.apply_updates` cannot tell from a float step reaching a quantized
+leaf; :func:`set_to_zero` keeps quantized leaves as they are stored.
 
 Example:
   >>> import jax, jax.numpy as jnp, eco_optax as eco
@@ -145,3 +150,39 @@ def apply_if_finite(inner: optax.GradientTransformation,
     return _codes_from_float(updates, params), state
 
   return optax.GradientTransformation(guarded.init, update)
+
+
+def set_to_zero() -> optax.GradientTransformation:
+  """:func:`optax.set_to_zero` for parameter trees with quantized leaves: freezes them.
+
+  The update of a quantized leaf keeps its codes and scale (a
+  :class:`~eco_optax.tree.NewCodes` with flags ``KEEP``); plain leaves get zeros, as
+  from optax. Give it the leaves to freeze in :func:`optax.multi_transform`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, eco_optax as eco
+    >>> q = eco.quantize_params({"frozen": jnp.ones((4, 4)), "w": jnp.ones((4, 4))},
+    ...                         eco.fp8_e4m3())
+    >>> tx = optax.multi_transform({"train": eco.adamw(0.1), "freeze": eco.set_to_zero()},
+    ...                            {"frozen": "freeze", "w": "train"})
+    >>> g = {"frozen": jnp.ones((4, 4)), "w": jnp.ones((4, 4))}
+    >>> updates, _ = tx.update(g, tx.init(q), q)
+    >>> new = eco.apply_updates(q, updates)
+    >>> bool((new["frozen"].values == q["frozen"].values).all())
+    True
+  """
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("eco_optax.set_to_zero needs params to tell the quantized leaves: "
+                       "tx.update(grads, state, params)")
+
+    def zero(p, u):
+      if not qtree.is_lossy(p):
+        return jnp.zeros_like(u)
+      return qtree.NewCodes(jnp.zeros(p.shape, qtree.new_codes_dtype(p.fmt)),
+                            jnp.asarray(qtree.KEEP, jnp.float32), p.scale, p.tensor_scale)
+
+    return jax.tree.map(zero, params, updates, is_leaf=qtree.is_quantized), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

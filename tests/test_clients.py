@@ -30,6 +30,11 @@ def _bits(q):
   return np.asarray(jax.lax.bitcast_convert_type(q.values, jnp.uint8))
 
 
+def _codes(q):
+  """The storage bits of any format's codes (4-bit ones too)."""
+  return np.asarray(eco.quantize.values_to_bits(q.values, q.fmt))
+
+
 def test_clip_before_the_optimizer_is_clipping_the_gradients():
   q = eco.quantize_params(_params(), eco.fp8_e4m3())
   g = _grads(_params(), 0)
@@ -88,6 +93,39 @@ def test_a_factor_of_one_after_the_optimizer_changes_nothing():
   chex.assert_trees_all_equal(updates, reference)
   np.testing.assert_array_equal(_bits(eco.apply_updates(q, updates)["w"]),
                                 _bits(eco.apply_updates(q, reference)["w"]))
+
+
+@pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.int4(), eco.fp4_e2m1("nvfp4")],
+                         ids=["fp8", "int4", "nvfp4"])
+def test_freezing_quantized_leaves_in_multi_transform_keeps_them_bit_for_bit(fmt):
+  q = eco.quantize_params({"frozen": _params()["w"], "w": _params()["w"], "b": _params()["b"]},
+                          fmt)
+  labels = {"frozen": "freeze", "w": "train", "b": "freeze"}
+  tx = optax.multi_transform({"train": eco.adamw(0.1), "freeze": eco.set_to_zero()}, labels)
+  state, new = tx.init(q), q
+  step = jax.jit(lambda g, state, q: tx.update(g, state, q))
+  for i in range(3):
+    g = {"frozen": _grads(_params(), i)["w"], "w": _grads(_params(), i)["w"],
+         "b": _grads(_params(), i)["b"]}
+    updates, state = step(g, state, new)
+    new = jax.jit(eco.apply_updates)(new, updates)
+  np.testing.assert_array_equal(_codes(new["frozen"]), _codes(q["frozen"]))
+  np.testing.assert_array_equal(np.asarray(new["frozen"].scale, np.float32),
+                                np.asarray(q["frozen"].scale, np.float32))
+  np.testing.assert_array_equal(np.asarray(new["b"]), np.asarray(q["b"]))
+  assert np.any(np.asarray(new["w"].dequantize()) != np.asarray(q["w"].dequantize()))
+
+
+def test_optax_set_to_zero_on_a_quantized_leaf_is_refused_naming_the_drop_in():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = optax.multi_transform({"train": eco.adamw(0.1), "freeze": optax.set_to_zero()},
+                             {"w": "freeze", "b": "train"})
+  updates, _ = tx.update(_grads(_params(), 0), tx.init(q), q)
+  with pytest.raises(TypeError, match=r"\['w'\]: the update of this fp8_e4m3 leaf is an array "
+                     r"of float32.*give them eco_optax.set_to_zero\(\) in optax.multi_transform"):
+    eco.apply_updates(q, updates)
+  with pytest.raises(ValueError, match="eco_optax.set_to_zero needs params"):
+    eco.set_to_zero().update(_grads(_params(), 0), optax.EmptyState())
 
 
 def test_flax_train_state_drop_in_equals_the_functional_loop():
