@@ -11,7 +11,8 @@ Two things need care, and :func:`restore` does both:
 
 * The storage formats are static pytree metadata, not arrays: they come back
   from the ``like`` tree, so restoring needs one (a freshly quantized model and
-  ``tx.init`` of it, or its ``jax.eval_shape``).
+  ``tx.init`` of it, or its ``jax.eval_shape``), and its scale policy is the one
+  training resumes with.
 * Orbax casts every array to the dtype of the restore target. A checkpoint of
   FP8 weights restored into an INT4 template would silently become garbage
   codes; :func:`restore` compares the stored shapes and dtypes with ``like``
