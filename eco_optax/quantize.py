@@ -120,7 +120,11 @@ class QuantFormat:
       ``axis``: row-wise scaling of the paper, per output channel of a Flax
       ``(in, out)`` kernel with the default ``axis=-1``), ``"block"`` (one
       scale per ``block_size`` consecutive elements along ``axis``) or ``"none"``
-      (scale fixed at 1: formats with an 8-bit exponent, bfloat16).
+      (scale fixed at 1: formats with an 8-bit exponent, bfloat16). A tensor of
+      more than two dimensions is a stack of matrices (the last two axes: layers
+      under ``nn.scan``, experts, convolution taps), and ``"tensor"`` and
+      ``"channel"`` scales are per matrix: a ``(L, in, out)`` kernel gets ``L``
+      tensor scales (shape ``(L, 1, 1)``) or ``(L, 1, out)`` channel scales.
     axis: the channel axis, or the axis cut into blocks.
     block_size: elements per block for ``scaling="block"``.
     scale_policy: ``"fixed"``, ``"sticky"`` or ``"dynamic"`` (module docstring).
@@ -220,15 +224,21 @@ class QuantFormat:
 
   def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the scale array (``QuantizedArray.scale``) of a tensor of ``shape``."""
-    if self.lossless or self.scaling in ("tensor", "none"):
+    if self.lossless or self.scaling == "none" or (self.scaling == "tensor"
+                                                   and len(shape) <= 2):
       return ()
+    if self.scaling == "tensor":
+      return tuple(shape[:-2]) + (1, 1)
     axis = _normalize_axis(self.axis, len(shape), self.name)
     if self.scaling == "channel":
-      return tuple(n if i == axis else 1 for i, n in enumerate(shape))
+      reduced = _reduced_axes(len(shape), axis)
+      return tuple(1 if i in reduced else n for i, n in enumerate(shape))
     if shape[axis] % self.block_size:
       raise ValueError(
           f"{self.name}: block scaling needs axis {self.axis} of shape {shape} "
-          f"to be a multiple of block_size={self.block_size}")
+          f"to be a multiple of block_size={self.block_size}" + (
+              " (for a stack of (in, out) kernels, blocks along the input features "
+              "are axis=-2)" if len(shape) > 2 and axis == 0 else ""))
     return tuple(
         n // self.block_size if i == axis else n for i, n in enumerate(shape))
 
@@ -242,6 +252,12 @@ class QuantFormat:
       self.scale_shape(tuple(shape))
     except ValueError as err:
       raise ValueError(f"{prefix}{err}") from None
+
+
+def _reduced_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
+  """The axes a tensor (``axis`` None) or channel scale reduces over: those of the
+  matrix (the last two axes), but the channel axis; leading axes are a stack."""
+  return tuple(i for i in range(max(0, ndim - 2), ndim) if i != axis)
 
 
 def _normalize_axis(axis: int, ndim: int, name: str) -> int:
@@ -353,8 +369,9 @@ def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
   NVFP4 matmuls scale blocks along the contraction dimension, and for a Flax
   ``(in, out)`` kernel (``y = x @ W``) that is axis 0, the input features. (INT4
   here is a storage format only; its blocks follow the paper's row-wise scales.)
-  Pass ``axis=-1`` for ``(out, in)`` (PyTorch-style) weights. The axis must be a
-  multiple of ``block_size`` (32 or 16 unless given).
+  Pass ``axis=-1`` for ``(out, in)`` (PyTorch-style) weights, and ``axis=-2`` for
+  stacks of ``(in, out)`` kernels (``(L, in, out)``: layers under ``nn.scan``,
+  experts). The axis must be a multiple of ``block_size`` (32 or 16 unless given).
 
   The default policy is ``sticky``, as for FP8 (a scale computed from the stored
   weights only cannot chase its own update, and it moves only when a block
@@ -504,11 +521,10 @@ def _group_absmax(x: jax.Array, fmt: QuantFormat) -> jax.Array:
   """``max|x|`` over each scale group, shaped like the scale."""
   ax = jnp.abs(x)
   if fmt.scaling == "tensor":
-    return jnp.max(ax)
+    return jnp.max(ax) if x.ndim <= 2 else jnp.max(ax, axis=(-2, -1), keepdims=True)
   axis = _normalize_axis(fmt.axis, x.ndim, fmt.name)
   if fmt.scaling == "channel":
-    others = tuple(i for i in range(x.ndim) if i != axis)
-    return jnp.max(ax, axis=others, keepdims=True)
+    return jnp.max(ax, axis=_reduced_axes(x.ndim, axis), keepdims=True)
   return jnp.max(_blocked(ax, fmt), axis=axis + 1)
 
 
@@ -661,12 +677,13 @@ def _code_absmax_and_saturated_count(values: jax.Array,
   operands = (magnitude, at_max.astype(jnp.int32))
   inits = (np.zeros((), magnitude.dtype), np.int32(0))
   combine = lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1])
-  if fmt.scaling == "tensor":
+  if fmt.scaling == "tensor" and values.ndim <= 2:
     top, count = jax.lax.reduce(operands, inits, combine, tuple(range(values.ndim)))
   else:
-    axis = _normalize_axis(fmt.axis, values.ndim, fmt.name)
-    if fmt.scaling == "channel":
-      others = tuple(i for i in range(values.ndim) if i != axis)
+    axis = (None if fmt.scaling == "tensor"
+            else _normalize_axis(fmt.axis, values.ndim, fmt.name))
+    if fmt.scaling in ("tensor", "channel"):
+      others = _reduced_axes(values.ndim, axis)
       top, count = (jnp.expand_dims(x, others)
                     for x in jax.lax.reduce(operands, inits, combine, others))
     else:

@@ -349,3 +349,44 @@ def test_bits_to_float32_decodes_every_code_as_the_cast_does(fmt):
     assert got.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))      # NaN == NaN here
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))      # -0 stays -0
+
+
+_STACKED_FORMATS = {
+    "int4-tensor": (eco.int4(), (3, 1, 1)), "int8-channel": (eco.int8(), (3, 1, 8)),
+    "e4m3-channel": (eco.fp8_e4m3(), (3, 1, 8)), "e4m3-tensor": (eco.fp8_e4m3("tensor"), (3, 1, 1)),
+    "int4-block": (eco.int4("block", block_size=4), (3, 32, 2)),
+    "mxfp4-in": (eco.fp4_e2m1("mxfp4", axis=-2), (3, 1, 8))}
+
+
+@pytest.mark.parametrize("name", list(_STACKED_FORMATS))
+def test_a_stack_of_matrices_is_scaled_and_stepped_matrix_by_matrix(name):
+  """(L, in, out) kernels (nn.scan layers, experts): one set of scales per matrix, so a
+  small layer keeps its precision beside a large one, and a step on the stack is the
+  step on each layer."""
+  fmt, scale_shape = _STACKED_FORMATS[name]
+  keys = jax.random.split(jax.random.key(0), 3)
+  w = jnp.stack([jax.random.normal(k, (32, 8)) * 10.0 ** -i for i, k in enumerate(keys)])
+  g = jax.random.normal(jax.random.key(1), w.shape) * 0.1
+  stacked = eco.quantize_params({"w": w}, fmt)
+  layers = [eco.quantize_params({"w": w[i]}, fmt) for i in range(3)]
+  assert stacked["w"].scale.shape == scale_shape
+  tx = eco.adamw(1e-2)
+  step = jax.jit(lambda q, g: eco.apply_updates(q, tx.update(g, tx.init(q), q)[0]))
+  for i, layer in enumerate(layers):
+    np.testing.assert_array_equal(qz.values_to_bits(stacked["w"].values[i], fmt),
+                                  qz.values_to_bits(layer["w"].values, fmt))
+    np.testing.assert_array_equal(np.asarray(stacked["w"].dequantize()[i]),
+                                  np.asarray(layer["w"].dequantize()))
+  new = step(stacked, {"w": g})["w"].dequantize()
+  for i, layer in enumerate(layers):
+    np.testing.assert_array_equal(np.asarray(new[i]),
+                                  np.asarray(step(layer, {"w": g[i]})["w"].dequantize()))
+  # lax.scan over the stored stack hands each layer its codes and its scales.
+  _, per_layer = jax.lax.scan(lambda c, leaf: (c, leaf.dequantize()), 0.0, stacked["w"])
+  np.testing.assert_array_equal(np.asarray(per_layer), np.asarray(stacked["w"].dequantize()))
+
+
+def test_fp4_blocks_across_a_stack_are_refused_naming_the_axis_to_use():
+  with pytest.raises(ValueError, match=r"\['w'\]: mxfp4: block scaling needs axis 0 of shape "
+                     r"\(3, 64, 8\).*stack of \(in, out\) kernels.*axis=-2"):
+    eco.quantize_params({"w": jnp.ones((3, 64, 8))}, eco.fp4_e2m1())
