@@ -482,11 +482,16 @@ class QuantizedArray:
         "eco_optax.MultiSteps instead of optax.MultiSteps, and accumulate before the "
         "optimizer, not with optax.apply_every after it. Applying updates: use "
         "eco_optax.apply_updates (eco_optax.TrainState, eco_optax.nnx.Optimizer), not "
-        "optax.apply_updates. Computing with the weights: eco_optax.dequantize_params.")
+        "optax.apply_updates. Computing with the weights (a model's forward pass): "
+        "eco_optax.grad / eco_optax.value_and_grad (eco_optax.nnx.value_and_grad) give the "
+        "loss dequantized weights; to evaluate, eco_optax.dequantize_params(params) for "
+        "Flax Linen's apply, eco_optax.nnx.dequantized(model) for Flax NNX.")
 
   __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _no_arithmetic
   __truediv__ = __rtruediv__ = __matmul__ = __rmatmul__ = __neg__ = _no_arithmetic
   __pow__ = __rpow__ = _no_arithmetic
+  # A JAX operation on it (jnp.dot in a Linen layer), NNX's kernel[...].
+  __jax_array__ = __getitem__ = _no_arithmetic
 
 
 def _decode_scale(scale: jax.Array, tensor_scale: jax.Array | None) -> jax.Array:

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 import eco_optax as eco
 from _helpers import train_steps
@@ -53,3 +54,14 @@ def test_linen_training_with_fp8_kernels():
   assert not eco.is_quantized(q["Dense_0"]["bias"])
   assert not eco.is_quantized(q["LayerNorm_0"]["scale"])
   assert losses[-1] < 0.5 * losses[0]
+
+
+def test_applying_a_model_to_quantized_params_says_how_to_dequantize_them():
+  model = nn.Dense(4)
+  params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  with pytest.raises(TypeError, match=r"QuantizedArray \(fp8_e4m3, shape \(8, 4\)\).*"
+                     r"eco_optax.dequantize_params\(params\) for Flax Linen's apply"):
+    model.apply({"params": q}, jnp.ones((1, 8)))
+  out = model.apply({"params": eco.dequantize_params(q)}, jnp.ones((1, 8)))
+  assert out.shape == (1, 4)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import eco_optax as eco
@@ -136,6 +137,15 @@ def test_training_a_subset_keeps_the_other_quantized_weights_stored_as_they_are(
   trained = model.down.kernel.get_value()
   assert eco.is_quantized(trained) and np.any(trained.dequantize() != before)
   assert losses[-1] < losses[0]
+
+
+def test_calling_a_quantized_model_says_how_to_dequantize_it():
+  model = nnx.Linear(16, 4, rngs=nnx.Rngs(0))
+  eco_nnx.quantize_model(model, eco.fp8_e4m3())
+  with pytest.raises(TypeError, match=r"QuantizedArray \(fp8_e4m3, shape \(16, 4\)\).*"
+                     r"eco_optax.nnx.dequantized\(model\) for Flax NNX"):
+    model(X)
+  assert eco_nnx.dequantized(model)(X).shape == (64, 4)
 
 
 def test_plain_optax_still_works_without_quantized_leaves():
