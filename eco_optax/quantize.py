@@ -54,7 +54,7 @@ lost: a float grid looks the same in every binade).
 Scale storage. Scales are FP32 unless the format says otherwise: the FP4 formats
 of :func:`fp4_e2m1` store one byte per block, MXFP4 a power of two in
 ``float8_e8m0fnu``, NVFP4 an ``float8_e4m3fn`` code ``b`` times one FP32 tensor
-scale ``S`` per tensor (:attr:`QuantizedArray.tensor_scale`)::
+scale ``S`` per tensor (per matrix of a stack; :attr:`QuantizedArray.tensor_scale`)::
 
     s = b * S,     b = ceil_e4m3(s~ / S) in [2^-9, 448],     S = 2^ceil(log2(h * max s~ / 448))
 
@@ -79,7 +79,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -252,6 +252,12 @@ class QuantFormat:
       self.scale_shape(tuple(shape))
     except ValueError as err:
       raise ValueError(f"{prefix}{err}") from None
+
+
+def _per_matrix(reduce: Callable, x: jax.Array) -> jax.Array:
+  """``reduce`` (``jnp.max``, ``jnp.any``) over each matrix of ``x``: a scalar for up to
+  two dimensions, shape ``(..., 1, 1)`` for a stack."""
+  return reduce(x) if x.ndim <= 2 else reduce(x, axis=(-2, -1), keepdims=True)
 
 
 def _reduced_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
@@ -437,7 +443,7 @@ class QuantizedArray:
   ``values`` has the tensor's shape and the format's dtype; ``scale`` has
   :meth:`QuantFormat.scale_shape` and the format's ``scale_dtype`` (FP32 unless
   the format stores its scales in 8 bits). ``tensor_scale`` is the FP32 scalar
-  ``S`` of two-level (NVFP4) scales and ``None`` otherwise; the FP32 scale is
+  ``S`` (one per matrix of a stack, shape ``(L, 1, 1)``) of two-level (NVFP4) scales and ``None`` otherwise; the FP32 scale is
   then :attr:`effective_scale` ``= scale * S``. ``fmt`` is static pytree
   metadata, so a tree of ``QuantizedArray`` goes through ``jit``,
   ``jax.device_put`` and sharding as-is (copy one with ``dataclasses.replace``
@@ -526,7 +532,7 @@ def _group_absmax(x: jax.Array, fmt: QuantFormat) -> jax.Array:
   """``max|x|`` over each scale group, shaped like the scale."""
   ax = jnp.abs(x)
   if fmt.scaling == "tensor":
-    return jnp.max(ax) if x.ndim <= 2 else jnp.max(ax, axis=(-2, -1), keepdims=True)
+    return _per_matrix(jnp.max, ax)
   axis = _normalize_axis(fmt.axis, x.ndim, fmt.name)
   if fmt.scaling == "channel":
     return jnp.max(ax, axis=_reduced_axes(x.ndim, axis), keepdims=True)
@@ -579,8 +585,8 @@ def _tensor_scale(scale: jax.Array, active: jax.Array | None,
                   fmt: QuantFormat) -> jax.Array:
   """``S = 2^ceil(log2(h * max s / 448))`` over the ``active`` groups (all if none is)."""
   if active is not None:
-    scale = jnp.where(jnp.any(active) & ~active, 0.0, scale)
-  return _clip_tensor_scale(fmt.headroom * jnp.max(scale) / _E4M3_MAX, fmt)
+    scale = jnp.where(_per_matrix(jnp.any, active) & ~active, 0.0, scale)
+  return _clip_tensor_scale(fmt.headroom * _per_matrix(jnp.max, scale) / _E4M3_MAX, fmt)
 
 
 def _encode_scale(scale: jax.Array, fmt: QuantFormat,
@@ -758,7 +764,7 @@ def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
   tensor_scale = None                    # dynamic: chosen again from the new scales
   if fmt.has_tensor_scale and fmt.scale_policy == "sticky":
     old = q.tensor_scale
-    used = jnp.max(jnp.where(code_max > 0, new, 0.0)) / old   # largest block code
+    used = _per_matrix(jnp.max, jnp.where(code_max > 0, new, 0.0)) / old  # largest block code
     tensor_scale = _clip_tensor_scale(
         _sticky(old, used > _E4M3_MAX, used, _E4M3_MAX, 2.0, 2.0, 0.0), fmt)
   return _encode_scale(new, fmt, tensor_scale, active=code_max > 0)

@@ -355,7 +355,8 @@ _STACKED_FORMATS = {
     "int4-tensor": (eco.int4(), (3, 1, 1)), "int8-channel": (eco.int8(), (3, 1, 8)),
     "e4m3-channel": (eco.fp8_e4m3(), (3, 1, 8)), "e4m3-tensor": (eco.fp8_e4m3("tensor"), (3, 1, 1)),
     "int4-block": (eco.int4("block", block_size=4), (3, 32, 2)),
-    "mxfp4-in": (eco.fp4_e2m1("mxfp4", axis=-2), (3, 1, 8))}
+    "mxfp4-in": (eco.fp4_e2m1("mxfp4", axis=-2), (3, 1, 8)),
+    "nvfp4-in": (eco.fp4_e2m1("nvfp4", axis=-2), (3, 2, 8))}
 
 
 @pytest.mark.parametrize("name", list(_STACKED_FORMATS))
@@ -370,6 +371,8 @@ def test_a_stack_of_matrices_is_scaled_and_stepped_matrix_by_matrix(name):
   stacked = eco.quantize_params({"w": w}, fmt)
   layers = [eco.quantize_params({"w": w[i]}, fmt) for i in range(3)]
   assert stacked["w"].scale.shape == scale_shape
+  if fmt.has_tensor_scale:                     # NVFP4: one FP32 tensor scale per matrix
+    assert stacked["w"].tensor_scale.shape == (3, 1, 1)
   tx = eco.adamw(1e-2)
   step = jax.jit(lambda q, g: eco.apply_updates(q, tx.update(g, tx.init(q), q)[0]))
   for i, layer in enumerate(layers):
