@@ -18,12 +18,13 @@ FORMATS = {
 }
 
 
-def _run(formats, mode, rounding, moments, block_elements, monkeypatch, steps=3):
-  """``steps`` AdamW steps of a tree holding a (72, 24) weight and a bias per format."""
+def _run(formats, mode, rounding, moments, block_elements, monkeypatch, steps=3,
+         shape=(72, 24)):
+  """``steps`` AdamW steps of a tree holding a ``shape`` weight and a bias per format."""
   monkeypatch.setattr(st, "BLOCK_ELEMENTS", block_elements)
   k1, k2 = jax.random.split(jax.random.key(0))
-  params = {name: {"w": jax.random.normal(jax.random.fold_in(k1, i), (72, 24)) * 0.1,
-                   "b": jnp.zeros(24)} for i, name in enumerate(formats)}
+  params = {name: {"w": jax.random.normal(jax.random.fold_in(k1, i), shape) * 0.1,
+                   "b": jnp.zeros(shape[-1])} for i, name in enumerate(formats)}
   q = eco.quantize_params(params, lambda path, x: formats[path[0].key] if x.ndim > 1 else None)
   tx = eco.adamw(0.05, mode=mode, rounding=rounding, mu_dtype=moments, nu_dtype=moments)
   state = tx.init(q)
@@ -42,6 +43,27 @@ def _assert_bit_identical(a_tree, b_tree):
     np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8),
                                   np.atleast_1d(np.asarray(b)).view(np.uint8),
                                   err_msg=jax.tree_util.keystr(path))
+
+
+STACKED_FORMATS = {
+    "fp8-channel": eco.fp8_e4m3(), "int4-tensor": eco.int4(),
+    "int8-block": eco.int8("block", block_size=8),
+    "mxfp4-in": eco.fp4_e2m1("mxfp4", block_size=8, axis=1),
+    "nvfp4-in": eco.fp4_e2m1("nvfp4", block_size=8, axis=-2)}
+
+
+@pytest.mark.parametrize("mode,rounding,moments", [
+    ("eco", "stochastic", jnp.bfloat16), ("eco_exact", "nearest", None),
+    ("master_weights", "stochastic", None)])
+def test_a_stack_stepped_in_blocks_inside_each_matrix_equals_the_whole_leaf(
+    mode, rounding, moments, monkeypatch):
+  # (3, 24, 16): blocks of 8 rows x 16, three per matrix; each block takes its matrix's
+  # scales.
+  blocked = _run(STACKED_FORMATS, mode, rounding, moments, 8 * 16, monkeypatch, shape=(3, 24, 16))
+  assert st._rows_per_block((72, 16), STACKED_FORMATS["fp8-channel"], False,
+                            matrix_rows=24) == 8
+  whole = _run(STACKED_FORMATS, mode, rounding, moments, 1 << 30, monkeypatch, shape=(3, 24, 16))
+  _assert_bit_identical(blocked, whole)
 
 
 @pytest.mark.parametrize("mode,rounding,moments", [
