@@ -462,7 +462,8 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   conditional = isinstance(always, jax.core.Tracer) and mode.extra != "master"
   carries, poisoned = blockwise(block_fn, carries, inputs, rows, n,
                                 always if conditional else None)
-  carries = [c.reshape(shape) for c in carries]
+  if view is not None:
+    carries = [c.reshape(shape) for c in carries]
   poisoned = poisoned | ~jnp.isfinite(eta)
   bits, *rest = carries
   rest = as_floats(rest)
