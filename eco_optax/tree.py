@@ -266,33 +266,33 @@ def check_formats_match(params: Any, formats: Optional[LeafFormats]) -> None:
   raise ValueError(f"the optimizer state has parameters these params lack: {missing[:5]}")
 
 
+def _warn_when(condition: jax.Array, message: str) -> None:
+  """Warns ``message`` (a ``RuntimeWarning``) from the running step where ``condition`` holds."""
+
+  def warn(_):
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+  jax.lax.cond(condition, lambda: jax.debug.callback(warn, condition), lambda: None)
+
+
 def _warn_if_saturated(path: str, fmt: qz.QuantFormat, fraction: jax.Array) -> None:
   """Warns (from the running step, once per leaf) when a fixed scale pins many codes at +-rho."""
-
-  def warn(fraction):
-    warnings.warn(
-        f"{path}: more than {qz.SATURATION_WARNING:.0%} of this {fmt.name} leaf's codes sit "
-        f"at the format's largest magnitude +-{fmt.max_value:g} under scale_policy='fixed', "
-        "which never grows: updates that would move these weights further out are clipped. "
-        "Use scale_policy='sticky' (it grows the scale when codes saturate) or a "
-        f"larger headroom (now {fmt.headroom:g}).", RuntimeWarning, stacklevel=2)
-
-  jax.lax.cond(fraction > qz.SATURATION_WARNING,
-               lambda: jax.debug.callback(warn, fraction), lambda: None)
+  _warn_when(fraction > qz.SATURATION_WARNING,
+             f"{path}: more than {qz.SATURATION_WARNING:.0%} of this {fmt.name} leaf's codes sit "
+             f"at the format's largest magnitude +-{fmt.max_value:g} under scale_policy='fixed', "
+             "which never grows: updates that would move these weights further out are "
+             "clipped. Use scale_policy='sticky' (it grows the scale when codes saturate) or a "
+             f"larger headroom (now {fmt.headroom:g}).")
 
 
 def _warn_if_altered(path: str, altered: jax.Array) -> None:
   """Warns (from the running step) when an update's flags are none an optimizer writes."""
-
-  def warn(altered):
-    warnings.warn(
-        f"{path}: this update's flags are not ones an eco_optax optimizer writes: a "
-        "transformation after the optimizer changed its new codes (optax.scale_by_schedule, "
-        "an integer optax.scale, ...). The leaf is poisoned (NaN) rather than stored "
-        "altered. Place gradient transformations before the eco_optax optimizer and change "
-        "its learning_rate to scale its steps.", RuntimeWarning, stacklevel=2)
-
-  jax.lax.cond(altered, lambda: jax.debug.callback(warn, altered), lambda: None)
+  _warn_when(altered,
+             f"{path}: this update's flags are not ones an eco_optax optimizer writes: a "
+             "transformation after the optimizer changed its new codes "
+             "(optax.scale_by_schedule, an integer optax.scale, ...). The leaf is poisoned "
+             "(NaN) rather than stored altered. Place gradient transformations before the "
+             "eco_optax optimizer and change its learning_rate to scale its steps.")
 
 
 def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedArray:
