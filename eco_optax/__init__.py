@@ -20,6 +20,7 @@ from eco_optax import baselines
 from eco_optax import moments
 from eco_optax import quantize
 from eco_optax import rules
+from eco_optax import serialization
 from eco_optax import step
 from eco_optax import transform
 from eco_optax.wrappers import MultiSteps, apply_if_finite, set_to_zero

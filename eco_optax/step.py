@@ -498,8 +498,10 @@ class ErrorFeedbackState(NamedTuple):
       tree of leaves in its storage format (FP32 arrays by default; ``None`` where
       a leaf has no such moment).
     master: FP32 master weights in ``"master_weights"`` mode, else ``None``.
-    key: PRNG key of stochastic rounding, advanced at every step that rounds stochastically
-      (the weights, a kept error or the moments).
+    key: the raw data (``jax.random.key_data``, ``uint32``) of the PRNG key of
+      stochastic rounding, advanced at every step that rounds stochastically (the
+      weights, a kept error or the moments). Raw, not a typed key, so that the state
+      goes through ``flax.serialization`` (msgpack), which refuses typed keys.
     previous_error: in ``"eco_exact"`` mode, each quantized leaf's last error as a
       :class:`~eco_optax.quantize.QuantizedArray` of bfloat16 code units with the
       scale it was written in (:func:`error_format`), else ``None``.
@@ -597,7 +599,8 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
           qz.QuantizedArray(jnp.zeros(p.shape, jnp.bfloat16), jnp.copy(p.effective_scale),
                             error_format(p.fmt)) if qtree.is_lossy(p) else None for p in leaves])
     return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
-                              jax.random.key(seed), error, qtree.formats_of(params),
+                              jax.random.key_data(jax.random.key(seed)), error,
+                              qtree.formats_of(params),
                               jnp.zeros([], jnp.float32) if mode.extra == "error" else None)
 
   def update(grads, state, params=None):
@@ -617,10 +620,11 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     n_lossy = sum(map(qtree.is_lossy, leaves))
     if rounding == "stochastic" or mode.extra == "error" or moment_formats:
       # One split for the step: its own next key, the weights' keys, the kept errors' keys.
-      keys = jax.random.split(state.key, n_lossy * (2 if mode.extra == "error" else 1) + 1)
-      next_key, leaf_keys = keys[0], iter(keys[1:n_lossy + 1])
+      root = jax.random.wrap_key_data(state.key)
+      keys = jax.random.split(root, n_lossy * (2 if mode.extra == "error" else 1) + 1)
+      next_key, leaf_keys = _placed_like(state.key, keys[0]), iter(keys[1:n_lossy + 1])
       error_keys = iter(keys[n_lossy + 1:])
-      moment_root = jax.random.fold_in(state.key, _MOMENT_STREAM)
+      moment_root = jax.random.fold_in(root, _MOMENT_STREAM)
       moment_keys = {name: iter(jax.random.split(jax.random.fold_in(moment_root, i), len(leaves)))
                      for i, name in enumerate(rule.moments._fields)}
     else:   # nothing is rounded stochastically: no key is drawn (a threefry hash less to compile)
@@ -673,6 +677,13 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
         eta if mode.extra == "error" else None)
 
   return optax.GradientTransformation(init, update)
+
+
+def _placed_like(raw: jax.Array, key: jax.Array) -> jax.Array:
+  """``key``'s raw data, computed elementwise from ``raw`` (``raw ^ raw ^ data``, bit for bit
+  the data): XLA then gives it ``raw``'s sharding, where a new key would come back
+  replicated, so a key the user placed on a mesh axis stays there (no recompilation)."""
+  return raw ^ (raw ^ jax.random.key_data(key))
 
 
 def _check_state(state: Any, moments: type, mode: Mode) -> None:

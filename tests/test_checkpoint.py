@@ -166,3 +166,73 @@ def test_restore_into_a_fresh_train_state_whose_step_is_a_python_int(tmp_path):
   assert int(restored.step) == 1
   np.testing.assert_array_equal(np.asarray(restored.params["w"].dequantize()),
                                 np.asarray(trained.params["w"].dequantize()))
+
+
+# flax.serialization (msgpack): quantized params, optimizer states, Linen's TrainState.
+
+@pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.fp8_e5m2("block"), eco.int8(), eco.int4(),
+                                 eco.fp4_e2m1("mxfp4"), eco.fp4_e2m1("nvfp4")],
+                         ids=lambda f: f"{f.name}-{f.scaling}")
+def test_flax_msgpack_round_trips_every_format_bit_for_bit(fmt):
+  from flax import serialization
+  params = {"w": jax.random.normal(jax.random.key(3), (64, 32)), "b": jnp.arange(32.0)}
+  q = eco.quantize_params(params, fmt)
+  back = serialization.from_bytes(q, serialization.to_bytes(q))
+  assert jax.tree.structure(back) == jax.tree.structure(q)
+  assert back["w"].fmt == fmt and back["w"].values.dtype == fmt.dtype
+  assert as_bytes(back) == as_bytes(q)
+
+
+def test_training_resumed_from_flax_msgpack_is_bit_identical():
+  from flax import serialization
+  q, state = train(*fresh(), 0, N)
+  data = serialization.to_bytes({"params": q, "opt_state": state})
+  template = dict(zip(("params", "opt_state"), fresh()))
+  back = serialization.from_bytes(template, data)
+  assert as_bytes(train(back["params"], back["opt_state"], N, M)) == as_bytes(
+      train(q, state, N, M))
+
+
+def test_flax_msgpack_of_a_linen_train_state():
+  import flax.linen as nn
+  from flax import serialization
+  model = nn.Dense(8)
+  params = eco.quantize_params(model.init(jax.random.key(0), jnp.ones((1, 4)))["params"],
+                               eco.fp8_e4m3())
+  state = eco.TrainState.create(apply_fn=model.apply, params=params,
+                                tx=eco.adamw(1e-2, rounding="stochastic"))
+  loss = lambda p, x: jnp.mean(state.apply_fn({"params": p}, x) ** 2)
+  state = state.apply_gradients(grads=eco.grad(loss)(state.params, jnp.ones((2, 4))))
+  back = serialization.from_bytes(state.replace(step=0), serialization.to_bytes(state))
+  assert int(back.step) == 1
+  assert as_bytes((back.params, back.opt_state)) == as_bytes((state.params, state.opt_state))
+
+
+def test_flax_msgpack_refuses_a_template_of_another_format():
+  from flax import serialization
+  q, _ = fresh()
+  data = serialization.to_bytes(q)
+  other = eco.quantize_params(eco.dequantize_params(q), eco.fp8_e4m3())   # w2 not INT4
+  with pytest.raises(ValueError, match=r"w2/values: the template \(a fp8_e4m3 QuantizedArray\) expects "
+                                       r"float8_e4m3fn\[32, 16\], the data holds int4\[32, 16\]"):
+    serialization.from_bytes(other, data)
+  plain = eco.dequantize_params(q)
+  with pytest.raises(ValueError, match=r"w1: a fp8_e4m3 QuantizedArray is stored as "
+                                       r"\['values', 'scale'\], got ndarray"):
+    serialization.from_bytes(q, serialization.to_bytes(plain))
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="eco_exact", nu_dtype=jnp.bfloat16),
+                                    dict(mu_dtype=eco.moments.blockwise_8bit(),
+                                         nu_dtype=eco.moments.blockwise_8bit())],
+                         ids=["exact-rule", "8bit-moments"])
+def test_flax_msgpack_round_trips_kept_errors_and_8bit_moments(kwargs):
+  from flax import serialization
+  q, _ = fresh()
+  tx = eco.adamw(1e-2, rounding="stochastic", **kwargs)
+  state = tx.init(q)
+  grads = jax.tree.map(jnp.ones_like, eco.dequantize_params(q))
+  _, state = tx.update(grads, state, q)
+  back = serialization.from_bytes(tx.init(q), serialization.to_bytes(state))
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  assert as_bytes(back) == as_bytes(state)

@@ -7,15 +7,15 @@ import pytest
 
 import eco_optax
 from eco_optax import (alias, baselines, checkpoint, memory, moments, nnx, quantize, rules,
-                       step, train_state, transform, tree, wrappers)
+                       serialization, step, train_state, transform, tree, wrappers)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 @pytest.mark.parametrize("module", [eco_optax, alias, checkpoint, memory, moments, nnx,
-                                    quantize, rules, train_state, transform, tree, wrappers,
-                                    baselines, step],
+                                    quantize, rules, serialization, train_state, transform,
+                                    tree, wrappers, baselines, step],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
