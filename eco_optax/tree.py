@@ -41,7 +41,8 @@ def path_str(path: tuple) -> str:
 
 
 def default_policy(fmt: qz.QuantFormat) -> Policy:
-  """Quantizes leaves with ``ndim >= 2`` (matrices, kernels); vectors and scalars stay.
+  """Quantizes leaves with ``ndim >= 2`` (matrices, kernels); vectors, scalars and
+  zero-size leaves (no scale to take) stay.
 
   Norm gains and biases are tiny and sensitive; the paper keeps them (and the
   embedding) in full precision. Pass your own ``callable(path, leaf) -> format |
@@ -50,7 +51,7 @@ def default_policy(fmt: qz.QuantFormat) -> Policy:
 
   def policy(path, leaf):
     del path
-    return fmt if jnp.ndim(leaf) >= 2 else None
+    return fmt if jnp.ndim(leaf) >= 2 and jnp.size(leaf) > 0 else None
 
   return policy
 
@@ -84,7 +85,7 @@ def quantize_params(params: Any, fmt_or_policy: FormatOrPolicy) -> Any:
 
   Raises:
     TypeError / ValueError naming the leaf's path for non-float leaves, zero-size
-    or scalar leaves, shapes the format's scaling can't cut, and (when called
+    or scalar leaves the policy selects, shapes the format's scaling can't cut, and (when called
     outside ``jit``) non-finite values.
 
   Example:

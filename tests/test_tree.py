@@ -313,9 +313,14 @@ def test_already_quantized_leaf_is_refused():
     eco.quantize_params(q, eco.fp8_e4m3())
 
 
-def test_zero_size_leaf_names_the_leaf():
+def test_zero_size_leaf_stays_plain_by_default_and_is_refused_when_asked_for():
+  q = eco.quantize_params({"empty": jnp.ones((0, 4)), "w": jnp.ones((4, 4))}, eco.fp8_e4m3())
+  assert not eco.is_quantized(q["empty"]) and eco.is_quantized(q["w"])
+  tx = eco.adamw(1e-2)
+  updates, _ = tx.update({"empty": jnp.ones((0, 4)), "w": jnp.ones((4, 4))}, tx.init(q), q)
+  assert eco.apply_updates(q, updates)["empty"].shape == (0, 4)
   with pytest.raises(ValueError, match=r"\['empty'\].*zero-size"):
-    eco.quantize_params({"empty": jnp.ones((0, 4))}, eco.fp8_e4m3())
+    eco.quantize_params({"empty": jnp.ones((0, 4))}, lambda path, leaf: eco.fp8_e4m3())
 
 
 def test_non_finite_params_name_the_leaf():
