@@ -164,10 +164,14 @@ def check_updates_match(params: Any, updates: Any, what: str = "updates") -> Non
   if p_keys != u_keys or p_def.num_leaves != u_def.num_leaves:
     missing = sorted(set(p_keys) - set(u_keys))
     extra = sorted(set(u_keys) - set(p_keys))
+    codes = what == "grads" and any(k.endswith((".values", ".scale")) for k in extra)
     raise ValueError(
         f"{what} do not have the structure of the (dequantized) params: "
         f"missing {missing[:5]}, unexpected {extra[:5]}"
-        + ("" if missing or extra else f"; params {p_def} vs {what} {u_def}"))
+        + ("" if missing or extra else f"; params {p_def} vs {what} {u_def}")
+        + ("; these are derivatives with respect to QuantizedArray fields: take gradients "
+           "with respect to the dequantized weights with eco_optax.grad / "
+           "eco_optax.value_and_grad (eco_optax.nnx.value_and_grad for NNX)" if codes else ""))
   for (path, p), (_, u) in zip(p_paths, u_paths):
     if p is None:
       continue

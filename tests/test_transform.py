@@ -187,6 +187,13 @@ def test_grads_with_wrong_tree_or_shape_are_clear_errors():
     tx.update({"w": jnp.ones((4, 3)), "b": jnp.ones(4)}, state, q)
   with pytest.raises(TypeError, match=r"\['b'\]: grads leaf has dtype int32"):
     tx.update({"w": jnp.ones((4, 4)), "b": jnp.ones(4, jnp.int32)}, state, q)
+  # jax.grad with respect to the quantized params: derivatives of the codes and scales.
+  q8 = eco.quantize_params({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, eco.fp8_e4m3())
+  codes_grads = jax.grad(lambda p: jnp.sum(eco.dequantize_params(p)["w"]))(q8)
+  with pytest.raises(ValueError, match=r"unexpected \[\"\['w'\]\.scale\", \"\['w'\]\.values\"\]; "
+                                       r"these are derivatives with respect to QuantizedArray "
+                                       r"fields: take gradients .* with eco_optax\.grad"):
+    tx.update(codes_grads, tx.init(q8), q8)
 
 
 def test_update_refuses_params_stored_in_another_format():
