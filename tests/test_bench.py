@@ -9,6 +9,7 @@ import pytest
 import eco_optax as eco
 from benchmarks import __main__ as bench
 from benchmarks import data as bdata
+from benchmarks import compile_time
 from benchmarks import memory as bmemory
 from benchmarks import model as bmodel
 from benchmarks import finetune
@@ -282,3 +283,10 @@ def test_full_runs_the_paper_set_then_each_study(tmp_path, monkeypatch):
   assert [m for m, _ in calls] == [sweep, finetune, long_run]
   for (module, argv), name in zip(calls, ("sweep", "finetune", "long_run")):
     assert argv == [*bench.STUDIES[name], "--out", str(tmp_path / name)]
+
+
+def test_compile_time_benchmark_counts_the_quantized_leaves_of_each_method():
+  rows = compile_time.measure(depth=1, width=32, batch=2)
+  assert [r.method for r in rows] == list(compile_time.METHODS)
+  assert [r.quantized_leaves for r in rows] == [0, 4, 4, 4]   # qkv, out, up, down
+  assert all(r.lower_s > 0 and r.compile_s > 0 for r in rows)
