@@ -1,8 +1,14 @@
 """Helpers shared by the tests."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import eco_optax as eco
+
+
+def leaf_bytes(tree):
+  """Every leaf (codes, scales, moments, key data) as raw bytes, for exact comparison."""
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
 
 
 def train_steps(tx, q, loss_fn, batch, steps):

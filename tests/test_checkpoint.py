@@ -18,6 +18,8 @@ import optax
 import eco_optax as eco
 from eco_optax import checkpoint
 
+from _helpers import leaf_bytes
+
 N, M = 4, 3
 
 
@@ -60,13 +62,6 @@ def train(q, state, start, steps):
   return q, state
 
 
-def as_bytes(tree):
-  """Every leaf (codes, scales, moments, key data) as raw bytes, for exact comparison."""
-  leaves = jax.tree.leaves(tree)
-  return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
-      x.dtype, jax.dtypes.prng_key) else x).tobytes() for x in leaves]
-
-
 def test_resume_in_fresh_process_is_bit_identical(tmp_path):
   q, state = train(*fresh(), 0, N)
   ckpt = tmp_path / "ckpt"
@@ -78,7 +73,7 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path):
 
   q_ref, state_ref = train(q, state, N, M)
   resumed = np.load(out)
-  expected = as_bytes((q_ref, state_ref))
+  expected = leaf_bytes((q_ref, state_ref))
   assert len(resumed.files) == len(expected)
   for i, ref in enumerate(expected):
     assert resumed[f"leaf{i}"].tobytes() == ref, f"leaf {i} differs"
@@ -103,7 +98,7 @@ def test_restore_into_abstract_template(tmp_path):
   checkpoint.save(tmp_path / "c", (q, state))
   abstract = jax.eval_shape(fresh)
   got = checkpoint.restore(tmp_path / "c", abstract)
-  assert as_bytes(got) == as_bytes((q, state))
+  assert leaf_bytes(got) == leaf_bytes((q, state))
 
 
 @pytest.mark.slow
@@ -124,14 +119,14 @@ def test_fp4_weights_and_scales_round_trip_bit_identical(tmp_path):
   q, state = step(q, tx.init(q))
   checkpoint.save(tmp_path / "fp4", {"params": q, "opt_state": state})
   got = checkpoint.restore(tmp_path / "fp4", {"params": q, "opt_state": state})
-  assert as_bytes(got) == as_bytes({"params": q, "opt_state": state})
+  assert leaf_bytes(got) == leaf_bytes({"params": q, "opt_state": state})
   assert got["params"]["mx"].values.dtype == jnp.float4_e2m1fn
   assert got["params"]["mx"].scale.dtype == jnp.float8_e8m0fnu
   assert got["params"]["nv"].scale.dtype == jnp.float8_e4m3fn
   assert got["params"]["nv"].tensor_scale == q["nv"].tensor_scale
   # And into an abstract template; another FP4 style is refused by name.
-  assert as_bytes(checkpoint.restore(tmp_path / "fp4", jax.eval_shape(lambda: got))) \
-      == as_bytes(got)
+  assert leaf_bytes(checkpoint.restore(tmp_path / "fp4", jax.eval_shape(lambda: got))) \
+      == leaf_bytes(got)
   other = eco.quantize_params(params, eco.fp4_e2m1("mxfp4", block_size=16))
   try:
     checkpoint.restore(tmp_path / "fp4", {"params": other, "opt_state": tx.init(other)})
@@ -147,7 +142,7 @@ def resume_main(ckpt, steps, out):
   q, state = restored["params"], restored["opt_state"]
   q, state = train(q, state, N, steps)
   np.savez(out, **{f"leaf{i}": np.frombuffer(b, np.uint8)
-                   for i, b in enumerate(as_bytes((q, state)))})
+                   for i, b in enumerate(leaf_bytes((q, state)))})
 
 
 if __name__ == "__main__":
@@ -180,7 +175,7 @@ def test_flax_msgpack_round_trips_every_format_bit_for_bit(fmt):
   back = serialization.from_bytes(q, serialization.to_bytes(q))
   assert jax.tree.structure(back) == jax.tree.structure(q)
   assert back["w"].fmt == fmt and back["w"].values.dtype == fmt.dtype
-  assert as_bytes(back) == as_bytes(q)
+  assert leaf_bytes(back) == leaf_bytes(q)
 
 
 def test_training_resumed_from_flax_msgpack_is_bit_identical():
@@ -189,7 +184,7 @@ def test_training_resumed_from_flax_msgpack_is_bit_identical():
   data = serialization.to_bytes({"params": q, "opt_state": state})
   template = dict(zip(("params", "opt_state"), fresh()))
   back = serialization.from_bytes(template, data)
-  assert as_bytes(train(back["params"], back["opt_state"], N, M)) == as_bytes(
+  assert leaf_bytes(train(back["params"], back["opt_state"], N, M)) == leaf_bytes(
       train(q, state, N, M))
 
 
@@ -205,7 +200,7 @@ def test_flax_msgpack_of_a_linen_train_state():
   state = state.apply_gradients(grads=eco.grad(loss)(state.params, jnp.ones((2, 4))))
   back = serialization.from_bytes(state.replace(step=0), serialization.to_bytes(state))
   assert int(back.step) == 1
-  assert as_bytes((back.params, back.opt_state)) == as_bytes((state.params, state.opt_state))
+  assert leaf_bytes((back.params, back.opt_state)) == leaf_bytes((state.params, state.opt_state))
 
 
 def test_flax_msgpack_refuses_a_template_of_another_format():
@@ -235,4 +230,4 @@ def test_flax_msgpack_round_trips_kept_errors_and_8bit_moments(kwargs):
   _, state = tx.update(grads, state, q)
   back = serialization.from_bytes(tx.init(q), serialization.to_bytes(state))
   assert jax.tree.structure(back) == jax.tree.structure(state)
-  assert as_bytes(back) == as_bytes(state)
+  assert leaf_bytes(back) == leaf_bytes(state)
