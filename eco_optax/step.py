@@ -365,8 +365,8 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
            or any(isinstance(formats.get(f), mom.Blockwise8bit) for f in fields))
   view = None if whole or jax.default_backend() != "cpu" else _stack_view(shape, fmt)
   if view is not None:    # the loop's format: its axis counted in the view
-    (rows, _), loop_fmt = view
-    n = _rows_per_block(view[0], loop_fmt, whole, matrix_rows=shape[-2])
+    (rows, columns), loop_fmt = view
+    n = _rows_per_block((rows, columns), loop_fmt, whole, matrix_rows=shape[-2])
   else:
     rows, loop_fmt = shape[0], fmt
     n = _rows_per_block(shape, fmt, whole)
