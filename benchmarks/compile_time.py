@@ -27,8 +27,8 @@ from benchmarks import model as lm
 
 METHODS: dict[str, Callable[[], optax.GradientTransformation | None]] = {
     "optax.adamw (fp32)": lambda: None,
-    "ECO-RTN": lambda: eco.adamw(1e-3),
-    "ECO-SR": lambda: eco.adamw(1e-3, rounding="stochastic"),
+    "ECO-RTN": lambda: eco.adamw(1e-3, rounding="nearest"),
+    "ECO-SR": lambda: eco.adamw(1e-3),
     "ECO exact rule, bf16 nu": lambda: eco.adamw(1e-3, mode="eco_exact", nu_dtype=jnp.bfloat16),
 }
 

@@ -13,9 +13,13 @@ low precision with master weights      ``mode="master_weights"``
 w/o MW, round to nearest (naive)       ``mode="naive", rounding="nearest"``
 w/o MW + SR                            ``mode="naive", rounding="stochastic"``
 ECO + RTN                              ``mode="eco", rounding="nearest"``
-ECO + SR                               ``mode="eco", rounding="stochastic"``
+ECO + SR (the default)                 ``mode="eco"`` (``rounding="stochastic"``)
 ECO's exact rule (+2 bytes/param)      ``mode="eco_exact"``
 =====================================  ==========================================
+
+``rounding=None`` (the default) is stochastic in ECO mode, where it follows master
+weights without their copy, and round-to-nearest in the others
+(:func:`eco_optax.transform.default_rounding`).
 
 ``mu_dtype`` (every optimizer) and ``nu_dtype`` (Adam, AdamW, Muon) store the
 moments between steps in low precision (:mod:`eco_optax.moments`): ``jnp.bfloat16``
@@ -32,7 +36,7 @@ moments and follows the master-weight path, where the memory-free rule trails it
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import jax
 import optax
@@ -45,7 +49,7 @@ from eco_optax import transform
 
 def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, *,
          weight_decay: float = 0.0, mode: transform.Mode = "eco",
-         rounding: qz.Rounding = "nearest", seed: int = 0,
+         rounding: Optional[qz.Rounding] = None, seed: int = 0,
          mask: Any = None, mu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   r"""EMA-momentum SGD on quantized weights (paper, Algorithm 2).
 
@@ -69,7 +73,7 @@ def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, *,
 def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
           b2: float = 0.999, eps: float = 1e-8, *, weight_decay: float = 1e-4,
           eps_root: float = 0.0, mode: transform.Mode = "eco",
-          rounding: qz.Rounding = "nearest", seed: int = 0,
+          rounding: Optional[qz.Rounding] = None, seed: int = 0,
           mask: Any = None, mu_dtype: moments.Spec = None,
           nu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   r"""AdamW on quantized weights without a master copy (paper, Algorithm 3).
@@ -109,7 +113,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
 
 def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
          b2: float = 0.999, eps: float = 1e-8, *, eps_root: float = 0.0,
-         mode: transform.Mode = "eco", rounding: qz.Rounding = "nearest",
+         mode: transform.Mode = "eco", rounding: Optional[qz.Rounding] = None,
          seed: int = 0, mu_dtype: moments.Spec = None,
          nu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   """Adam on quantized weights: :func:`adamw` without weight decay (:func:`optax.adam`)."""
@@ -127,7 +131,7 @@ def muon(learning_rate: optax.ScalarOrSchedule,
          adam_b1: float = 0.9, adam_b2: float = 0.999, adam_eps_root: float = 0.0,
          adam_weight_decay: float = 0.0, consistent_rms: float | None = None,
          injection: Literal["polar", "frozen"] = "polar", mode: transform.Mode = "eco",
-         rounding: qz.Rounding = "nearest", seed: int = 0, mu_dtype: moments.Spec = None,
+         rounding: Optional[qz.Rounding] = None, seed: int = 0, mu_dtype: moments.Spec = None,
          nu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   r"""Muon on quantized weights: :func:`optax.contrib.muon` without a master copy.
 
@@ -197,7 +201,7 @@ def muon(learning_rate: optax.ScalarOrSchedule,
 
 def lion(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99, *,
          weight_decay: float = 1e-3, mode: transform.Mode = "eco",
-         rounding: qz.Rounding = "nearest", seed: int = 0,
+         rounding: Optional[qz.Rounding] = None, seed: int = 0,
          mask: Any = None, mu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   r"""Lion on quantized weights: :func:`optax.lion` without a master copy.
 

@@ -98,3 +98,19 @@ def test_arguments_carry_optaxs_names(name, theirs, shared):
     assert arg in ours and arg in inspect.signature(theirs).parameters, arg
   if "weight_decay" in ours:
     assert "mask" in ours and "weight_decay_mask" not in ours
+
+
+@pytest.mark.parametrize("make", [eco.sgdm, eco.adamw, eco.lion], ids=["sgdm", "adamw", "lion"])
+@pytest.mark.parametrize("mode,expected", [("eco", "stochastic"), ("naive", "nearest"),
+                                           ("master_weights", "nearest")])
+def test_rounding_defaults_to_stochastic_in_eco_mode_only(make, mode, expected):
+  q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, eco.int8())
+  g = {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
+
+  def new_codes(**kw):
+    tx = make(0.05, mode=mode, **kw)
+    return eco.apply_updates(q, tx.update(g, tx.init(q), q)[0])["w"].values
+
+  other = {"stochastic": "nearest", "nearest": "stochastic"}[expected]
+  np.testing.assert_array_equal(new_codes(), new_codes(rounding=expected))
+  assert not np.array_equal(new_codes(), new_codes(rounding=other))

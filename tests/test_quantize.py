@@ -373,7 +373,7 @@ def test_a_stack_of_matrices_is_scaled_and_stepped_matrix_by_matrix(name):
   assert stacked["w"].scale.shape == scale_shape
   if fmt.has_tensor_scale:                     # NVFP4: one FP32 tensor scale per matrix
     assert stacked["w"].tensor_scale.shape == (3, 1, 1)
-  tx = eco.adamw(1e-2)
+  tx = eco.adamw(1e-2, rounding="nearest")   # stochastic draws differ between leaf layouts
   step = jax.jit(lambda q, g: eco.apply_updates(q, tx.update(g, tx.init(q), q)[0]))
   for i, layer in enumerate(layers):
     np.testing.assert_array_equal(qz.values_to_bits(stacked["w"].values[i], fmt),

@@ -42,7 +42,7 @@ def test_consecutive_quantization_errors_are_aligned():
   alpha = (1 / lr) * (1 - 1 / beta)
   key = jax.random.key(1)
   q = eco.quantize_params({"w": jnp.sign(W_STAR)}, FMT)   # range [-1, 1]
-  tx = eco.sgdm(lr, momentum=beta)
+  tx = eco.sgdm(lr, momentum=beta, rounding="nearest")
   state = tx.init(q)
 
   @jax.jit        # one executable for the 300 steps (eager apply_updates compiles each call)
@@ -71,7 +71,7 @@ def _first_move(mode, lr, grad=1.0, steps=1000):
   w = jnp.zeros((1, 128)).at[0, 0].set(1.27)          # int8 tensor-wise: grid step 0.01
   q = eco.quantize_params({"w": w}, eco.int8("tensor", scale_policy="fixed", headroom=1.0))
   g = {"w": jnp.full((1, 128), grad).at[0, 0].set(0.0)}
-  tx = eco.sgdm(lr, momentum=0.9, mode=mode)
+  tx = eco.sgdm(lr, momentum=0.9, mode=mode, rounding="nearest")
 
   def body(carry, _):
     q, state = carry

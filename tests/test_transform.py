@@ -61,7 +61,7 @@ def test_injection_coefficient_with_weight_decay():
   fmt = eco.int4("tensor", headroom=1.0)
   q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, fmt)
   g = {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
-  tx = eco.sgdm(eta, beta, weight_decay=lam)
+  tx = eco.sgdm(eta, beta, weight_decay=lam, rounding="nearest")
   state = tx.init(q)
   updates, state = tx.update(g, state, q)
   w = q["w"].dequantize()
@@ -337,7 +337,7 @@ def _constant_gradient_lag(mode, steps=1500):
   start = 64 / 127                      # on the grid: no initial rounding error
   q = eco.quantize_params({"w": jnp.full((4, 4), start).at[0, 0].set(1.0)}, fmt)
   eta, g = 0.01, 2.0 / 127
-  tx = eco.sgdm(eta, 0.9, mode=mode)
+  tx = eco.sgdm(eta, 0.9, mode=mode, rounding="nearest")
 
   def body(carry, _):
     q, state = carry
