@@ -246,22 +246,38 @@ class _Quantizer:
   ``bits`` are the storage bits of the new codes (``uint8``; ``uint16`` for 16-bit
   formats), ``value`` their FP32 value ``Q(target)``. ``materialize``: ``None``, or
   the ``always`` of :func:`_materialize`, to round the codes of a block once, into an
-  FP32 buffer of their own; not for whole leaves.
+  FP32 buffer of their own; not for whole leaves. After a call, ``fault`` says whether
+  an element of the target or of ``gradient`` (the block's gradient, or ``None``) was
+  not finite: the leaf is then poisoned.
   """
 
-  def __init__(self, fmt, scale, rounding, key, offset, materialize):
+  def __init__(self, fmt, scale, rounding, key, offset, materialize, gradient=None):
     self.fmt, self.scale, self.rounding, self.key, self.offset = (
         fmt, scale, rounding, key, offset)
-    self.materialize = materialize
+    self.materialize, self.gradient = materialize, gradient
+    self.fault = None
 
   def __call__(self, target):
     fmt, rho = self.fmt, self.fmt.max_value
     scale, inverse = (qz._expand_scale(x, fmt, target.ndim) for x in self.scale)
     y = jnp.clip(qz._blocked(target, fmt) * inverse, -rho, rho)
-    codes = qz._round_to_grid(jnp.where(jnp.isfinite(y), y, 0.0), fmt, self.rounding,
-                              self.key, self.offset)
-    if self.materialize is not None:    # read by the stored bits and the error: rounded once
-      codes = _materialize(codes, self.materialize)
+    finite = jnp.isfinite(y)
+    if self.gradient is not None:
+      finite = finite & jnp.isfinite(qz._blocked(self.gradient, fmt))
+    codes = qz._round_to_grid(jnp.where(finite, y, 0.0), fmt, self.rounding, self.key,
+                              self.offset)
+    if self.materialize is None:
+      self.fault = ~jnp.all(finite)
+    else:
+      # Read by the stored bits and the error: rounded once, into a buffer that marks
+      # the faults as NaN. The fault check reads that buffer (in cache): column sums
+      # are NaN where an element is (a float reduction; a boolean one would
+      # materialise a mask first), and a check of the gradient or the target on their
+      # own would materialise the gradient block or compute the step a second time
+      # (10M FP8 params, master weights: 8% of the step).
+      marked = _materialize(jnp.where(finite, codes, jnp.nan), self.materialize)
+      self.fault = ~jnp.all(jnp.isfinite(_column_sums(marked)))
+      codes = jnp.where(jnp.isnan(marked), 0.0, marked)
     bits = qz.grid_to_bits(codes, fmt).astype(qtree.new_codes_dtype(fmt))
     return qz._unblocked(bits, target.shape), qz._unblocked(codes * scale, target.shape)
 
@@ -413,7 +429,8 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
     offset = r0 * row_size
     decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
                for f, x in zip(fields, rest)}
-    quantizer = _Quantizer(loop_fmt, (s_next, s_next_inverse), rounding, key, offset, always)
+    quantizer = _Quantizer(loop_fmt, (s_next, s_next_inverse), rounding, key, offset, always,
+                           gradient=g)
     # The kept error's codes get no buffer of their own: with one, the whole-leaf and
     # blockwise steps contracted the exact rule's momentum arithmetic differently
     # (FP4 formats, tests/test_step.py).
@@ -446,14 +463,10 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
       out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
     for i in narrow:
       out[1 + i] = _float_bits(out[1 + i])
-    # A non-finite gradient poisons the leaf. Checked on the gradient block, which is in
-    # cache, not on the target (a reduction over the target would make XLA compute the
-    # step a second time): column sums of ``g - g`` are NaN where an element is not
-    # finite (a float reduction; a boolean ``any`` materialises a mask first, and
-    # ``0 * g`` a block of zeros for the reduction to read). Rows of an overlapping
-    # last block that an earlier block owns are real rows: checking them again
-    # changes nothing.
-    return out, ~jnp.all(jnp.isfinite(_column_sums(g - g)))
+    # A non-finite gradient or target poisons the leaf (the quantizer's check). Rows of
+    # an overlapping last block that an earlier block owns are real rows: checking them
+    # again changes nothing.
+    return out, quantizer.fault
 
   # One block runs behind a conditional only when traced: eagerly each operation runs on
   # its own, and a conditional of a new closure would compile again at every step. Not

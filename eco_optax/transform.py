@@ -40,8 +40,8 @@ The baselines (naive rounding, master weights) are in :mod:`eco_optax.baselines`
 runs it in one pass per leaf.
 
 Guards. ``eta = 0`` (warm-up from zero, annealing to zero) makes ``alpha``
-undefined: no error is injected on such steps. A non-finite gradient or learning
-rate turns the leaf's weights into NaN (its scale, :func:`eco_optax.apply_updates`)
+undefined: no error is injected on such steps. A non-finite gradient, learning
+rate or moment turns the leaf's weights into NaN (its scale, :func:`eco_optax.apply_updates`)
 as it would turn FP32 weights into NaN in optax: the fault shows. Wrap the
 optimizer in :func:`eco_optax.apply_if_finite` to skip such steps instead.
 """

@@ -236,6 +236,25 @@ def test_non_finite_grads_show_in_the_stored_weights(bad, jit):
   assert float(updates["v"].flags) == eco.tree.VALID
 
 
+@pytest.mark.parametrize("make,shape", [(eco.adamw, (4, 4)), (eco.adamw, (300, 512)),
+                                        (eco.muon, (8, 16))], ids=["adamw", "adamw-blocks", "muon"])
+def test_a_non_finite_moment_shows_in_the_stored_weights(make, shape):
+  """A NaN that reaches the target from the state (not the gradient) poisons the leaf too:
+  never a weight silently stored as code 0. ``(300, 512)`` is stepped in overlapping
+  blocks of rows on CPU, the Muon matrix whole."""
+  q = eco.quantize_params({"w": jnp.ones(shape), "v": jnp.ones(shape)}, eco.fp8_e4m3())
+  tx = make(1e-2)
+  state = tx.init(q)
+  mu = dict(state.moments.mu, w=state.moments.mu["w"].at[shape[0] - 1, 3].set(jnp.nan))
+  state = state._replace(moments=state.moments._replace(mu=mu))
+  g = {"w": jnp.full(shape, 0.1), "v": jnp.full(shape, 0.1)}
+  updates, _ = jax.jit(tx.update)(g, state, q)
+  assert bool(jnp.isnan(updates["w"].flags))
+  assert float(updates["v"].flags) == eco.tree.VALID
+  out = eco.dequantize_params(eco.apply_updates(q, updates))
+  assert bool(jnp.all(jnp.isnan(out["w"]))) and bool(jnp.all(jnp.isfinite(out["v"])))
+
+
 def test_a_non_finite_learning_rate_poisons_every_leaf():
   q = eco.quantize_params({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, eco.int8())
   tx = eco.sgdm(lambda count: jnp.inf * (count + 1), 0.9)
