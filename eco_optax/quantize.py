@@ -356,7 +356,7 @@ def int4(scaling: Scaling = "tensor", *, block_size: int = 32,
                headroom, axis, growth_factor, saturated_fraction)
 
 
-def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
+def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = -2,
              block_size: int | None = None, scale_policy: ScalePolicy = "sticky",
              headroom: float | None = None, growth_factor: float | None = None,
              saturated_fraction: float = 0.0) -> QuantFormat:
@@ -371,13 +371,14 @@ def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
     code ``b`` per block times one FP32 tensor scale ``S`` (module docstring):
     4 + 8/16 = 4.5 bits per parameter, plus 4 bytes per tensor.
 
-  Blocks run along ``axis=0``, not ``-1`` as for :func:`int4` block scales: MX and
+  Blocks run along ``axis=-2``, not ``-1`` as for :func:`int4` block scales: MX and
   NVFP4 matmuls scale blocks along the contraction dimension, and for a Flax
-  ``(in, out)`` kernel (``y = x @ W``) that is axis 0, the input features. (INT4
-  here is a storage format only; its blocks follow the paper's row-wise scales.)
-  Pass ``axis=-1`` for ``(out, in)`` (PyTorch-style) weights, and ``axis=-2`` for
-  stacks of ``(in, out)`` kernels (``(L, in, out)``: layers under ``nn.scan``,
-  experts). The axis must be a multiple of ``block_size`` (32 or 16 unless given).
+  ``(in, out)`` kernel (``y = x @ W``) that is the input features: axis 0 of a
+  matrix, and axis -2 of each kernel of a stack (``(L, in, out)``: layers under
+  ``nn.scan``, experts) and of a convolution (``(kh, kw, in, out)``). (INT4 here is a
+  storage format only; its blocks follow the paper's row-wise scales.) Pass
+  ``axis=-1`` for ``(out, in)`` (PyTorch-style) weights, and ``axis=0`` for vectors.
+  The axis must be a multiple of ``block_size`` (32 or 16 unless given).
 
   The default policy is ``sticky``, as for FP8 (a scale computed from the stored
   weights only cannot chase its own update, and it moves only when a block
@@ -395,7 +396,7 @@ def fp4_e2m1(style: Fp4Style = "mxfp4", *, axis: int = 0,
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
     >>> fmt = eco.fp4_e2m1("nvfp4")
-    >>> fmt.block_size, fmt.scale_shape((64, 128))     # blocks of 16 along axis 0
+    >>> fmt.block_size, fmt.scale_shape((64, 128))     # blocks of 16 along the input features
     (16, (4, 128))
     >>> q = eco.quantize_array(jnp.array([[0.5, -6.0], [5.0, 2.5]] * 8), eco.fp4_e2m1(
     ...     "mxfp4", scale_policy="fixed", headroom=1.0, block_size=16))

@@ -35,7 +35,7 @@ def _unit_scale(shape, fmt) -> jax.Array:
 def test_formats(style):
   fmt = eco.fp4_e2m1(style)
   assert fmt.name == style and fmt.dtype == ml_dtypes.float4_e2m1fn and fmt.max_value == 6.0
-  assert fmt.bits == 4 and fmt.scaling == "block" and fmt.axis == 0
+  assert fmt.bits == 4 and fmt.scaling == "block" and fmt.axis == -2
   assert (fmt.block_size, fmt.scale_dtype, fmt.has_tensor_scale) == (
       (32, ml_dtypes.float8_e8m0fnu, False) if style == "mxfp4"
       else (16, ml_dtypes.float8_e4m3fn, True))
@@ -49,12 +49,12 @@ def test_formats(style):
 @pytest.mark.parametrize("style", STYLES)
 def test_block_axis_must_be_a_multiple_of_the_block_size(style):
   fmt = eco.fp4_e2m1(style)
-  with pytest.raises(ValueError, match=r"axis 0 of shape \(40, 64\).*multiple of "
+  with pytest.raises(ValueError, match=r"axis -2 of shape \(40, 64\).*multiple of "
                      rf"block_size={fmt.block_size}"):
     eco.quantize_array(jnp.ones((40, 64)), fmt)
   with pytest.raises(ValueError, match=r"\['w'\].*block_size"):
     eco.quantize_params({"w": jnp.ones((40, 64))}, fmt)
-  q = eco.quantize_array(jnp.ones((64, 40)), fmt)        # blocks along axis 0 only
+  q = eco.quantize_array(jnp.ones((64, 40)), fmt)        # blocks along the input features only
   assert q.scale.shape == (64 // fmt.block_size, 40)
   assert eco.quantize_array(jnp.ones((40, 64)), eco.fp4_e2m1(style, axis=-1)).scale.shape \
       == (40, 64 // fmt.block_size)

@@ -389,7 +389,16 @@ def test_a_stack_of_matrices_is_scaled_and_stepped_matrix_by_matrix(name):
   np.testing.assert_array_equal(np.asarray(per_layer), np.asarray(stacked["w"].dequantize()))
 
 
-def test_fp4_blocks_across_a_stack_are_refused_naming_the_axis_to_use():
+def test_fp4_blocks_run_along_the_input_features_of_stacks_and_convolutions():
+  """The default axis -2 is the contraction axis of an (in, out) kernel, of each kernel of
+  an (L, in, out) stack and of a (kh, kw, in, out) convolution; blocks across the stack
+  are refused, naming the axis to use."""
+  assert eco.quantize_params({"w": jnp.ones((3, 64, 8))}, eco.fp4_e2m1())["w"].scale.shape \
+      == (3, 2, 8)
+  assert eco.quantize_array(jnp.ones((3, 3, 64, 8)), eco.fp4_e2m1("nvfp4")).scale.shape \
+      == (3, 3, 4, 8)
   with pytest.raises(ValueError, match=r"\['w'\]: mxfp4: block scaling needs axis 0 of shape "
                      r"\(3, 64, 8\).*stack of \(in, out\) kernels.*axis=-2"):
-    eco.quantize_params({"w": jnp.ones((3, 64, 8))}, eco.fp4_e2m1())
+    eco.quantize_params({"w": jnp.ones((3, 64, 8))}, eco.fp4_e2m1(axis=0))
+  with pytest.raises(ValueError, match=r"mxfp4: axis -2 is out of range for a 1-d tensor"):
+    eco.quantize_array(jnp.ones(64), eco.fp4_e2m1())
