@@ -274,7 +274,7 @@ class _Quantizer:
       # are NaN where an element is (a float reduction; a boolean one would
       # materialise a mask first), and a check of the gradient or the target on their
       # own would materialise the gradient block or compute the step a second time
-      # (10M FP8 params, master weights: 8% of the step).
+      # (the gradient block's check: 10M FP8 master-weight step 25 -> 21 ms without it).
       marked = _materialize(jnp.where(finite, codes, jnp.nan), self.materialize)
       self.fault = ~jnp.all(jnp.isfinite(_column_sums(marked)))
       codes = jnp.where(jnp.isnan(marked), 0.0, marked)
