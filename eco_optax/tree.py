@@ -431,10 +431,10 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
   pass dequantizes again from the stored codes, and the activations are saved as
   usual. Not by default on CPU: XLA:CPU's default scheduler computes every
   recomputation at the start of the step, beside the forward pass's copy (MLP of
-  ``benchmarks/memory.py``, FP8 ECO AdamW: whole-step peak 0.94x -> 1.09x
+  ``benchmarks/memory.py``, FP8 ECO AdamW: whole-step peak 0.92x -> 1.08x
   ``optax.adamw``'s); compiled with its memory-optimised scheduler
   (``jax.jit(..., compiler_options={"xla_cpu_scheduler_type":
-  "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"})``, docs/guide.md) it falls to 0.83x.
+  "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"})``, docs/guide.md) it falls to 0.85x.
 
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco

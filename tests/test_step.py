@@ -170,10 +170,11 @@ def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
   # gradient and on the previous leaf's step, they do not all stay alive through the
   # backward pass, nor through the other leaves' steps.
   q, loss, x, n = _mlp(fmt)
-  tx = eco.adamw(1e-3)
   grads = jax.eval_shape(eco.grad(loss), q, x)
 
   def temporaries():
+    tx = eco.adamw(1e-3)    # a new optimizer: leaf steps traced for another one are reused
+
     def train_step(q, state, x):
       updates, state = tx.update(eco.grad(loss)(q, x), state, q)
       return eco.apply_updates(q, updates), state
