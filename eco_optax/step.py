@@ -468,11 +468,13 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
     # again changes nothing.
     return out, quantizer.fault
 
-  # One block runs behind a conditional only when traced: eagerly each operation runs on
-  # its own, and a conditional of a new closure would compile again at every step. Not
-  # in master-weights mode: measured there, the conditional raised the optimizer step's
-  # temporaries (benchmark transformer: 0.85 -> 0.97 B/param; 347.6 -> 357.4 B/param at
-  # the whole step's peak under XLA:CPU's memory-optimised scheduler).
+  # One block runs behind a conditional only when traced (always, through
+  # _step_quantized_leaf's jit, but for an unhashable rule or under jax.disable_jit):
+  # eagerly each operation runs on its own, and a conditional of a new closure would
+  # compile again at every step. Not in master-weights mode: measured there, the
+  # conditional raised the optimizer step's temporaries (benchmark transformer: 0.85 ->
+  # 0.97 B/param; 347.6 -> 357.4 B/param at the whole step's peak under XLA:CPU's
+  # memory-optimised scheduler).
   conditional = isinstance(always, jax.core.Tracer) and mode.extra != "master"
   carries, poisoned = blockwise(block_fn, carries, inputs, rows, n,
                                 always if conditional else None)
