@@ -56,7 +56,8 @@ def quantize_model(model: nnx.Module, fmt_or_policy: qtree.FormatOrPolicy,
 
   Args:
     model: an NNX module with float parameters.
-    fmt_or_policy: a format (quantizes leaves with ``ndim >= 2``) or a policy
+    fmt_or_policy: a format (:func:`eco_optax.default_policy`: leaves with ``ndim >= 2``
+      but biases and norm gains) or a policy
       ``(path, leaf) -> QuantFormat | None``, as :func:`eco_optax.quantize_params`;
       paths are those of ``nnx.to_pure_dict(nnx.state(model, wrt))``, e.g.
       ``('layers', 0, 'kernel')``.

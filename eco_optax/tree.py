@@ -40,20 +40,45 @@ def path_str(path: tuple) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def default_policy(fmt: qz.QuantFormat) -> Policy:
-  """Quantizes leaves with ``ndim >= 2`` (matrices, kernels); vectors, scalars and
-  zero-size leaves (no scale to take) stay.
+# Flax's names (Linen and NNX) for biases and norm gains (LayerNorm, RMSNorm): vectors, but
+# matrices when stacked by nn.scan / nnx.vmap ((L, features)) or split per head ((heads, head_dim)).
+FULL_PRECISION_NAMES = frozenset({"bias", "scale"})
 
-  Norm gains and biases are tiny and sensitive; the paper keeps them (and the
-  embedding) in full precision. Pass your own ``callable(path, leaf) -> format |
-  None`` to :func:`quantize_params` to choose differently.
+
+def default_policy(fmt: qz.QuantFormat) -> Policy:
+  """Quantizes the matrices: leaves with ``ndim >= 2`` (kernels, embeddings, stacks of
+  them) but those named ``bias`` or ``scale`` (:data:`FULL_PRECISION_NAMES`).
+
+  Vectors, scalars and zero-size leaves (no scale to take) stay in full precision,
+  and so do biases and norm gains when stacked (``(L, features)`` under ``nn.scan``)
+  or split per head (``(heads, head_dim)``, Flax attention): they are tiny and
+  sensitive. The paper also keeps the embedding and the output layer in full
+  precision; this policy quantizes them (they are matrices, often the largest). Pass
+  your own ``callable(path, leaf) -> format | None`` to :func:`quantize_params` to
+  choose differently.
+
+  Example:
+    >>> import jax.numpy as jnp, eco_optax as eco
+    >>> stack = {"kernel": jnp.ones((3, 8, 8)), "bias": jnp.zeros((3, 8))}
+    >>> q = eco.quantize_params(stack, eco.default_policy(eco.int8()))
+    >>> eco.is_quantized(q["kernel"]), eco.is_quantized(q["bias"])
+    (True, False)
   """
 
   def policy(path, leaf):
-    del path
+    if path and _key_name(path[-1]) in FULL_PRECISION_NAMES:
+      return None
     return fmt if jnp.ndim(leaf) >= 2 and jnp.size(leaf) > 0 else None
 
   return policy
+
+
+def _key_name(key: Any) -> Any:
+  """The name in one entry of a key path (a dict key, an attribute name, an index)."""
+  for field in ("key", "name", "idx"):
+    if hasattr(key, field):
+      return getattr(key, field)
+  return key
 
 
 def _check_float_leaf(where: str, leaf: Any) -> None:
@@ -77,8 +102,8 @@ def quantize_params(params: Any, fmt_or_policy: FormatOrPolicy) -> Any:
   Args:
     params: a pytree of float arrays (e.g. Flax ``params`` or an NNX pure dict).
     fmt_or_policy: a :class:`~eco_optax.quantize.QuantFormat` (applied through
-      :func:`default_policy`: leaves with ``ndim >= 2``) or a callable
-      ``(path, leaf) -> QuantFormat | None``.
+      :func:`default_policy`: leaves with ``ndim >= 2`` but biases and norm gains) or
+      a callable ``(path, leaf) -> QuantFormat | None``.
 
   Returns:
     The same tree with the selected leaves replaced by ``QuantizedArray``.
@@ -108,7 +133,12 @@ def quantize_params(params: Any, fmt_or_policy: FormatOrPolicy) -> Any:
       raise TypeError(f"{where}: policy returned {fmt!r}, expected a "
                       f"QuantFormat or None")
     _check_float_leaf(where, leaf)
-    fmt.check_shape(tuple(jnp.shape(leaf)), where)
+    try:
+      fmt.check_shape(tuple(jnp.shape(leaf)), where)
+    except ValueError as err:
+      raise ValueError(f"{err}. A policy callable(path, leaf) -> format | None passed to "
+                       "quantize_params chooses per leaf (None keeps a leaf in full "
+                       "precision)") from None
     _check_finite(where, leaf)
     return _quantize_leaf(leaf, fmt)
 

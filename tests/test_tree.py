@@ -2,6 +2,7 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,29 @@ def test_default_policy_quantizes_matrices_only():
   assert jax.tree.structure(d) == jax.tree.structure(_params())
   assert d["head"].dtype == jnp.float32
   assert eco.dequantize_params(q, jnp.bfloat16)["head"].dtype == jnp.bfloat16
+
+
+def test_default_policy_keeps_stacked_and_per_head_biases_and_norm_gains():
+  """Flax names them ``bias`` and ``scale``: matrices under ``nn.scan`` or per head."""
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.LayerNorm()(nn.Dense(8)(x)), None
+
+  stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+  linen = {"stack": stack().init(jax.random.key(0), jnp.ones((1, 8)), None)["params"],
+           "attention": nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8).init(
+               jax.random.key(1), jnp.ones((1, 3, 8)))["params"]}
+  q = eco.quantize_params(linen, eco.fp8_e4m3())
+  kept = {jax.tree_util.keystr(path): eco.is_quantized(leaf) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(q, is_leaf=eco.is_quantized)[0]}
+  assert kept == {
+      "['stack']['Dense_0']['kernel']": True, "['stack']['Dense_0']['bias']": False,
+      "['stack']['LayerNorm_0']['scale']": False, "['stack']['LayerNorm_0']['bias']": False,
+      **{f"['attention']['{name}']['kernel']": True for name in ("query", "key", "value", "out")},
+      **{f"['attention']['{name}']['bias']": False for name in ("query", "key", "value", "out")}}
+  assert linen["stack"]["LayerNorm_0"]["scale"].shape == (3, 8)   # matrices all the same
+  assert linen["attention"]["query"]["bias"].shape == (2, 4)
 
 
 def test_policy_callable_gets_paths():
@@ -334,7 +358,8 @@ def test_bad_policy_return_names_the_leaf():
 
 
 def test_block_size_error_names_the_leaf():
-  with pytest.raises(ValueError, match=r"\['w'\].*block_size"):
+  with pytest.raises(ValueError, match=r"\['w'\].*block_size=4\. A policy callable\(path, "
+                     r"leaf\) -> format \| None passed to quantize_params chooses per leaf"):
     eco.quantize_params({"w": jnp.ones((4, 6))}, eco.int4("block", block_size=4))
 
 
