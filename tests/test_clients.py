@@ -251,6 +251,25 @@ def test_apply_if_finite_skips_the_step_exactly():
   chex.assert_trees_all_equal(good["w"], ref["w"])
 
 
+@pytest.mark.parametrize("make", [
+    lambda: eco.apply_if_finite(eco.MultiSteps(eco.adamw(0.1), 2), max_consecutive_errors=3),
+    lambda: eco.MultiSteps(eco.adamw(0.1), 2, should_skip_update_fn=optax.skip_not_finite)],
+    ids=["apply_if_finite_outside", "skip_not_finite"])
+def test_a_non_finite_micro_batch_is_skipped_under_gradient_accumulation(make):
+  """The arrangements docs/integrations.md gives: the weights stay finite and train on."""
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = make()
+  state, update = tx.init(q), jax.jit(tx.update)
+  for i in range(8):
+    g = _grads(_params(), i)
+    g = {"w": g["w"].at[0, 0].set(jnp.nan), "b": g["b"]} if i == 1 else g
+    updates, state = update(g, state, q)
+    q = eco.apply_updates(q, updates)
+  w = eco.dequantize_params(q)["w"]
+  assert bool(jnp.all(jnp.isfinite(w)))
+  assert not np.array_equal(_bits(q["w"]), _bits(eco.quantize_params(_params(), eco.fp8_e4m3())["w"]))
+
+
 @pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.int4(), eco.fp4_e2m1("mxfp4", block_size=8)],
                          ids=["fp8", "int4", "mxfp4"])
 def test_a_non_finite_gradient_shows_in_the_weights(fmt):
