@@ -64,6 +64,16 @@ def test_default_policy_keeps_stacked_and_per_head_biases_and_norm_gains():
   assert linen["attention"]["query"]["bias"].shape == (2, 4)
 
 
+def test_attention_projection_scales_per_input_and_head_dim_or_per_input():
+  """docs/guide.md: an (in, heads, head_dim) kernel's channel scales cost 4 / heads B/param;
+  axis=0 gives one scale per input feature."""
+  kernel = {"query": {"kernel": jnp.ones((64, 8, 16))}}
+  rows = eco.quantize_params(kernel, eco.fp8_e4m3())["query"]["kernel"]
+  per_input = eco.quantize_params(kernel, eco.fp8_e4m3(axis=0))["query"]["kernel"]
+  assert rows.scale.shape == (64, 1, 16) and per_input.scale.shape == (64, 1, 1)
+  assert rows.scale.nbytes / rows.size == 4 / 8
+
+
 def test_policy_callable_gets_paths():
   seen = []
 
