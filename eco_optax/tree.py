@@ -474,7 +474,7 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
   ``benchmarks/memory.py``, FP8 ECO AdamW: whole-step peak 0.92x -> 1.08x
   ``optax.adamw``'s); compiled with its memory-optimised scheduler
   (``jax.jit(..., compiler_options={"xla_cpu_scheduler_type":
-  "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"})``, docs/guide.md) it falls to 0.85x.
+  "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"})``, docs/guide.md) it falls to 0.81x.
 
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
