@@ -373,10 +373,10 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedAr
     return p.values
 
   # All or nothing (a conditional, not a select per element: nothing but the new codes
-  # is written). Each run-time warning is checked inside the branch it concerns: on its
-  # own, its conditional callback holds the steps behind it (MLP of
-  # benchmarks/memory.py, memory-optimised scheduler: whole-step peak 0.85x -> 0.81x
-  # optax.adamw's without).
+  # is written). Each run-time warning is checked inside the branch it concerns: in a
+  # conditional of its own, its host callback holds the leaves' steps behind it (MLP of
+  # benchmarks/memory.py, memory-optimised scheduler: whole-step peak 0.85x
+  # optax.adamw's that way, 0.81x this way).
   values = jax.lax.cond(applied, copied, kept)
   scale, tensor_scale = qz._next_scales(p) if u.scale is None else (u.scale, u.tensor_scale)
   scale = jnp.where(applied, scale, p.scale)
