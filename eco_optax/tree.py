@@ -44,6 +44,11 @@ def path_str(path: tuple) -> str:
 # matrices when stacked by nn.scan / nnx.vmap ((L, features)) or split per head ((heads, head_dim)).
 FULL_PRECISION_NAMES = frozenset({"bias", "scale"})
 
+# Flax attention's input projections (Linen MultiHeadDotProductAttention, NNX
+# MultiHeadAttention): their ``kernel`` is (in, heads, head_dim), (L, in, heads, head_dim)
+# when stacked, with the input features at axis -3.
+ATTENTION_PROJECTIONS = frozenset({"query", "key", "value"})
+
 
 def default_policy(fmt: qz.QuantFormat) -> Policy:
   """Quantizes the matrices: leaves with ``ndim >= 2`` (kernels, embeddings, stacks of
@@ -57,6 +62,13 @@ def default_policy(fmt: qz.QuantFormat) -> Policy:
   your own ``callable(path, leaf) -> format | None`` to :func:`quantize_params` to
   choose differently.
 
+  Flax attention's query, key and value kernels (:data:`ATTENTION_PROJECTIONS`),
+  ``(in, heads, head_dim)``, get channel scales and blocks along their input features
+  (``axis=-3``): read as a stack of ``in`` matrices, as any leaf of three dimensions
+  is, they would get a channel scale per ``(input, head_dim)`` (``4 / heads`` bytes per
+  parameter) and blocks across the heads (FP4 would need ``heads`` to be a multiple of
+  the block size).
+
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
     >>> stack = {"kernel": jnp.ones((3, 8, 8)), "bias": jnp.zeros((3, 8))}
@@ -68,7 +80,12 @@ def default_policy(fmt: qz.QuantFormat) -> Policy:
   def policy(path, leaf):
     if path and _key_name(path[-1]) in FULL_PRECISION_NAMES:
       return None
-    return fmt if jnp.ndim(leaf) >= 2 and jnp.size(leaf) > 0 else None
+    if jnp.ndim(leaf) < 2 or jnp.size(leaf) == 0:
+      return None
+    if (jnp.ndim(leaf) >= 3 and fmt.scaling in ("channel", "block") and len(path) >= 2
+        and _key_name(path[-1]) == "kernel" and _key_name(path[-2]) in ATTENTION_PROJECTIONS):
+      return dataclasses.replace(fmt, axis=-3)
+    return fmt
 
   return policy
 

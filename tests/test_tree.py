@@ -65,14 +65,25 @@ def test_default_policy_keeps_stacked_and_per_head_biases_and_norm_gains():
   assert linen["attention"]["query"]["bias"].shape == (2, 4)
 
 
-def test_attention_projection_scales_per_input_and_head_dim_or_per_input():
-  """docs/guide.md: an (in, heads, head_dim) kernel's channel scales cost 4 / heads B/param;
-  axis=0 gives one scale per input feature."""
-  kernel = {"query": {"kernel": jnp.ones((64, 8, 16))}}
-  rows = eco.quantize_params(kernel, eco.fp8_e4m3())["query"]["kernel"]
-  per_input = eco.quantize_params(kernel, eco.fp8_e4m3(axis=0))["query"]["kernel"]
-  assert rows.scale.shape == (64, 1, 16) and per_input.scale.shape == (64, 1, 1)
-  assert rows.scale.nbytes / rows.size == 4 / 8
+def test_default_policy_cuts_attention_projections_along_their_input_features():
+  """Flax's (in, heads, head_dim) query/key/value kernels: one channel scale per input
+  feature and FP4 blocks along the inputs; read as a stack of ``in`` matrices (any
+  policy that returns the format as it is) a scale per (input, head_dim), 4 / heads
+  B/param, and FP4 blocks across the heads."""
+  attention = {name: {"kernel": jnp.ones((64, 8, 16))} for name in ("query", "key", "value")}
+  attention["out"] = {"kernel": jnp.ones((8, 16, 64))}
+  q = eco.quantize_params(attention, eco.fp8_e4m3())
+  assert q["query"]["kernel"].scale.shape == (64, 1, 1)
+  assert q["out"]["kernel"].scale.shape == (8, 1, 64)        # a stack of heads: as before
+  as_stack = eco.quantize_params(attention, lambda path, leaf: eco.fp8_e4m3())
+  assert as_stack["query"]["kernel"].scale.shape == (64, 1, 16)
+  assert as_stack["query"]["kernel"].scale.nbytes / as_stack["query"]["kernel"].size == 4 / 8
+  stacked = eco.quantize_params({"query": {"kernel": jnp.ones((3, 64, 8, 16))}}, eco.fp8_e4m3())
+  assert stacked["query"]["kernel"].scale.shape == (3, 64, 1, 1)
+  fp4 = eco.quantize_params({"key": {"kernel": jnp.ones((64, 8, 16))}}, eco.fp4_e2m1())
+  assert fp4["key"]["kernel"].scale.shape == (2, 8, 16)
+  with pytest.raises(ValueError, match=r"\['key'\]\['kernel'\]: mxfp4: block scaling needs axis -2"):
+    eco.quantize_params({"key": {"kernel": jnp.ones((64, 8, 16))}}, lambda p, x: eco.fp4_e2m1())
 
 
 def test_policy_callable_gets_paths():
