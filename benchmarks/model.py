@@ -147,8 +147,7 @@ def make_loss_fn(graphdef: nnx.GraphDef) -> Callable[[Params, jax.Array], jax.Ar
 
 def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
   """Key path of ``jax.tree_util`` keys -> plain strings, e.g. ``('blocks', '0', ...)``."""
-  return tuple(
-      str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
 def block_linear_policy(fmt: Any, quantize_embedding: bool = False) -> Policy:

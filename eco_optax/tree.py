@@ -78,24 +78,17 @@ def default_policy(fmt: qz.QuantFormat) -> Policy:
   """
 
   def policy(path, leaf):
-    if path and _key_name(path[-1]) in FULL_PRECISION_NAMES:
+    names = [jax.tree_util.keystr((key,), simple=True) for key in path[-2:]]
+    if names and names[-1] in FULL_PRECISION_NAMES:
       return None
     if jnp.ndim(leaf) < 2 or jnp.size(leaf) == 0:
       return None
-    if (jnp.ndim(leaf) >= 3 and fmt.scaling in ("channel", "block") and len(path) >= 2
-        and _key_name(path[-1]) == "kernel" and _key_name(path[-2]) in ATTENTION_PROJECTIONS):
+    if (jnp.ndim(leaf) >= 3 and fmt.scaling in ("channel", "block") and len(names) == 2
+        and names[1] == "kernel" and names[0] in ATTENTION_PROJECTIONS):
       return dataclasses.replace(fmt, axis=-3)
     return fmt
 
   return policy
-
-
-def _key_name(key: Any) -> Any:
-  """The name in one entry of a key path (a dict key, an attribute name, an index)."""
-  for field in ("key", "name", "idx"):
-    if hasattr(key, field):
-      return getattr(key, field)
-  return key
 
 
 def _check_float_leaf(where: str, leaf: Any) -> None:
