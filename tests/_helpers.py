@@ -6,6 +6,12 @@ import numpy as np
 import eco_optax as eco
 
 
+def ramp_problem(fmt=eco.int4("tensor", headroom=1.0)):
+  """An 8x8 ramp of weights stored in ``fmt`` and a ramp of gradients."""
+  q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, fmt)
+  return q, {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
+
+
 def leaf_bytes(tree):
   """Every leaf (codes, scales, moments, key data) as raw bytes, for exact comparison."""
   return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]

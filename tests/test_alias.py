@@ -10,6 +10,8 @@ import pytest
 
 import eco_optax as eco
 
+from _helpers import ramp_problem
+
 
 def _problem():
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
@@ -104,8 +106,7 @@ def test_arguments_carry_optaxs_names(name, theirs, shared):
 @pytest.mark.parametrize("mode,expected", [("eco", "stochastic"), ("naive", "nearest"),
                                            ("master_weights", "nearest")])
 def test_rounding_defaults_to_stochastic_in_eco_mode_only(make, mode, expected):
-  q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, eco.int8())
-  g = {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
+  q, g = ramp_problem(eco.int8())
 
   def new_codes(**kw):
     tx = make(0.05, mode=mode, **kw)

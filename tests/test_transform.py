@@ -9,6 +9,8 @@ import pytest
 import eco_optax as eco
 from eco_optax import quantize as qz
 
+from _helpers import ramp_problem
+
 
 def _regression(n_in=32, n_out=16, seed=0):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
@@ -55,16 +57,10 @@ def test_eco_rtn_recovers_what_naive_rtn_loses():
   assert final["eco"] < 2.0 * final["master_weights"], final
 
 
-def _ramp_problem(fmt=eco.int4("tensor", headroom=1.0)):
-  """An 8x8 ramp of weights stored in ``fmt`` and a ramp of gradients."""
-  q = eco.quantize_params({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, fmt)
-  return q, {"w": jnp.linspace(0.3, -0.2, 64).reshape(8, 8)}
-
-
 def test_injection_coefficient_with_weight_decay():
   """m = m~ + ((1 - eta*lambda)/eta) (1 - 1/beta) e, with e = target - Q(target)."""
   eta, beta, lam = 0.1, 0.9, 0.5
-  q, g = _ramp_problem()
+  q, g = ramp_problem()
   tx = eco.sgdm(eta, beta, weight_decay=lam, rounding="nearest")
   state = tx.init(q)
   updates, state = tx.update(g, state, q)
@@ -82,7 +78,7 @@ def test_injection_coefficient_with_weight_decay():
 def test_adam_injection_uses_the_preconditioner():
   """Adam: m += ((1-b1^t)(1-eta*lambda)/eta)(1 - 1/b1)(sqrt(v_hat)+eps) e."""
   eta, b1, b2, eps, lam = 0.05, 0.9, 0.99, 1e-8, 0.1
-  q, g = _ramp_problem(eco.int8("tensor", headroom=1.0))
+  q, g = ramp_problem(eco.int8("tensor", headroom=1.0))
   tx = eco.adamw(eta, b1, b2, eps, weight_decay=lam)
   updates, state = tx.update(g, tx.init(q), q)
   w = q["w"].dequantize()
@@ -386,7 +382,7 @@ def test_exact_rule_injection_on_two_steps():
   so that the debt added at one step is the debt paid at the next.
   """
   eta, beta, lam = 0.1, 0.9, 0.1
-  q, g = _ramp_problem()
+  q, g = ramp_problem()
   tx = eco.sgdm(eta, beta, weight_decay=lam, mode="eco_exact")
   state = tx.init(q)
   stored, m = [jnp.zeros((8, 8))], jnp.zeros((8, 8))
@@ -414,7 +410,7 @@ def test_exact_rule_keeps_each_debt_in_the_units_it_was_written_in():
   (1 - eta_t lambda) e_t - eta_t P_t^-1(c_{t-1} P_{t-1}(e_t)).
   """
   etas, b1, b2, eps, lam = (0.05, 0.025, 0.025), 0.9, 0.99, 1e-8, 0.1
-  q, first = _ramp_problem(eco.int8("tensor", headroom=1.0))
+  q, first = ramp_problem(eco.int8("tensor", headroom=1.0))
   grads = [first["w"], jnp.linspace(-0.1, 0.5, 64).reshape(8, 8),
            jnp.linspace(0.2, 0.1, 64).reshape(8, 8)]
   tx = eco.adamw(lambda count: jnp.asarray(etas)[count], b1, b2, eps, weight_decay=lam,
