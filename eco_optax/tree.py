@@ -312,17 +312,24 @@ def check_formats_match(params: Any, formats: Optional[LeafFormats]) -> None:
 
 
 def _warn_when(condition: jax.Array, message: str) -> None:
-  """Warns ``message`` (a ``RuntimeWarning``) from the running step where ``condition`` holds."""
+  """Warns ``message`` (a ``RuntimeWarning``) from the running step where ``condition`` holds.
 
-  def warn(_):
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
+  The host checks ``condition`` again: under ``jax.vmap`` a conditional runs both
+  branches (a select), so the callback is reached whatever the members' conditions.
+  """
+
+  def warn(holds):
+    if np.any(holds):
+      warnings.warn(message, RuntimeWarning, stacklevel=2)
 
   jax.lax.cond(condition, lambda: jax.debug.callback(warn, condition), lambda: None)
 
 
-def _warn_if_saturated(path: str, fmt: qz.QuantFormat, fraction: jax.Array) -> None:
-  """Warns (from the running step, once per leaf) when a fixed scale pins many codes at +-rho."""
-  _warn_when(fraction > qz.SATURATION_WARNING,
+def _warn_if_saturated(path: str, fmt: qz.QuantFormat, fraction: jax.Array,
+                       applied: jax.Array) -> None:
+  """Warns (from the running step, once per leaf) when a fixed scale pins many codes at +-rho
+  in the codes ``applied`` stores."""
+  _warn_when(applied & (fraction > qz.SATURATION_WARNING),
              f"{path}: more than {qz.SATURATION_WARNING:.0%} of this {fmt.name} leaf's codes sit "
              f"at the format's largest magnitude +-{fmt.max_value:g} under scale_policy='fixed', "
              "which never grows: updates that would move these weights further out are "
@@ -375,7 +382,8 @@ def _quantized_update(path: str, p: qz.QuantizedArray, u: Any) -> qz.QuantizedAr
   def copied():
     values = qz.bits_to_values(u.bits, p.fmt)
     if p.fmt.scale_policy == "fixed" and p.fmt.scaling != "none":
-      _warn_if_saturated(path, p.fmt, qz.saturation(dataclasses.replace(p, values=values)))
+      _warn_if_saturated(path, p.fmt, qz.saturation(dataclasses.replace(p, values=values)),
+                         applied)
     return values
 
   def kept():

@@ -1,4 +1,6 @@
 """eco_optax in the training code people already have: optax wrappers and Flax."""
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -82,6 +84,34 @@ def test_a_factor_after_the_optimizer_that_keeps_the_codes_uint8_poisons_the_lea
     new = jax.block_until_ready(jax.jit(eco.apply_updates)(q, updates))
   assert np.all(np.isnan(np.asarray(new["w"].dequantize())))
   assert np.all(np.isfinite(np.asarray(new["b"])))        # a plain leaf: optax's arithmetic
+
+
+@pytest.mark.parametrize("policy", ["sticky", "fixed"])
+def test_run_time_warnings_under_vmap_concern_only_the_members_they_name(policy):
+  """Under jax.vmap a conditional runs both branches: an ensemble's step warns for the
+  members whose updates were altered, and never for members whose updates are valid."""
+  q = eco.quantize_params(_params(), eco.fp8_e4m3(scale_policy=policy))
+  tx = eco.adamw(1e-3)
+  members = jax.tree.map(lambda a: jnp.stack([a, a]), q)
+  grads = jax.tree.map(lambda a: jnp.stack([a, -a]), _grads(_params(), 0))
+  updates, _ = jax.jit(jax.vmap(tx.update))(grads, jax.vmap(tx.init)(members), members)
+  apply = jax.jit(jax.vmap(eco.apply_updates))
+
+  def run(updates):
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      new = jax.block_until_ready(apply(members, updates))
+      jax.effects_barrier()
+    return new, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+  new, caught = run(updates)
+  assert caught == []
+  assert np.all(np.isfinite(np.asarray(jax.vmap(eco.dequantize)(new["w"]))))
+  halved = updates["w"]._replace(flags=updates["w"].flags * jnp.array([1.0, 0.5]))
+  new, caught = run({**updates, "w": halved})
+  assert len(caught) == 1 and "['w']: this update's flags are not ones" in caught[0]
+  values = np.asarray(jax.vmap(eco.dequantize)(new["w"]))
+  assert np.all(np.isfinite(values[0])) and np.all(np.isnan(values[1]))
 
 
 def test_a_factor_of_one_after_the_optimizer_changes_nothing():
