@@ -23,7 +23,7 @@ from eco_optax import rules
 from eco_optax import serialization
 from eco_optax import step
 from eco_optax import transform
-from eco_optax.wrappers import MultiSteps, apply_if_finite, set_to_zero
+from eco_optax.wrappers import MultiSteps, apply_if_finite, set_to_zero, with_dequantized_params
 from eco_optax.alias import adam, adamw, lion, muon, sgdm
 from eco_optax.memory import MemoryReport, memory_report
 from eco_optax.quantize import (QuantFormat, QuantizedArray, bf16, dequantize,
@@ -50,7 +50,7 @@ __all__ = [
     # training
     "apply_updates", "grad", "value_and_grad",
     # wrappers
-    "MultiSteps", "TrainState", "apply_if_finite", "set_to_zero",
+    "MultiSteps", "TrainState", "apply_if_finite", "set_to_zero", "with_dequantized_params",
     # memory
     "memory_report",
 ]

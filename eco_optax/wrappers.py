@@ -1,5 +1,5 @@
 """optax's wrappers for quantized parameters: :class:`MultiSteps`, :func:`apply_if_finite`,
-:func:`set_to_zero`.
+:func:`set_to_zero`, :func:`with_dequantized_params`.
 
 Gradient accumulation. :class:`optax.MultiSteps` builds its accumulator from the params it is initialized
 with, and quantized params have another structure than their gradients.
@@ -20,6 +20,11 @@ optimizer with those codes passed through it as FP32 arrays shaped like the grad
 Freezing leaves. :func:`optax.set_to_zero` answers with float zeros, which
 :func:`eco_optax.apply_updates` cannot tell from a float step reaching a quantized
 leaf; :func:`set_to_zero` keeps quantized leaves as they are stored.
+
+Gradient transformations before the optimizer. In :func:`optax.chain` every
+transformation gets the params the optimizer gets, quantized leaves included; one that
+reads them (:func:`optax.add_decayed_weights`) or keeps a state shaped like them
+(:func:`optax.trace`) is given them dequantized by :func:`with_dequantized_params`.
 
 Example:
   >>> import jax, jax.numpy as jnp, eco_optax as eco
@@ -186,3 +191,39 @@ def set_to_zero() -> optax.GradientTransformation:
     return jax.tree.map(zero, params, updates, is_leaf=qtree.is_quantized), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def with_dequantized_params(
+    inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  r"""``inner`` with the params dequantized: for gradient transformations before the optimizer.
+
+  In :func:`optax.chain` each transformation gets the params the eco_optax optimizer
+  gets, whose quantized leaves are :class:`~eco_optax.quantize.QuantizedArray`\ s (no
+  arithmetic). A transformation before the optimizer that reads the params
+  (:func:`optax.add_decayed_weights`, :func:`optax.adaptive_grad_clip`) or keeps a
+  state shaped like them (:func:`optax.trace`, :func:`optax.ema`,
+  :func:`optax.scale_by_adam`) needs them as arrays shaped like the gradients: this
+  wrapper gives ``inner`` ``Q(w)`` in FP32 (:func:`eco_optax.dequantize_params`) at
+  ``init`` and at ``update``; the state is ``inner``'s. Under ``jax.jit`` a weight
+  ``inner`` does not read is never dequantized, and one it reads is dequantized where
+  it is read (no FP32 copy of the weights is kept).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, eco_optax as eco
+    >>> q = eco.quantize_params({"w": jnp.ones((4, 4))}, eco.fp8_e4m3())
+    >>> tx = optax.chain(eco.with_dequantized_params(optax.add_decayed_weights(0.1)),
+    ...                  eco.adam(0.1))                  # Adam with an L2 penalty
+    >>> updates, state = tx.update({"w": jnp.zeros((4, 4))}, tx.init(q), q)
+    >>> bool((eco.apply_updates(q, updates)["w"].dequantize() < 1).all())   # decayed
+    True
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    return inner.init(qtree.dequantize_params(params))
+
+  def update(updates, state, params=None, **extra_args):
+    dense = None if params is None else qtree.dequantize_params(params)
+    return inner.update(updates, state, dense, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init, update)
