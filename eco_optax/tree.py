@@ -308,7 +308,11 @@ def check_formats_match(params: Any, formats: Optional[LeafFormats]) -> None:
           f"for {name(expected[path])}; build the state with tx.init(params) for these "
           "params, or restore the state that belongs to them")
   missing = sorted(set(expected) - {p for p, _ in current.formats})
-  raise ValueError(f"the optimizer state has parameters these params lack: {missing[:5]}")
+  raise ValueError(
+      f"the optimizer state has parameters these params lack: {missing[:5]}. Under "
+      "optax.multi_transform or optax.masked, give the labels (or mask) as a tree computed "
+      "once from the quantized params: optax calls a label function on the gradients too, "
+      "where no leaf is quantized")
 
 
 def _warn_when(condition: jax.Array, message: str) -> None:

@@ -158,6 +158,49 @@ def test_optax_set_to_zero_on_a_quantized_leaf_is_refused_naming_the_drop_in():
     eco.set_to_zero().update(_grads(_params(), 0), optax.EmptyState())
 
 
+# Gradient transformations that read the params, or keep a state shaped like them.
+BEFORE = {"add_decayed_weights": lambda: optax.add_decayed_weights(1e-1),
+          "trace": lambda: optax.trace(0.5),
+          "adaptive_grad_clip": lambda: optax.adaptive_grad_clip(0.05)}
+
+
+@pytest.mark.parametrize("before", BEFORE)
+def test_a_transformation_before_the_optimizer_that_reads_params_is_refused_naming_the_wrapper(
+    before):
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = optax.chain(BEFORE[before](), eco.adam(1e-2))
+  with pytest.raises(TypeError, match=r"wrap it in eco_optax.with_dequantized_params"):
+    tx.update(_grads(_params(), 0), tx.init(q), q)
+
+
+@pytest.mark.parametrize("before", BEFORE)
+def test_with_dequantized_params_before_the_optimizer_equals_the_optax_chain(before):
+  """With the lossless format the chain is optax's chain on FP32 params."""
+  params = _params()
+  q = eco.quantize_params(params, eco.lossless())
+  ours = optax.chain(eco.with_dequantized_params(BEFORE[before]()), eco.adam(1e-2))
+  ref = optax.chain(BEFORE[before](), optax.adam(1e-2))
+  ours_state, ref_state = ours.init(q), ref.init(params)
+  for i in range(5):
+    g = _grads(params, i)
+    updates, ours_state = jax.jit(ours.update)(g, ours_state, q)
+    q = eco.apply_updates(q, updates)
+    updates, ref_state = jax.jit(ref.update)(g, ref_state, params)
+    params = optax.apply_updates(params, updates)
+  chex.assert_trees_all_close(eco.dequantize_params(q), params, atol=1e-6, rtol=0)
+
+
+def test_with_dequantized_params_keeps_its_state_shaped_like_the_gradients():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = optax.chain(eco.with_dequantized_params(optax.trace(0.5)), eco.adamw(1e-2))
+  state = tx.init(q)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state[0].trace, eco.dequantize_params(q))
+  updates, state = jax.jit(tx.update)(_grads(_params(), 0), state, q)
+  new = eco.apply_updates(q, updates)
+  assert new["w"].values.dtype == jnp.float8_e4m3fn
+  assert not np.array_equal(_bits(new["w"]), _bits(q["w"]))
+
+
 def test_flax_train_state_drop_in_equals_the_functional_loop():
   q = eco.quantize_params(_params(), eco.fp8_e4m3())
   tx = eco.adamw(0.05, rounding="stochastic")
@@ -255,6 +298,16 @@ def test_multi_transform_with_labels_from_the_params():
   np.testing.assert_allclose(np.asarray(updates["b"]), np.asarray(ref["b"]), rtol=1e-6)
   new = eco.apply_updates(q, updates)
   assert new["w"].values.dtype == q["w"].values.dtype
+
+
+def test_multi_transform_with_a_label_function_is_refused_naming_the_label_tree():
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  labels = lambda p: jax.tree.map(lambda x: "eco" if eco.is_quantized(x) else "adam", p,
+                                  is_leaf=eco.is_quantized)
+  tx = optax.multi_transform({"eco": eco.adamw(1e-2), "adam": optax.adam(1e-3)}, labels)
+  with pytest.raises(ValueError, match=r"lack: \[\"\['w'\]\"\]\. Under optax.multi_transform "
+                                       r"or optax.masked, give the labels"):
+    tx.update(_grads(_params(), 0), tx.init(q), q)
 
 
 def test_optax_apply_if_finite_is_refused_at_trace_time():
