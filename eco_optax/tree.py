@@ -102,7 +102,9 @@ def _check_float_leaf(where: str, leaf: Any) -> None:
 def _check_finite(where: str, leaf: jax.Array) -> None:
   if isinstance(leaf, jax.core.Tracer):
     return  # values are unknown under jit; checked when called eagerly
-  if not bool(jnp.all(jnp.isfinite(leaf))):
+  with jax.ensure_compile_time_eval():   # a concrete leaf closed over by a traced function
+    finite = bool(jnp.all(jnp.isfinite(leaf)))
+  if not finite:
     raise ValueError(f"{where}: cannot quantize non-finite values (NaN or inf)")
 
 

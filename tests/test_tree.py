@@ -374,6 +374,20 @@ def test_non_finite_params_name_the_leaf():
     eco.quantize_params({"w": jnp.ones((4, 4)).at[0, 0].set(jnp.nan)}, eco.int8())
 
 
+def test_params_closed_over_by_a_traced_function_are_quantized_and_checked():
+  """jax.eval_shape / jax.jit of a function that quantizes params it closes over (how a
+  checkpoint template or a jitted create_train_state is built): the values are concrete."""
+  params = {"w": jax.random.normal(jax.random.key(0), (32, 16))}
+  eager = eco.quantize_params(params, eco.fp8_e4m3())
+  jitted = jax.jit(lambda: eco.quantize_params(params, eco.fp8_e4m3()))()
+  np.testing.assert_array_equal(np.asarray(jitted["w"].values), np.asarray(eager["w"].values))
+  shapes = jax.eval_shape(lambda: eco.quantize_params(params, eco.fp8_e4m3()))
+  assert shapes["w"].values.dtype == jnp.float8_e4m3fn
+  bad = {"w": params["w"].at[0, 0].set(jnp.inf)}
+  with pytest.raises(ValueError, match=r"\['w'\].*non-finite"):
+    jax.jit(lambda: eco.quantize_params(bad, eco.fp8_e4m3()))()
+
+
 def test_bad_policy_return_names_the_leaf():
   with pytest.raises(TypeError, match=r"\['w'\].*expected a QuantFormat"):
     eco.quantize_params({"w": jnp.ones((4, 4))}, lambda p, x: "fp8")
