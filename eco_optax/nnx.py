@@ -59,8 +59,9 @@ def quantize_model(model: nnx.Module, fmt_or_policy: qtree.FormatOrPolicy,
     fmt_or_policy: a format (:func:`eco_optax.default_policy`: leaves with ``ndim >= 2``
       but biases and norm gains) or a policy
       ``(path, leaf) -> QuantFormat | None``, as :func:`eco_optax.quantize_params`;
-      paths are those of ``nnx.to_pure_dict(nnx.state(model, wrt))``, e.g.
-      ``('layers', 0, 'kernel')``.
+      paths are the key paths of ``nnx.to_pure_dict(nnx.state(model, wrt))``, e.g.
+      ``(DictKey('layers'), DictKey(0), DictKey('kernel'))``: test names with
+      ``path[-1].key == "kernel"``.
     wrt: NNX filter of the variables to consider (default ``nnx.Param``).
 
   Example:

@@ -78,7 +78,7 @@ def default_policy(fmt: qz.QuantFormat) -> Policy:
   """
 
   def policy(path, leaf):
-    names = [jax.tree_util.keystr((key,), simple=True) for key in path[-2:]]
+    names = _leaf_names(path)
     if names and names[-1] in FULL_PRECISION_NAMES:
       return None
     if jnp.ndim(leaf) < 2 or jnp.size(leaf) == 0:
@@ -89,6 +89,17 @@ def default_policy(fmt: qz.QuantFormat) -> Policy:
     return fmt
 
   return policy
+
+
+def _leaf_names(path: tuple) -> list[str]:
+  """The names of the last two keys of ``path`` (``['block']['kernel']``: block, kernel).
+
+  The trailing ``.value`` of an ``nnx.State``'s paths (``nnx.split(model, nnx.Param)``)
+  is the Variable's value, not a name: ``['lin']['bias'].value`` is a bias.
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  return [jax.tree_util.keystr((key,), simple=True) for key in path[-2:]]
 
 
 def _check_float_leaf(where: str, leaf: Any) -> None:
@@ -112,7 +123,8 @@ def quantize_params(params: Any, fmt_or_policy: FormatOrPolicy) -> Any:
   """Stores the selected leaves of ``params`` in low precision.
 
   Args:
-    params: a pytree of float arrays (e.g. Flax ``params`` or an NNX pure dict).
+    params: a pytree of float arrays (Flax ``params``, an NNX pure dict, or the
+      ``nnx.State`` of ``nnx.split(model, nnx.Param, ...)``).
     fmt_or_policy: a :class:`~eco_optax.quantize.QuantFormat` (applied through
       :func:`default_policy`: leaves with ``ndim >= 2`` but biases and norm gains) or
       a callable ``(path, leaf) -> QuantFormat | None``.

@@ -53,6 +53,38 @@ def test_quantize_model_stores_only_codes_and_scales():
   np.testing.assert_array_equal(dense["up"]["kernel"], kernel.dequantize())
 
 
+class Block(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(32, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(4, 32, decode=False, rngs=rngs)
+    self.mlp = nnx.Linear(32, 32, rngs=rngs)
+
+
+def test_quantizing_the_split_state_chooses_the_leaves_quantize_model_chooses():
+  """``eco.quantize_params`` on ``nnx.split(model, nnx.Param)``'s State (paths end in
+  ``.value``) keeps stacked biases and norm gains in FP32 and cuts attention kernels
+  along their input features, as ``quantize_model`` does."""
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(rngs):
+    return Block(rngs)
+
+  stacked = lambda: make(nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(stacked(), nnx.Param, ...)
+  from_state = nnx.merge(graphdef, eco.quantize_params(params, eco.fp8_e4m3()), rest)
+  in_place = stacked()
+  eco_nnx.quantize_model(in_place, eco.fp8_e4m3())
+  formats = lambda model: jax.tree.map(
+      lambda x: (x.fmt, x.scale.shape) if eco.is_quantized(x) else x.dtype,
+      nnx.to_pure_dict(nnx.state(model, nnx.Param)), is_leaf=eco.is_quantized)
+  assert formats(from_state) == formats(in_place)
+  assert not eco.is_quantized(from_state.norm.scale.get_value())
+  assert not eco.is_quantized(from_state.mlp.bias.get_value())
+  assert from_state.attention.query.kernel.get_value().fmt.axis == -3
+
+
 def test_nnx_optimizer_matches_functional_eco_bit_for_bit():
   """NNX path == quantize_params + tx.update + apply_updates on the split dict."""
   model = MLP(nnx.Rngs(0))
