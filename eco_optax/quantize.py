@@ -625,12 +625,13 @@ def _initial_scales(x: jax.Array, fmt: QuantFormat
     return jnp.ones((), jnp.float32), None
   scale = _absmax_scale(_group_absmax(x.astype(jnp.float32), fmt), fmt)
   active = scale >= _MIN_SCALE
-  return _encode_scale(jnp.where(active, scale, 1.0 / fmt.max_value), fmt,
-                       active=active)
+  unit = _absmax_scale(jnp.asarray(1.0 / fmt.headroom, jnp.float32), fmt)   # range [-1, 1]
+  return _encode_scale(jnp.where(active, scale, unit), fmt, active=active)
 
 
 def initial_scale(x: jax.Array, fmt: QuantFormat) -> jax.Array:
-  """``s_0 = h * max|x| / rho`` per group (FP32); an all-zero group gets ``1 / rho``.
+  """``s_0 = h * max|x| / rho`` per group (FP32); an all-zero group gets ``1 / rho``
+  (rounded as ``s_0`` is).
 
   Float formats round ``s_0`` up to a power of two, formats with 8-bit scales
   round it up onto their scale grid (module docstring; NVFP4's tensor scale is

@@ -112,6 +112,9 @@ def test_all_zero_tensor_has_a_finite_scale_and_stays_zero(fmt):
   scale = np.asarray(q.effective_scale)
   assert np.all(np.isfinite(scale)) and np.all(scale > 0)
   np.testing.assert_array_equal(np.asarray(q.dequantize()), 0.0)
+  if not fmt.is_integer and not fmt.has_tensor_scale:   # float formats: powers of two
+    np.testing.assert_array_equal(np.log2(scale), np.round(np.log2(scale)))
+  assert np.all(fmt.max_value * scale >= 1.0)   # the range [-1, 1] at least
   # Every policy keeps the scale of an all-zero group (sticky must not halve it
   # step after step down to zero).
   for policy in ("sticky", "dynamic"):
