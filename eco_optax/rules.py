@@ -179,6 +179,18 @@ def lion_rule(b1: float = 0.9, b2: float = 0.99) -> MomentumRule:
   return MomentumRule(LionMoments, lambda p: (leaf, ("mu",)))
 
 
+def _thin_svd(r: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(U, S, V^T, finite)``: the thin SVD of ``r``, of zeros where ``r`` is not finite.
+
+  LAPACK's SVD never returns on a matrix with an infinite entry (an infinite
+  gradient reaches ``R`` through the momentum); the caller makes its result NaN
+  where ``finite`` is false, so the fault shows in the weights.
+  """
+  finite = jnp.all(jnp.isfinite(r))
+  u, s, vh = jnp.linalg.svd(jnp.where(finite, r, 0.0), full_matrices=False)
+  return u, s, vh, finite
+
+
 def frozen_polar_preconditioner(r: jax.Array, error: jax.Array) -> jax.Array:
   """``P(E) = E (R^T R)^(1/2)``: the inverse of Muon's frozen step ``X -> X (R^T R)^(-1/2)``.
 
@@ -195,8 +207,8 @@ def frozen_polar_preconditioner(r: jax.Array, error: jax.Array) -> jax.Array:
            [3., 4.],
            [3., 4.]], dtype=float32)
   """
-  _, s, vh = jnp.linalg.svd(r, full_matrices=False)
-  return ((error @ vh.T) * s) @ vh
+  _, s, vh, finite = _thin_svd(r)
+  return jnp.where(finite, ((error @ vh.T) * s) @ vh, jnp.nan)
 
 
 def polar_preconditioner(r: jax.Array, error: jax.Array) -> jax.Array:
@@ -210,12 +222,12 @@ def polar_preconditioner(r: jax.Array, error: jax.Array) -> jax.Array:
 
   drops the part of ``E`` that no change of the momentum can pay back.
   """
-  u, s, vh = jnp.linalg.svd(r, full_matrices=False)
+  u, s, vh, finite = _thin_svd(r)
   k = u.T @ error @ vh.T
   inside = u @ (((k - k.T) / 2) * ((s[:, None] + s[None, :]) / 2)) @ vh
   left = ((error - u @ (u.T @ error)) @ vh.T * s) @ vh
   right = (u * s) @ (u.T @ (error - (error @ vh.T) @ vh))
-  return inside + left + right
+  return jnp.where(finite, inside + left + right, jnp.nan)
 
 
 def is_matrix(x: Any) -> bool:

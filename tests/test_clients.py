@@ -365,6 +365,20 @@ def test_a_non_finite_gradient_shows_in_the_weights(fmt):
   assert np.all(np.isfinite(np.asarray(new["b"])))
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_an_infinite_gradient_entry_shows_in_the_weights_of_every_optimizer(name):
+  """One infinite entry: Muon's preconditioner takes an SVD of the momentum, which
+  LAPACK never returns from on an infinite matrix; the leaf must turn NaN instead."""
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 4)) * 0.3, "b": jnp.zeros(4)}
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  tx = OPTIMIZERS[name](0.1)
+  g = {"w": jnp.ones((8, 4)).at[0, 0].set(jnp.inf), "b": jnp.ones(4)}
+  updates, _ = jax.jit(tx.update)(g, tx.init(q), q)
+  new = eco.dequantize_params(eco.apply_updates(q, updates))
+  assert np.all(np.isnan(np.asarray(new["w"])))
+  assert np.all(np.isfinite(np.asarray(new["b"])))
+
+
 def test_a_non_finite_learning_rate_shows_in_the_weights():
   q = eco.quantize_params(_params(), eco.fp8_e4m3())
   tx = eco.adamw(lambda count: jnp.nan * count)    # a broken schedule
