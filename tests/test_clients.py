@@ -86,6 +86,25 @@ def test_a_factor_after_the_optimizer_that_keeps_the_codes_uint8_poisons_the_lea
   assert np.all(np.isfinite(np.asarray(new["b"])))        # a plain leaf: optax's arithmetic
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_each_member_of_a_vmapped_ensemble_steps_as_it_would_alone(name):
+  tx = OPTIMIZERS[name](1e-2)
+  members = [eco.quantize_params(jax.tree.map(lambda x, i=i: x * (1 + i), _params()),
+                                 eco.fp8_e4m3()) for i in range(2)]
+  grads = [_grads(_params(), i) for i in range(2)]
+
+  def step(q, state, g):
+    updates, state = tx.update(g, state, q)
+    return eco.apply_updates(q, updates), state
+
+  stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+  together, _ = jax.jit(jax.vmap(step))(stack(members), jax.vmap(tx.init)(stack(members)),
+                                        stack(grads))
+  for i in range(2):
+    alone, _ = jax.jit(step)(members[i], tx.init(members[i]), grads[i])
+    chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], together), alone)
+
+
 @pytest.mark.parametrize("policy", ["sticky", "fixed"])
 def test_run_time_warnings_under_vmap_concern_only_the_members_they_name(policy):
   """Under jax.vmap a conditional runs both branches: an ensemble's step warns for the
