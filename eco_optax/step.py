@@ -80,9 +80,10 @@ class Block(NamedTuple):
       are), ``value = Q(target)`` in FP32.
     encode_error: ``e -> (stored, value)``: an error as kept between steps
       (bfloat16 code units, :func:`error_format`, in storage form) and its FP32 value.
-    eta_before: the previous step's learning rate ``eta_{t-1}`` (0 at the first
-      step), kept by the modes that keep an error (0 in the others): the debt the
-      momentum carries was written in its units.
+    eta_before: the learning rate the debt the momentum carries was written in
+      (0 before the first step; 0 in the modes that write none): the previous step's
+      ``eta_{t-1}`` for ``"eco_exact"``, the last positive one for ``"eco"``
+      (:attr:`Mode.debt_eta`).
   """
   grad: jax.Array
   stored: jax.Array
@@ -105,9 +106,15 @@ class Mode(NamedTuple):
     extra: what the mode keeps per quantized leaf between steps: ``None``,
       ``"master"`` (an FP32 copy of the weights) or ``"error"`` (the last
       quantization error, :func:`error_format`).
+    debt_eta: which learning rate the state keeps (``previous_eta``) for the debt
+      the momentum carries: ``None`` (the mode writes no debt), ``"last"`` (the
+      last step's, 0 included: a step at ``eta = 0`` writes no debt) or
+      ``"last_positive"`` (the last positive one: the debt written at it is still
+      in the momentum, decayed, after a step at ``eta = 0``).
   """
   step: LeafStep
   extra: Optional[str] = None
+  debt_eta: Optional[str] = None
 
 
 def error_format(fmt: qz.QuantFormat) -> qz.QuantFormat:
@@ -548,10 +555,12 @@ class ErrorFeedbackState(NamedTuple):
     formats: the storage format of every parameter leaf the state was built for
       (static; :func:`eco_optax.tree.formats_of`): ``update`` refuses params stored
       otherwise.
-    previous_eta: in ``"eco_exact"`` mode, the learning rate of the last step (FP32
-      scalar; 0 before the first), the units its error's debt was written in, else
-      ``None``. Kept, not recomputed from the schedule, because a learning rate
-      injected from outside (:func:`optax.inject_hyperparams`) has none.
+    previous_eta: the learning rate the debt the momentum carries was written in
+      (FP32 scalar; 0 before the first step; :attr:`Mode.debt_eta`): in
+      ``"eco_exact"`` mode the last step's, in ``"eco"`` mode the last positive
+      one; ``None`` in the modes that write no debt. Kept, not recomputed from the
+      schedule, because a learning rate injected from outside
+      (:func:`optax.inject_hyperparams`) has none.
   """
   count: jax.Array
   moments: Any
@@ -641,15 +650,15 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
                               jax.random.key_data(jax.random.key(seed)), error,
                               qtree.formats_of(params),
-                              jnp.zeros([], jnp.float32) if mode.extra == "error" else None)
+                              jnp.zeros([], jnp.float32) if mode.debt_eta else None)
 
   def update(grads, state, params=None):
     if params is None:
       raise ValueError("eco_optax optimizers need params: tx.update(grads, state, params)")
+    leaves, treedef, lrules = leaf_rules(params)
     _check_state(state, rule.moments, mode)
     qtree.check_updates_match(params, grads, "grads")
     qtree.check_formats_match(params, state.formats)
-    leaves, treedef, lrules = leaf_rules(params)
     dense = qtree.dequantize_params(params) if callable(weight_decay) or callable(mask) else (
         dense_shapes(params))
     decay = _decays(weight_decay, mask, dense, treedef)
@@ -714,9 +723,16 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
         optax.safe_increment(count), moments,
         extra_tree if mode.extra == "master" else None, next_key,
         extra_tree if mode.extra == "error" else None, state.formats,
-        eta if mode.extra == "error" else None)
+        _debt_eta(mode, eta, state.previous_eta))
 
   return optax.GradientTransformation(init, update)
+
+
+def _debt_eta(mode: Mode, eta: jax.Array, before: Optional[jax.Array]) -> Optional[jax.Array]:
+  """The ``previous_eta`` a step leaves (:attr:`Mode.debt_eta`)."""
+  if mode.debt_eta == "last_positive":
+    return jnp.where(eta > 0, eta, before)
+  return eta if mode.debt_eta == "last" else None
 
 
 def _placed_like(raw: jax.Array, key: jax.Array) -> jax.Array:
@@ -731,7 +747,8 @@ def _check_state(state: Any, moments: type, mode: Mode) -> None:
   kept = {"master": "a master copy", "error": "the previous error"}
   if isinstance(state, ErrorFeedbackState):
     has = {"master": state.master is not None, "error": state.previous_error is not None}
-    if isinstance(state.moments, moments) and all(has[k] == (mode.extra == k) for k in kept):
+    if (isinstance(state.moments, moments) and all(has[k] == (mode.extra == k) for k in kept)
+        and (state.previous_eta is None) == (mode.debt_eta is None)):
       return
     got = f"an ErrorFeedbackState of {type(state.moments).__name__}" + "".join(
         f" with {kept[k]}" for k in kept if has[k])

@@ -77,6 +77,28 @@ def _inject(rule: rules.LeafRule, state, delta: jax.Array):
   return rule.pack(state.count, moments)
 
 
+# The most an upward jump of the learning rate may overpay the debt the momentum carries.
+JUMP_OVERPAYMENT = 2.0
+
+
+def _rescale_momentum(rule: rules.LeafRule, state, eta: jax.Array, eta_before: jax.Array):
+  """``state`` with its momentum ``mu`` times ``min(1, 2 eta_before / eta)``.
+
+  The momentum carries debts written in units of ``1 / eta_before`` and pays them in
+  ``eta``'s: a rate that jumps up ``r`` times (a warm restart, a piecewise-constant
+  schedule) would pay them ``r`` times over, and a stochastic rounding error is a
+  grid step whatever the rate (4000 grid steps after a cosine restart from its end).
+  Beyond twice the rate the debt was written at (:data:`JUMP_OVERPAYMENT`), the
+  momentum is scaled down with it; a warm-up (``eta_{t-1} = 0``, then at most 2x a
+  step) and any decreasing rate leave it as it is.
+  """
+  limit = JUMP_OVERPAYMENT * eta_before
+  factor = jnp.where((eta_before > 0) & (eta > limit), limit / jnp.where(eta > 0, eta, 1.0), 1.0)
+  moments = rule.unpack(state)
+  moments["mu"] = moments["mu"] * factor
+  return rule.pack(state.count, moments)
+
+
 def _debt_written_before(rule: rules.LeafRule, decay, b: Block, error: jax.Array) -> jax.Array:
   """``c_{t-1} P_{t-1}(error)``: a debt in the units of the previous step (0 at the first).
 
@@ -97,15 +119,19 @@ def eco_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
     e = \tilde w - w',\quad
     m = \tilde m + \frac{1 - \eta\lambda}{\eta}\Big(1 - \frac{1}{\beta}\Big) P(e)
 
+  A learning rate more than twice the one the momentum's debt was written at
+  scales the momentum down first (:func:`_rescale_momentum`).
+
   Returns:
     ``(codes of w', optax state with the new momentum, None)``.
   """
-  direction, state = rule.transform.update(b.grad, b.state)      # m~, d = P^-1(m~)
+  before = _rescale_momentum(rule, b.state, eta, b.eta_before)
+  direction, state = rule.transform.update(b.grad, before)       # m~, d = P^-1(m~)
   target = b.stored - eta * (direction + decay * b.stored)
   codes, new_w = b.quantize(target)
   error = jnp.where((eta > 0) & jnp.isfinite(target), target - new_w, 0.0)
   alpha = payback(eta, decay) * (1 - 1 / rule.beta)
-  return codes, _inject(rule, state, alpha * rule.precondition(b.state, state, b.grad, error)), None
+  return codes, _inject(rule, state, alpha * rule.precondition(before, state, b.grad, error)), None
 
 
 def eco_exact_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
@@ -166,8 +192,8 @@ def default_rounding(mode: Mode) -> qz.Rounding:
 
 
 MODE_STEPS = {
-    "eco": step.Mode(eco_step),
-    "eco_exact": step.Mode(eco_exact_step, extra="error"),
+    "eco": step.Mode(eco_step, debt_eta="last_positive"),
+    "eco_exact": step.Mode(eco_exact_step, extra="error", debt_eta="last"),
     "naive": step.Mode(baselines.naive_step),
     "master_weights": step.Mode(baselines.master_weights_step, extra="master"),
 }
