@@ -183,8 +183,8 @@ def default_rounding(mode: Mode) -> qz.Rounding:
 
   The memory-free rule assumes consecutive errors alike; stochastic rounding makes
   them independent and zero-mean, which the momentum averages away, and with it ECO
-  follows master weights (benchmark LM, AdamW: FP8 -0.9%, INT4 +5.8% of master
-  weights; round-to-nearest +8.9% and +36.1%, ``docs/results.md``). The other modes
+  follows master weights (benchmark LM, AdamW: FP8 -1.7%, INT4 +3.1% of master
+  weights; round-to-nearest +8.9% and +36.8%, ``docs/results.md``). The other modes
   round to nearest: the paper's master-weight and naive baselines, and the exact
   rule, which keeps its round-to-nearest errors (``docs/design.md``).
   """
