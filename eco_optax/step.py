@@ -747,9 +747,15 @@ def _check_state(state: Any, moments: type, mode: Mode) -> None:
   kept = {"master": "a master copy", "error": "the previous error"}
   if isinstance(state, ErrorFeedbackState):
     has = {"master": state.master is not None, "error": state.previous_error is not None}
-    if (isinstance(state.moments, moments) and all(has[k] == (mode.extra == k) for k in kept)
-        and (state.previous_eta is None) == (mode.debt_eta is None)):
-      return
+    if isinstance(state.moments, moments) and all(has[k] == (mode.extra == k) for k in kept):
+      if (state.previous_eta is None) == (mode.debt_eta is None):
+        return
+      wants, has_eta = ("with", "without") if mode.debt_eta else ("without", "with")
+      raise TypeError(
+          f"state: expected this optimizer's init(params): an ErrorFeedbackState {wants} "
+          f"previous_eta (the learning rate the momentum's debt was written at), got one "
+          f"{has_eta} it. Pass the optimizer the state its own init returned (a state saved "
+          "by an eco_optax before 'eco' mode kept previous_eta lacks it).")
     got = f"an ErrorFeedbackState of {type(state.moments).__name__}" + "".join(
         f" with {kept[k]}" for k in kept if has[k])
   else:

@@ -87,7 +87,7 @@ def _rescale_momentum(rule: rules.LeafRule, state, eta: jax.Array, eta_before: j
   The momentum carries debts written in units of ``1 / eta_before`` and pays them in
   ``eta``'s: a rate that jumps up ``r`` times (a warm restart, a piecewise-constant
   schedule) would pay them ``r`` times over, and a stochastic rounding error is a
-  grid step whatever the rate (4000 grid steps after a cosine restart from its end).
+  grid step whatever the rate (thousands of grid steps after a warm restart).
   Beyond twice the rate the debt was written at (:data:`JUMP_OVERPAYMENT`), the
   momentum is scaled down with it; a warm-up (``eta_{t-1} = 0``, then at most 2x a
   step) and any decreasing rate leave it as it is.

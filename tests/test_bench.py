@@ -67,18 +67,21 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
   # Quantized leaves alone: FP8 codes + FP32 / bf16 / 8-bit Adam moments (+ small scales).
   qbytes = {n: results[n]["quantized_bytes_per_param"] for n in names}
   assert qbytes["fp32"] is None
-  assert 9.0 < qbytes["fp8-eco-sr"] < 9.2 and qbytes["fp8-mw"] - qbytes["fp8-eco-sr"] == pytest.approx(4)
+  # (ECO's state keeps one FP32 scalar more than master weights': the rate of its debt.)
+  assert 9.0 < qbytes["fp8-eco-sr"] < 9.2
+  assert qbytes["fp8-mw"] - qbytes["fp8-eco-sr"] == pytest.approx(4, abs=1e-3)
   # 8 B of FP32 moments become 4 B of bfloat16, or 2 B of codes + two FP32 absmax per
   # block (this model's blocks hold 192 to 256 elements: a row of 192, or 256).
   assert qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-bf16-moments"] == pytest.approx(4)
   saved = qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-8bit-moments"]
   assert 8 - 2 - 8 / 192 <= saved <= 8 - 2 - 8 / 256
   # The exact rule's kept error (2 B) in the 2 B that a bfloat16 second moment gives up;
-  # it keeps a copy of the weights' scales (and the previous learning rate, 4 B in all).
+  # it keeps a copy of the weights' scales (both states also keep the learning rate of the
+  # momentum's debt: 4 B in all, counted here with the scales).
   for f, whole in (("fp8", 9.0), ("int4", 8.5)):
     scales = qbytes[f"{f}-eco-sr"] - whole
     assert qbytes[f"{f}-eco-exact-rtn-bf16-nu-moments"] == pytest.approx(whole + 2 * scales,
-                                                                        abs=1e-3)
+                                                                        abs=2e-3)
   assert {c["verdict"] for c in report["checks"]} <= {"PASS", "MISS"}
   assert len(report["checks"]) == 19
   assert (tmp_path / "curves.png").stat().st_size > 10_000

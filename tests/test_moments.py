@@ -428,10 +428,11 @@ def test_training_with_low_precision_moments_matches_fp32_moments():
 
 
 def test_memory_per_parameter():
-  """256x256 FP8 tensor-wise AdamW: weights 1 B + moments; the state's count and key add 12 B."""
+  """256x256 FP8 tensor-wise AdamW: weights 1 B + moments; the state's count, key and
+  learning rate of the momentum's debt add 16 B."""
   q = eco.quantize_params({"w": jnp.ones((256, 256))}, eco.fp8_e4m3("tensor"))
   n = 256 * 256
-  fixed = n + 4 + 4 + 8              # codes, scale; count (int32), key (2 x uint32)
+  fixed = n + 4 + 4 + 8 + 4          # codes, scale; count (int32), key (2 x uint32), previous_eta
   cases = {None: 2 * 4 * n, jnp.bfloat16: 2 * 2 * n, EIGHT_BIT: 2 * (n + 4 * n // 256)}
   for spec, moment_bytes in cases.items():
     report = eco.memory_report(q, eco.adamw(1e-3, mu_dtype=spec, nu_dtype=spec).init(q))

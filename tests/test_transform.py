@@ -208,6 +208,10 @@ def test_update_refuses_a_state_that_another_optimizer_made():
        "previous error")]:
     with pytest.raises(TypeError, match=expected + got + r"\. Pass each transformation"):
       tx.update(g, state, q)
+  with pytest.raises(TypeError, match=r"state: expected this optimizer's init\(params\): an "
+                                      r"ErrorFeedbackState with previous_eta \(the learning rate the "
+                                      r"momentum's debt was written at\), got one without it"):
+    eco.adamw(1e-2).update(g, eco.adamw(1e-2, mode="naive").init(q), q)
 
 
 def test_grads_with_wrong_tree_or_shape_are_clear_errors():
