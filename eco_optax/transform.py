@@ -48,7 +48,7 @@ optimizer in :func:`eco_optax.apply_if_finite` to skip such steps instead.
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Optional
+from typing import Callable, Literal, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +70,16 @@ def payback(eta: jax.Array, decay) -> jax.Array:
   return jnp.where(eta > 0, (1 - eta * decay) / jnp.where(eta > 0, eta, 1.0), 0.0)
 
 
+def _with_momentum(rule: rules.LeafRule, state, change: Callable[[jax.Array], jax.Array]):
+  """``state`` with its momentum ``mu`` replaced by ``change(mu)``."""
+  moments = rule.unpack(state)
+  moments["mu"] = change(moments["mu"])
+  return rule.pack(state.count, moments)
+
+
 def _inject(rule: rules.LeafRule, state, delta: jax.Array):
   """``state`` with ``delta`` added to its momentum ``mu``."""
-  moments = rule.unpack(state)
-  moments["mu"] = moments["mu"] + delta
-  return rule.pack(state.count, moments)
+  return _with_momentum(rule, state, lambda mu: mu + delta)
 
 
 # The most an upward jump of the learning rate may overpay the debt the momentum carries.
@@ -94,9 +99,7 @@ def _rescale_momentum(rule: rules.LeafRule, state, eta: jax.Array, eta_before: j
   """
   limit = JUMP_OVERPAYMENT * eta_before
   factor = jnp.where((eta_before > 0) & (eta > limit), limit / jnp.where(eta > 0, eta, 1.0), 1.0)
-  moments = rule.unpack(state)
-  moments["mu"] = moments["mu"] * factor
-  return rule.pack(state.count, moments)
+  return _with_momentum(rule, state, lambda mu: mu * factor)
 
 
 def _debt_written_before(rule: rules.LeafRule, decay, b: Block, error: jax.Array) -> jax.Array:
