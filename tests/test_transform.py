@@ -9,7 +9,7 @@ import pytest
 import eco_optax as eco
 from eco_optax import quantize as qz
 
-from _helpers import ramp_problem
+from _helpers import ramp_problem, train_steps
 
 
 def _regression(n_in=32, n_out=16, seed=0):
@@ -134,23 +134,15 @@ def test_learning_rate_zero_warmup_and_anneal_stay_finite(mode):
 
 
 def _regression_loss(schedule, mode, steps):
-  """Final loss of a 32x16 least-squares fit in FP8 with AdamW under ``schedule``."""
+  """Final loss (and state) of a 32x16 least-squares fit in FP8 with AdamW under ``schedule``."""
   target = jax.random.normal(jax.random.key(1), (32, 16))
   q = eco.quantize_params({"w": 0.3 * jax.random.normal(jax.random.key(0), (32, 16))},
                           eco.fp8_e4m3())
   tx = eco.adamw(schedule, weight_decay=0.0, mode=mode)
-  loss = lambda p, x: jnp.mean((x @ p["w"] - x @ target) ** 2)
-
-  def step(carry, i):
-    q, state = carry
-    x = jax.random.normal(jax.random.fold_in(jax.random.key(2), i), (64, 32))
-    value, grads = eco.value_and_grad(loss)(q, x)
-    updates, state = tx.update(grads, state, q)
-    return (eco.apply_updates(q, updates), state), value
-
-  (_, state), values = jax.jit(lambda q: jax.lax.scan(step, (q, tx.init(q)),
-                                                      jnp.arange(steps)))(q)
-  return float(values[-1]), state
+  batch = lambda i: (jax.random.normal(jax.random.fold_in(jax.random.key(2), i), (64, 32)),)
+  losses, _, state = train_steps(tx, q, lambda p, x: jnp.mean((x @ p["w"] - x @ target) ** 2),
+                                 batch, steps)
+  return losses[-1], state
 
 
 def test_a_learning_rate_that_jumps_up_does_not_overpay_the_momentums_debt():
