@@ -29,7 +29,7 @@ from eco_optax.memory import MemoryReport, memory_report
 from eco_optax.quantize import (QuantFormat, QuantizedArray, bf16, dequantize,
                                 fp4_e2m1, fp8_e4m3, fp8_e5m2, int4, int8, lossless)
 from eco_optax.quantize import quantize as quantize_array
-from eco_optax.step import ErrorFeedbackState
+from eco_optax.step import ErrorFeedbackState, kept_error
 from eco_optax.train_state import TrainState
 from eco_optax.transform import error_feedback
 from eco_optax.tree import (apply_updates, default_policy, dequantize_params, grad,
@@ -48,7 +48,7 @@ __all__ = [
     # quantized parameters
     "QuantizedArray", "dequantize_params", "is_quantized", "quantize_params",
     # training
-    "apply_updates", "grad", "value_and_grad",
+    "apply_updates", "grad", "kept_error", "value_and_grad",
     # wrappers
     "MultiSteps", "TrainState", "apply_if_finite", "set_to_zero", "with_dequantized_params",
     # memory

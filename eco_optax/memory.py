@@ -25,7 +25,7 @@ from eco_optax import tree as qtree
 
 # State fields (NamedTuple attribute names) -> report component.
 _STATE_COMPONENTS = {"master": "master weights", "mu": "first moment",
-                     "nu": "second moment", "previous_error": "previous error"}
+                     "nu": "second moment"}
 
 
 def _bits(dtype: np.dtype) -> int:

@@ -78,8 +78,9 @@ class Block(NamedTuple):
     quantize: ``target -> (codes, value)``: stores ``target`` with the next scale;
       ``codes`` in storage form (their bits; a leaf step passes them on as they
       are), ``value = Q(target)`` in FP32.
-    encode_error: ``e -> (stored, value)``: an error as kept between steps
-      (bfloat16 code units, :func:`error_format`, in storage form) and its FP32 value.
+    encode_error: ``e -> (count, value)``: an error as kept between steps (its
+      :func:`encode_error` count, an integer in FP32, which the step writes into the
+      low byte of the momentum) and its FP32 value.
     eta_before: the learning rate the debt the momentum carries was written in
       (0 before the first step; 0 in the modes that write none): the previous step's
       ``eta_{t-1}`` for ``"eco_exact"``, the last positive one for ``"eco"``
@@ -105,7 +106,7 @@ class Mode(NamedTuple):
     step: the :data:`LeafStep`.
     extra: what the mode keeps per quantized leaf between steps: ``None``,
       ``"master"`` (an FP32 copy of the weights) or ``"error"`` (the last
-      quantization error, :func:`error_format`).
+      quantization error, in the low byte of the FP32 momentum: :func:`join_momentum`).
     debt_eta: which learning rate the state keeps (``previous_eta``) for the debt
       the momentum carries: ``None`` (the mode writes no debt), ``"last"`` (the
       last step's, 0 included: a step at ``eta = 0`` writes no debt) or
@@ -117,15 +118,74 @@ class Mode(NamedTuple):
   debt_eta: Optional[str] = None
 
 
-def error_format(fmt: qz.QuantFormat) -> qz.QuantFormat:
-  """The format of a kept error: bfloat16 code units, FP32 scales shaped as ``fmt``'s.
+# The exact rule's kept error e: an int8 count of 1/ERROR_STEPS of the grid step at the
+# code it was written beside, in that code's scale (RTN: |e| <= half a step, 64 counts;
+# SR: < one step), kept in the low byte of the quantized leaf's FP32 momentum.
+ERROR_STEPS = 128
+_ERROR_CODES = qz.int8("tensor")          # the integer grid the error's count is rounded to
+_LOW_BYTE = 0xFF
 
-  An error is at most about a grid step, so in code units bfloat16 keeps 8
-  significant bits whatever its size. Its scale is the one it was written with.
+
+def _grid_spacing_and_inverse(codes: jax.Array, fmt: qz.QuantFormat) -> tuple:
+  """The format's grid step at ``codes`` (grid units; 1 for integers) and its reciprocal."""
+  if fmt.is_integer:
+    return 1.0, 1.0
+  return qz._float_grid_spacing_and_inverse(codes, fmt.dtype)
+
+
+def _error_unit(codes: jax.Array, scale: jax.Array, fmt: qz.QuantFormat) -> jax.Array:
+  """One count of a kept error beside ``codes`` (:func:`qz._blocked` view, grid units)
+  stored with ``scale`` (expanded): ``spacing(codes) * scale / ERROR_STEPS``."""
+  return _grid_spacing_and_inverse(codes, fmt)[0] * (scale * (1.0 / ERROR_STEPS))
+
+
+def encode_error(error: jax.Array, codes: jax.Array, scale: tuple, fmt: qz.QuantFormat,
+                 key: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
+  """``error`` as the exact rule keeps it: ``(count, value)``, both FP32.
+
+  ``count``: the error in units of :func:`_error_unit` beside the new ``codes``
+  (:func:`qz._blocked` view), rounded stochastically (unbiased: an update far below
+  a count still moves the kept error on average), within ``[-127, 127]`` (a
+  saturating target's excess beyond a grid step is dropped, as the weights cannot
+  follow it). ``scale``: the new ``(scale, 1 / scale)``; ``value``: what
+  :func:`decode_error` reads back.
   """
-  return qz.QuantFormat(name=f"{fmt.name}_error", dtype=jnp.bfloat16, scaling=fmt.scaling,
-                        axis=fmt.axis, block_size=fmt.block_size, scale_policy="fixed",
-                        headroom=1.0)
+  scale, inverse = (qz._expand_scale(x, fmt, codes.ndim) for x in scale)
+  spacing_inverse = _grid_spacing_and_inverse(codes, fmt)[1]
+  steps = qz._blocked(error, fmt) * inverse * (spacing_inverse * ERROR_STEPS)
+  count = qz._round_to_grid(jnp.clip(steps, -127.0, 127.0), _ERROR_CODES, "stochastic", key,
+                            offset)
+  value = count * _error_unit(codes, scale, fmt)
+  return (qz._unblocked(count, error.shape), qz._unblocked(value, error.shape))
+
+
+def decode_error(count: jax.Array, bits: jax.Array, scale: jax.Array,
+                 fmt: qz.QuantFormat) -> jax.Array:
+  """The kept error (FP32) from its ``count``, the storage ``bits`` of the codes it was
+  written beside and their ``scale``: bit for bit the value :func:`encode_error` gave."""
+  codes = qz._blocked(qz.bits_to_float32(bits, fmt), fmt)
+  unit = _error_unit(codes, qz._expand_scale(scale, fmt, bits.ndim), fmt)
+  return qz._unblocked(qz._blocked(count, fmt) * unit, bits.shape)
+
+
+def split_momentum(mu: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(momentum, kept error's count)`` of a momentum written by :func:`join_momentum`."""
+  bits = jax.lax.bitcast_convert_type(mu, jnp.uint32)
+  low = jax.lax.bitcast_convert_type((bits & _LOW_BYTE).astype(jnp.uint8), jnp.int8)
+  return (jax.lax.bitcast_convert_type(bits & ~jnp.uint32(_LOW_BYTE), jnp.float32),
+          low.astype(jnp.float32))
+
+
+def join_momentum(mu: jax.Array, count: jax.Array) -> jax.Array:
+  """The FP32 momentum rounded to 16 significant bits, the error's count in its low byte.
+
+  Rounding adds half of the dropped byte to the magnitude bits (to nearest, ties away
+  from zero; a carry moves into the exponent as it should): the momentum keeps a
+  relative precision of ``2^-16`` (bfloat16: ``2^-8``).
+  """
+  bits = (jax.lax.bitcast_convert_type(mu, jnp.uint32) + 0x80) & ~jnp.uint32(_LOW_BYTE)
+  low = jax.lax.bitcast_convert_type(count.astype(jnp.int8), jnp.uint8).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(bits | low, jnp.float32)
 
 
 def _rows_per_block(shape: tuple[int, ...], fmt: qz.QuantFormat, whole: bool,
@@ -255,14 +315,15 @@ class _Quantizer:
   the ``always`` of :func:`_materialize`, to round the codes of a block once, into an
   FP32 buffer of their own; not for whole leaves. After a call, ``fault`` says whether
   an element of the target or of ``gradient`` (the block's gradient, or ``None``) was
-  not finite: the leaf is then poisoned.
+  not finite (the leaf is then poisoned), and ``codes`` holds the new codes (FP32, grid
+  units, :func:`qz._blocked` view).
   """
 
   def __init__(self, fmt, scale, rounding, key, offset, materialize, gradient=None):
     self.fmt, self.scale, self.rounding, self.key, self.offset = (
         fmt, scale, rounding, key, offset)
     self.materialize, self.gradient = materialize, gradient
-    self.fault = None
+    self.fault = self.codes = None
 
   def __call__(self, target):
     fmt, rho = self.fmt, self.fmt.max_value
@@ -285,6 +346,7 @@ class _Quantizer:
       marked = _materialize(jnp.where(finite, codes, jnp.nan), self.materialize)
       self.fault = ~jnp.all(jnp.isfinite(_column_sums(marked)))
       codes = jnp.where(jnp.isnan(marked), 0.0, marked)
+    self.codes = codes
     bits = qz.grid_to_bits(codes, fmt).astype(qtree.new_codes_dtype(fmt))
     return qz._unblocked(bits, target.shape), qz._unblocked(codes * scale, target.shape)
 
@@ -394,14 +456,11 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
     rows, loop_fmt = shape[0], fmt
     n = _rows_per_block(shape, fmt, whole)
   row_size = q.size // rows
-  err_fmt, loop_err_fmt = error_format(fmt), error_format(loop_fmt)
   # The loop's first carry enters with the stored bits: each block reads its old codes
   # there and writes the new ones, and it leaves as the update's bits.
   carries = [stored_moments[f] for f in fields]
   if mode.extra == "master":
     carries.append(extra)
-  elif mode.extra == "error":
-    carries.append(extra.values)
   narrow = [] if -(-rows // n) <= _BLOCKS_BEFORE_BITS else [
       i for i, c in enumerate(carries) if isinstance(c, jax.Array) and c.dtype.itemsize == 2]
   narrow_dtypes = [carries[i].dtype for i in narrow]
@@ -411,8 +470,6 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
   # The reciprocal of the next scale is materialised here: XLA would otherwise fuse its
   # division into the loop over the elements.
   inputs = [grad, scale, next_scale, 1.0 / next_scale]
-  if mode.extra == "error":
-    inputs.append(extra.effective_scale)
   for i, x in zip(narrow, narrow_bits):
     carries[i] = x
   carries = [bits] + carries
@@ -432,28 +489,26 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
     bits, *rest = carry
     rest = as_floats(rest)
     carry = [bits] + rest
-    g, s, s_next, s_next_inverse, *inp = inp
+    g, s, s_next, s_next_inverse = inp
     offset = r0 * row_size
     decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
                for f, x in zip(fields, rest)}
     quantizer = _Quantizer(loop_fmt, (s_next, s_next_inverse), rounding, key, offset, always,
                            gradient=g)
-    # The kept error's codes get no buffer of their own: with one, the whole-leaf and
-    # blockwise steps contracted the exact rule's momentum arithmetic differently
-    # (FP4 formats, tests/test_step.py).
-    error_store = _Quantizer(loop_err_fmt, (s_next, s_next_inverse), "stochastic", error_key,
-                             offset, None)
     extra_in = None
     if mode.extra == "master":
       extra_in = rest[len(fields)]
-    elif mode.extra == "error":
-      extra_in = _dequantize_block(qz.values_to_bits(rest[len(fields)], loop_err_fmt), inp[-1],
-                                   loop_err_fmt)
+    elif mode.extra == "error":   # e_t: written beside the stored codes, in their scale
+      decoded["mu"], count_in = split_momentum(decoded["mu"])
+      extra_in = decode_error(count_in, bits, s, loop_fmt)
     block = Block(g.astype(jnp.float32), _dequantize_block(bits, s, loop_fmt),
                   rule.pack(count, decoded), extra_in, quantizer,
-                  lambda e: error_store(e), eta_before)
+                  lambda e: encode_error(e, quantizer.codes, (s_next, s_next_inverse), loop_fmt,
+                                         error_key, offset), eta_before)
     codes, state, extra_out = mode.step(rule, eta, decay, block)
     new = rule.unpack(state)
+    if mode.extra == "error":
+      new["mu"] = join_momentum(new["mu"], extra_out)
     out = [codes]
     for f in fields:
       x = new[f]
@@ -463,8 +518,6 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
       out.append(x)
     if mode.extra == "master":
       out.append(extra_out)
-    elif mode.extra == "error":
-      out.append(jax.lax.bitcast_convert_type(extra_out, jnp.bfloat16))
     if valid is not None:
       keep = valid.reshape(valid.shape + (1,) * (bits.ndim - 1))
       out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
@@ -493,11 +546,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
   update = qtree.NewCodes(bits, jnp.where(poisoned, jnp.nan, qtree.VALID).astype(jnp.float32),
                           *next_scales)
   new_moments = dict(zip(fields, rest))
-  if mode.extra == "master":
-    extra = rest[len(fields)]
-  elif mode.extra == "error":
-    extra = qz.QuantizedArray(rest[len(fields)], next_scale, err_fmt)
-  return update, new_moments, extra
+  return update, new_moments, rest[len(fields)] if mode.extra == "master" else None
 
 
 def _step_quantized_leaf(static: tuple, *args):
@@ -543,15 +592,14 @@ class ErrorFeedbackState(NamedTuple):
     count: steps taken (int32).
     moments: the rule's moments (``mu`` receives the injected error), each field a
       tree of leaves in its storage format (FP32 arrays by default; ``None`` where
-      a leaf has no such moment).
+      a leaf has no such moment). In ``"eco_exact"`` mode the low byte of each
+      quantized leaf's FP32 ``mu`` keeps its last quantization error
+      (:func:`join_momentum`; read it with :func:`kept_error`).
     master: FP32 master weights in ``"master_weights"`` mode, else ``None``.
     key: the raw data (``jax.random.key_data``, ``uint32``) of the PRNG key of
       stochastic rounding, advanced at every step that rounds stochastically (the
       weights, a kept error or the moments). Raw, not a typed key, so that the state
       goes through ``flax.serialization`` (msgpack), which refuses typed keys.
-    previous_error: in ``"eco_exact"`` mode, each quantized leaf's last error as a
-      :class:`~eco_optax.quantize.QuantizedArray` of bfloat16 code units with the
-      scale it was written in (:func:`error_format`), else ``None``.
     formats: the storage format of every parameter leaf the state was built for
       (static; :func:`eco_optax.tree.formats_of`): ``update`` refuses params stored
       otherwise.
@@ -566,7 +614,6 @@ class ErrorFeedbackState(NamedTuple):
   moments: Any
   master: Optional[Any]
   key: jax.Array
-  previous_error: Optional[Any] = None
   formats: Any = None
   previous_eta: Optional[jax.Array] = None
 
@@ -609,6 +656,12 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     check_beta: refuse momentum decays outside ``(0, 1)`` (ECO needs one).
   """
   schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+  if mode.extra == "error" and "mu" in moment_formats:
+    raise ValueError(
+        f"mode='eco_exact' keeps each quantized leaf's last error in the low byte of its FP32 "
+        f"first moment (mu), and mu stored as {moment_formats['mu']} leaves no room for it. "
+        "Keep mu in FP32 and store the second moment narrower instead (nu_dtype=jnp.bfloat16: "
+        "7 bytes/param with FP8 weights), or use mode='eco'.")
 
   def leaf_rules(params):
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=qtree.is_quantized)
@@ -640,15 +693,11 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     moments = {name: treedef.unflatten([
         _zero_moment(moment_formats.get(name), jnp.shape(p)) if name in lr[1] else None
         for p, lr in zip(leaves, lrules)]) for name in rule.moments._fields}
-    master = error = None
+    master = None   # eco_exact's e_0 = 0 (a zero momentum's low byte): the initial rounding error is dropped
     if mode.extra == "master":
       master = treedef.unflatten([qz.dequantize(p) if qtree.is_lossy(p) else None for p in leaves])
-    if mode.extra == "error":   # e_0 = 0: the initial rounding error is dropped
-      error = treedef.unflatten([
-          qz.QuantizedArray(jnp.zeros(p.shape, jnp.bfloat16), jnp.copy(p.effective_scale),
-                            error_format(p.fmt)) if qtree.is_lossy(p) else None for p in leaves])
     return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
-                              jax.random.key_data(jax.random.key(seed)), error,
+                              jax.random.key_data(jax.random.key(seed)),
                               qtree.formats_of(params),
                               jnp.zeros([], jnp.float32) if mode.debt_eta else None)
 
@@ -682,8 +731,6 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     stored = {name: treedef.flatten_up_to(getattr(state.moments, name))
               for name in rule.moments._fields}
     master = treedef.flatten_up_to(state.master) if state.master is not None else None
-    error = (treedef.flatten_up_to(state.previous_error)
-             if state.previous_error is not None else None)
 
     weight_keys = [next(leaf_keys) if qtree.is_lossy(p) else None for p in leaves]
     leaf_error_keys = [next(error_keys) if qtree.is_lossy(p) and mode.extra == "error" else None
@@ -701,8 +748,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
       moments_in = {f: stored[f][i] for f in fields}
       formats = {f: moment_formats[f] for f in fields if f in moment_formats}
       if qtree.is_lossy(p):
-        extra = master[i] if mode.extra == "master" else (
-            error[i] if mode.extra == "error" else None)
+        extra = master[i] if mode.extra == "master" else None
         u, moments_out, new_extra[i] = _step_quantized_leaf(
             (mode, leaf_rule, tuple(fields), tuple(formats.items()), rounding),
             p, g, moments_in, extra, count, eta, eta_before,
@@ -718,14 +764,32 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
         new_moments[name][i] = moments_out.get(name)
 
     moments = rule.moments(**{k: treedef.unflatten(v) for k, v in new_moments.items()})
-    extra_tree = treedef.unflatten(new_extra) if mode.extra else None
+    master = treedef.unflatten(new_extra) if mode.extra == "master" else None
     return treedef.unflatten(updates), ErrorFeedbackState(
-        optax.safe_increment(count), moments,
-        extra_tree if mode.extra == "master" else None, next_key,
-        extra_tree if mode.extra == "error" else None, state.formats,
+        optax.safe_increment(count), moments, master, next_key, state.formats,
         _debt_eta(mode, eta, state.previous_eta))
 
   return optax.GradientTransformation(init, update)
+
+
+def kept_error(params: Any, state: ErrorFeedbackState) -> Any:
+  """The last quantization error an ``"eco_exact"`` optimizer keeps, per quantized leaf.
+
+  Args:
+    params: the quantized params as applied after the step that wrote ``state``
+      (the error is kept in units of their codes' grid step and scale).
+    state: the optimizer's :class:`ErrorFeedbackState`.
+
+  Returns:
+    ``params``' structure: the error ``e = target - Q(target)`` in FP32 for each
+    lossy quantized leaf, as the next step reads it (to 1/128 of a grid step), and
+    ``None`` for the other leaves.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=qtree.is_quantized)
+  return treedef.unflatten([
+      decode_error(split_momentum(mu)[1], qz.values_to_bits(p.values, p.fmt),
+                   p.effective_scale, p.fmt) if qtree.is_lossy(p) else None
+      for p, mu in zip(leaves, treedef.flatten_up_to(state.moments.mu))])
 
 
 def _debt_eta(mode: Mode, eta: jax.Array, before: Optional[jax.Array]) -> Optional[jax.Array]:
@@ -744,9 +808,9 @@ def _placed_like(raw: jax.Array, key: jax.Array) -> jax.Array:
 
 def _check_state(state: Any, moments: type, mode: Mode) -> None:
   """Refuses a state that an ``init`` of this optimizer (rule and mode) did not return."""
-  kept = {"master": "a master copy", "error": "the previous error"}
+  kept = {"master": "a master copy"}
   if isinstance(state, ErrorFeedbackState):
-    has = {"master": state.master is not None, "error": state.previous_error is not None}
+    has = {"master": state.master is not None}
     if isinstance(state.moments, moments) and all(has[k] == (mode.extra == k) for k in kept):
       if (state.previous_eta is None) == (mode.debt_eta is None):
         return
