@@ -150,7 +150,7 @@ def encode_error(error: jax.Array, codes: jax.Array, scale: tuple, fmt: qz.Quant
   follow it). ``scale``: the new ``(scale, 1 / scale)``; ``value``: what
   :func:`decode_error` reads back.
   """
-  scale, inverse = (qz._expand_scale(x, fmt, codes.ndim) for x in scale)
+  scale, inverse = (qz._expand_scale(x, fmt, error.ndim) for x in scale)
   spacing_inverse = _grid_spacing_and_inverse(codes, fmt)[1]
   steps = qz._blocked(error, fmt) * inverse * (spacing_inverse * ERROR_STEPS)
   count = qz._round_to_grid(jnp.clip(steps, -127.0, 127.0), _ERROR_CODES, "stochastic", key,

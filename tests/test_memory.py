@@ -19,18 +19,18 @@ def test_fp8_adamw_is_about_9_bytes_per_param():
 
 
 @pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.int4()], ids=["fp8", "int4"])
-def test_exact_rule_with_a_bfloat16_second_moment_fits_in_eco_bytes(fmt):
-  """The exact rule's kept error takes the 2 bytes a bfloat16 second moment gives up."""
+def test_exact_rule_fits_in_eco_bytes(fmt):
+  """The exact rule keeps its error in the FP32 first moment's low byte: memory-free ECO's
+  bytes, and 2 fewer with a bfloat16 second moment."""
   q = eco.quantize_params(_model(), fmt)
   eco_rep = eco.memory_report(q, eco.adamw(1e-3).init(q))
-  exact = eco.memory_report(q, eco.adamw(1e-3, mode="eco_exact", nu_dtype=jnp.bfloat16).init(q))
+  exact = eco.memory_report(q, eco.adamw(1e-3, mode="eco_exact").init(q))
+  narrow = eco.memory_report(q, eco.adamw(1e-3, mode="eco_exact", nu_dtype=jnp.bfloat16).init(q))
   n = 512 * 768
-  assert exact.components["second moment"] == 2 * n
-  # The kept error: 2 bytes per parameter and a copy of its leaf's scales (both states keep
-  # the learning rate of the momentum's debt, one FP32).
-  assert exact.components["previous error"] == 2 * n + eco_rep.components["scales"]
-  assert exact.total_bytes - eco_rep.total_bytes == eco_rep.components["scales"]
+  assert exact.components == eco_rep.components
   assert exact.bytes_per_param == pytest.approx(9.0 if fmt.bits == 8 else 8.5, abs=0.02)
+  assert narrow.components["second moment"] == 2 * n
+  assert narrow.total_bytes == exact.total_bytes - 2 * n
 
 
 def test_master_weights_cost_at_least_12_bytes_per_param():

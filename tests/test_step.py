@@ -75,19 +75,14 @@ def test_blocks_of_rows_equal_the_whole_leaf(mode, rounding, moments, monkeypatc
   _assert_bit_identical(blocked, whole)
 
 
-@pytest.mark.parametrize("mode,rounding,moments", [
-    ("eco", "stochastic", jnp.bfloat16), ("eco_exact", "nearest", None)])
-def test_16_bit_carries_through_the_blocks_as_bits_equal_the_whole_leaf(
-    mode, rounding, moments, monkeypatch):
-  # bfloat16 moments and eco_exact's bfloat16 error cross the loop as uint16 bits when a
-  # leaf has more blocks than _BLOCKS_BEFORE_BITS; here every blocked leaf does.
+def test_16_bit_carries_through_the_blocks_as_bits_equal_the_whole_leaf(monkeypatch):
+  # bfloat16 moments cross the loop as uint16 bits when a leaf has more blocks than
+  # _BLOCKS_BEFORE_BITS; here every blocked leaf does.
   monkeypatch.setattr(st, "_BLOCKS_BEFORE_BITS", 0)
   formats = {"fp8": FORMATS["fp8-channel"]}
-  as_bits = _run(formats, mode, rounding, moments, 16 * 24, monkeypatch)
-  whole = _run(formats, mode, rounding, moments, 1 << 30, monkeypatch)
-  state = as_bits[1]
-  assert (state.moments.mu["fp8"]["w"] if mode == "eco" else
-          state.previous_error["fp8"]["w"].values).dtype == jnp.bfloat16
+  as_bits = _run(formats, "eco", "stochastic", jnp.bfloat16, 16 * 24, monkeypatch)
+  whole = _run(formats, "eco", "stochastic", jnp.bfloat16, 1 << 30, monkeypatch)
+  assert as_bits[1].moments.mu["fp8"]["w"].dtype == jnp.bfloat16
   _assert_bit_identical(as_bits, whole)
 
 
