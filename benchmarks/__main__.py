@@ -15,7 +15,7 @@ Table 1 set for FP8 E4M3 (row-wise scales) and INT4 (tensor-wise by default):
 ``<fmt>-naive-sr``        no master weights, stochastic rounding
 ``<fmt>-eco-rtn``         ECO: error injected into the momentum, round to nearest
 ``<fmt>-eco-sr``          ECO with stochastic rounding
-``<fmt>-eco-exact-rtn``   ECO's exact rule (previous error kept, +2 B/param), RTN
+``<fmt>-eco-exact-rtn``   ECO's exact rule (previous error kept in the momentum), RTN
 ``<fmt>-eco-exact-sr``    the exact rule with stochastic rounding
 ========================  ====================================================
 
@@ -26,9 +26,10 @@ same executable whose time is reported. (Splitting the step this way compiles
 the model's backward pass once instead of once per method.)
 
 The default rows (``--methods headline``) are ``fp32`` and the paper's set in FP8
-(master weights with RTN / SR, naive RTN / SR, ECO-RTN / SR) with the exact rule in the
-memory-free rule's bytes (``<fmt>-eco-exact-rtn-bf16-nu-moments``: AdamW's second moment in bfloat16
-and the kept error in the two bytes it frees). ``<fmt>`` is ``fp8`` (E4M3, row-wise
+(master weights with RTN / SR, naive RTN / SR, ECO-RTN / SR) and the exact rule
+(``<fmt>-eco-exact-rtn``: the kept error in the low byte of the FP32 first moment, memory-free
+ECO's bytes; ``<fmt>-eco-exact-rtn-bf16-nu-moments`` stores AdamW's second moment in bfloat16,
+2 B/param less). ``<fmt>`` is ``fp8`` (E4M3, row-wise
 scales) or ``int4`` (tensor-wise) for ``--methods paper`` (the same rows in both formats),
 and ``mxfp4`` / ``nvfp4`` (:func:`eco_optax.fp4_e2m1`) for ``--methods fp4``. ``--methods moments`` adds
 ``fp8-mw-<m>-moments`` and ``fp8-eco-sr-<m>-moments``: AdamW's moments stored in
@@ -82,8 +83,8 @@ class Method:
 
   ``moments`` stores the optimizer's moments in FP32 (``"fp32"``), bfloat16
   (``"bf16"``) or 8-bit block-wise codes (``"8bit"``, :func:`eco_optax.moments.blockwise_8bit`),
-  or only the second moment in bfloat16 (``"bf16-nu"``: the exact rule's kept error then
-  takes the two bytes the second moment gives up, 9 B/param for FP8 as memory-free ECO).
+  or only the second moment in bfloat16 (``"bf16-nu"``: the exact rule keeps its error in
+  the first moment, which stays FP32).
   """
 
   name: str
@@ -116,23 +117,23 @@ METHODS = (
     {"fp32": Method("fp32")}
     | {f"{f}-{v}": Method(f"{f}-{v}", f, v) for f in FORMATS for v in VARIANTS}
     | {f"fp8-{v}-{m}-moments": Method(f"fp8-{v}-{m}-moments", "fp8", v, m)
-       for m in ("bf16", "8bit") for v in ("mw", "eco-sr", "eco-exact-rtn")}
+       for m in ("bf16", "8bit") for v in ("mw", "eco-sr")}
     | {f"{f}-{v}-bf16-nu-moments": Method(f"{f}-{v}-bf16-nu-moments", f, v, "bf16-nu")
        for f in FORMATS for v in ("eco-exact-rtn", "eco-exact-sr")})
 # --methods groups: the paper's Table 1 set in FP8 (the default) and in FP8 and INT4, each
-# with the exact rule in the memory-free rule's bytes, and the rows beyond it.
+# with the exact rule (in the memory-free rule's bytes), and the rows beyond it.
 # Master weights (RTN), naive RTN / SR, ECO-RTN / SR: the FP4 rows, the sweep and the fine-tune.
 CORE_VARIANTS = ("mw", "naive-rtn", "naive-sr", "eco-rtn", "eco-sr")
 PAPER_VARIANTS = ("mw", "mw-sr", *CORE_VARIANTS[1:])   # the paper's Table 1 rows
-EXACT_IN_ECO_BYTES = "eco-exact-rtn-bf16-nu-moments"   # the exact rule, second moment in bf16
+EXACT_IN_ECO_BYTES = "eco-exact-rtn"   # the exact rule: its error in the FP32 first moment
 GROUPS = {
     "headline": ["fp32", *(f"fp8-{v}" for v in (*PAPER_VARIANTS, EXACT_IN_ECO_BYTES))],
     "paper": ["fp32", *(f"{f}-{v}" for f in ("fp8", "int4")
                         for v in (*PAPER_VARIANTS, EXACT_IN_ECO_BYTES))],
     "fp4": [f"{f}-{v}" for f in ("mxfp4", "nvfp4") for v in CORE_VARIANTS],
     "moments": ["fp8-mw", "fp8-eco-sr",
-                *(f"fp8-{v}-{m}-moments" for m in ("bf16", "8bit")
-                  for v in ("mw", "eco-sr", "eco-exact-rtn"))],
+                *(f"fp8-{v}-{m}-moments" for m in ("bf16", "8bit") for v in ("mw", "eco-sr")),
+                "fp8-eco-exact-rtn-bf16-nu-moments"],
     "all": list(METHODS),
 }
 

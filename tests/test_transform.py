@@ -197,8 +197,7 @@ def test_update_refuses_a_state_that_another_optimizer_made():
       (eco.adamw(1e-2), eco.sgdm(0.1).init(q), "AdamMoments, got an ErrorFeedbackState of SGDMMoments"),
       (eco.adamw(1e-2), optax.adamw(1e-2).init(params), "AdamMoments, got a tuple"),
       (eco.adamw(1e-2, mode="master_weights"), eco.adamw(1e-2, mode="eco_exact").init(q),
-       "AdamMoments with a master copy, got an ErrorFeedbackState of AdamMoments with the "
-       "previous error")]:
+       "AdamMoments with a master copy, got an ErrorFeedbackState of AdamMoments")]:
     with pytest.raises(TypeError, match=expected + got + r"\. Pass each transformation"):
       tx.update(g, state, q)
   with pytest.raises(TypeError, match=r"state: expected this optimizer's init\(params\): an "
