@@ -14,7 +14,7 @@ w/o MW, round to nearest (naive)       ``mode="naive", rounding="nearest"``
 w/o MW + SR                            ``mode="naive", rounding="stochastic"``
 ECO + RTN                              ``mode="eco", rounding="nearest"``
 ECO + SR (the default)                 ``mode="eco"`` (``rounding="stochastic"``)
-ECO's exact rule (+2 bytes/param)      ``mode="eco_exact"``
+ECO's exact rule (same bytes)         ``mode="eco_exact"``
 =====================================  ==========================================
 
 ``rounding=None`` (the default) is stochastic in ECO mode, where it follows master
@@ -27,11 +27,12 @@ or ``jnp.float16`` with stochastic rounding, or ``eco.moments.blockwise_8bit()``
 (bitsandbytes' block-wise 8-bit). ``None`` keeps FP32. AdamW on FP8 weights then
 takes 9 bytes per parameter with FP32 moments, 5 with bfloat16 and about 3.03 with
 8-bit moments (:func:`eco_optax.memory_report`). For round-to-nearest, the exact
-rule with a bfloat16 second moment takes the 9 bytes of memory-free ECO with FP32
-moments and follows the master-weight path, where the memory-free rule trails it
-(``docs/design.md``)::
+rule follows the master-weight path, where the memory-free rule trails it, in the
+same 9 bytes: it keeps its last error in the low byte of the FP32 first moment
+(``mu_dtype`` must then stay FP32; ``nu_dtype=jnp.bfloat16`` takes 7 bytes;
+``docs/design.md``)::
 
-    eco.adamw(lr, mode="eco_exact", nu_dtype=jnp.bfloat16)
+    eco.adamw(lr, mode="eco_exact")
 """
 
 from __future__ import annotations

@@ -161,6 +161,7 @@ def test_memory_benchmark_reads_peaks_from_the_compiled_step():
   # FP8 kernels, FP32 biases (320 of 33k parameters at 12 or 8 B) and the row scales.
   assert 9.0 < rows["ECO fp8, fp32 moments"].static < 9.1
   assert 5.0 < rows["ECO fp8, bf16 moments"].static < 5.1
+  assert rows["ECO fp8 exact rule (RTN)"].static == rows["ECO fp8, fp32 moments"].static
   for r in rows.values():                       # the arguments alone are the state
     assert r.peak >= r.static and r.peak_memory_scheduler >= r.static
   assert bmemory.checkpoint_control(problem) >= adamw.static
