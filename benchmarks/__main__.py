@@ -27,7 +27,7 @@ the model's backward pass once instead of once per method.)
 
 The default rows (``--methods headline``) are ``fp32`` and the paper's set in FP8
 (master weights with RTN / SR, naive RTN / SR, ECO-RTN / SR) and the exact rule
-(``<fmt>-eco-exact-rtn``: the kept error in the low byte of the FP32 first moment, memory-free
+(``<fmt>-eco-exact-rtn``: the kept error in the low 10 bits of the FP32 first moment, memory-free
 ECO's bytes; ``<fmt>-eco-exact-rtn-bf16-nu-moments`` stores AdamW's second moment in bfloat16,
 2 B/param less). ``<fmt>`` is ``fp8`` (E4M3, row-wise
 scales) or ``int4`` (tensor-wise) for ``--methods paper`` (the same rows in both formats),

@@ -28,7 +28,7 @@ or ``jnp.float16`` with stochastic rounding, or ``eco.moments.blockwise_8bit()``
 takes 9 bytes per parameter with FP32 moments, 5 with bfloat16 and about 3.03 with
 8-bit moments (:func:`eco_optax.memory_report`). For round-to-nearest, the exact
 rule follows the master-weight path, where the memory-free rule trails it, in the
-same 9 bytes: it keeps its last error in the low byte of the FP32 first moment
+same 9 bytes: it keeps its last error in the low 10 bits of the FP32 first moment
 (``mu_dtype`` must then stay FP32; ``nu_dtype=jnp.bfloat16`` takes 7 bytes;
 ``docs/design.md``)::
 

@@ -80,7 +80,7 @@ class Block(NamedTuple):
       are), ``value = Q(target)`` in FP32.
     encode_error: ``e -> (count, value)``: an error as kept between steps (its
       :func:`encode_error` count, an integer in FP32, which the step writes into the
-      low byte of the momentum) and its FP32 value.
+      low 10 bits of the momentum) and its FP32 value.
     eta_before: the learning rate the debt the momentum carries was written in
       (0 before the first step; 0 in the modes that write none): the previous step's
       ``eta_{t-1}`` for ``"eco_exact"``, the last positive one for ``"eco"``
@@ -106,7 +106,7 @@ class Mode(NamedTuple):
     step: the :data:`LeafStep`.
     extra: what the mode keeps per quantized leaf between steps: ``None``,
       ``"master"`` (an FP32 copy of the weights) or ``"error"`` (the last
-      quantization error, in the low byte of the FP32 momentum: :func:`join_momentum`).
+      quantization error, in the low 10 bits of the FP32 momentum: :func:`join_momentum`).
     debt_eta: which learning rate the state keeps (``previous_eta``) for the debt
       the momentum carries: ``None`` (the mode writes no debt), ``"last"`` (the
       last step's, 0 included: a step at ``eta = 0`` writes no debt) or
@@ -118,12 +118,13 @@ class Mode(NamedTuple):
   debt_eta: Optional[str] = None
 
 
-# The exact rule's kept error e: an int8 count of 1/ERROR_STEPS of the grid step at the
-# code it was written beside, in that code's scale (RTN: |e| <= half a step, 64 counts;
-# SR: < one step), kept in the low byte of the quantized leaf's FP32 momentum.
-ERROR_STEPS = 128
-_ERROR_CODES = qz.int8("tensor")          # the integer grid the error's count is rounded to
-_LOW_BYTE = 0xFF
+# The exact rule's kept error e: a signed ERROR_BITS-bit count of 1/ERROR_STEPS of the grid
+# step at the code it was written beside, in that code's scale (RTN: |e| <= half a step;
+# SR: < one step), kept in the low bits of the quantized leaf's FP32 momentum.
+ERROR_BITS = 10
+ERROR_STEPS = 1 << (ERROR_BITS - 1)       # 512: counts within [-511, 511]
+_ERROR_CODES = qz.int8("tensor")          # its integer grid: the count is rounded to integers
+_LOW_BITS = (1 << ERROR_BITS) - 1
 
 
 def _grid_spacing_and_inverse(codes: jax.Array, fmt: qz.QuantFormat) -> tuple:
@@ -145,7 +146,7 @@ def encode_error(error: jax.Array, codes: jax.Array, scale: tuple, fmt: qz.Quant
 
   ``count``: the error in units of :func:`_error_unit` beside the new ``codes``
   (:func:`qz._blocked` view), rounded stochastically (unbiased: an update far below
-  a count still moves the kept error on average), within ``[-127, 127]`` (a
+  a count still moves the kept error on average), within ``[-511, 511]`` (a
   saturating target's excess beyond a grid step is dropped, as the weights cannot
   follow it). ``scale``: the new ``(scale, 1 / scale)``; ``value``: what
   :func:`decode_error` reads back.
@@ -153,7 +154,8 @@ def encode_error(error: jax.Array, codes: jax.Array, scale: tuple, fmt: qz.Quant
   scale, inverse = (qz._expand_scale(x, fmt, error.ndim) for x in scale)
   spacing_inverse = _grid_spacing_and_inverse(codes, fmt)[1]
   steps = qz._blocked(error, fmt) * inverse * (spacing_inverse * ERROR_STEPS)
-  count = qz._round_to_grid(jnp.clip(steps, -127.0, 127.0), _ERROR_CODES, "stochastic", key,
+  limit = ERROR_STEPS - 1.0
+  count = qz._round_to_grid(jnp.clip(steps, -limit, limit), _ERROR_CODES, "stochastic", key,
                             offset)
   value = count * _error_unit(codes, scale, fmt)
   return (qz._unblocked(count, error.shape), qz._unblocked(value, error.shape))
@@ -171,20 +173,22 @@ def decode_error(count: jax.Array, bits: jax.Array, scale: jax.Array,
 def split_momentum(mu: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(momentum, kept error's count)`` of a momentum written by :func:`join_momentum`."""
   bits = jax.lax.bitcast_convert_type(mu, jnp.uint32)
-  low = jax.lax.bitcast_convert_type((bits & _LOW_BYTE).astype(jnp.uint8), jnp.int8)
-  return (jax.lax.bitcast_convert_type(bits & ~jnp.uint32(_LOW_BYTE), jnp.float32),
-          low.astype(jnp.float32))
+  low = (bits & _LOW_BITS).astype(jnp.int32)
+  count = jnp.where(low >= ERROR_STEPS, low - (1 << ERROR_BITS), low)   # two's complement
+  return (jax.lax.bitcast_convert_type(bits & ~jnp.uint32(_LOW_BITS), jnp.float32),
+          count.astype(jnp.float32))
 
 
 def join_momentum(mu: jax.Array, count: jax.Array) -> jax.Array:
-  """The FP32 momentum rounded to 16 significant bits, the error's count in its low byte.
+  """The FP32 momentum rounded to 14 significant bits, the error's count in its low 10.
 
-  Rounding adds half of the dropped byte to the magnitude bits (to nearest, ties away
+  Rounding adds half of the dropped bits to the magnitude bits (to nearest, ties away
   from zero; a carry moves into the exponent as it should): the momentum keeps a
-  relative precision of ``2^-16`` (bfloat16: ``2^-8``).
+  relative precision of ``2^-14`` (bfloat16: ``2^-8``).
   """
-  bits = (jax.lax.bitcast_convert_type(mu, jnp.uint32) + 0x80) & ~jnp.uint32(_LOW_BYTE)
-  low = jax.lax.bitcast_convert_type(count.astype(jnp.int8), jnp.uint8).astype(jnp.uint32)
+  half = 1 << (ERROR_BITS - 1)
+  bits = (jax.lax.bitcast_convert_type(mu, jnp.uint32) + half) & ~jnp.uint32(_LOW_BITS)
+  low = jax.lax.bitcast_convert_type(count.astype(jnp.int32), jnp.uint32) & _LOW_BITS
   return jax.lax.bitcast_convert_type(bits | low, jnp.float32)
 
 
@@ -592,7 +596,7 @@ class ErrorFeedbackState(NamedTuple):
     count: steps taken (int32).
     moments: the rule's moments (``mu`` receives the injected error), each field a
       tree of leaves in its storage format (FP32 arrays by default; ``None`` where
-      a leaf has no such moment). In ``"eco_exact"`` mode the low byte of each
+      a leaf has no such moment). In ``"eco_exact"`` mode the low 10 bits of each
       quantized leaf's FP32 ``mu`` keeps its last quantization error
       (:func:`join_momentum`; read it with :func:`kept_error`).
     master: FP32 master weights in ``"master_weights"`` mode, else ``None``.
@@ -658,7 +662,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
   schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
   if mode.extra == "error" and "mu" in moment_formats:
     raise ValueError(
-        f"mode='eco_exact' keeps each quantized leaf's last error in the low byte of its FP32 "
+        f"mode='eco_exact' keeps each quantized leaf's last error in the low 10 bits of its FP32 "
         f"first moment (mu), and mu stored as {moment_formats['mu']} leaves no room for it. "
         "Keep mu in FP32 and store the second moment narrower instead (nu_dtype=jnp.bfloat16: "
         "7 bytes/param with FP8 weights), or use mode='eco'.")
@@ -693,7 +697,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     moments = {name: treedef.unflatten([
         _zero_moment(moment_formats.get(name), jnp.shape(p)) if name in lr[1] else None
         for p, lr in zip(leaves, lrules)]) for name in rule.moments._fields}
-    master = None   # eco_exact's e_0 = 0 (a zero momentum's low byte): the initial rounding error is dropped
+    master = None   # eco_exact's e_0 = 0 (a zero momentum's low 10 bits): the initial rounding error is dropped
     if mode.extra == "master":
       master = treedef.unflatten([qz.dequantize(p) if qtree.is_lossy(p) else None for p in leaves])
     return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
@@ -782,7 +786,7 @@ def kept_error(params: Any, state: ErrorFeedbackState) -> Any:
 
   Returns:
     ``params``' structure: the error ``e = target - Q(target)`` in FP32 for each
-    lossy quantized leaf, as the next step reads it (to 1/128 of a grid step), and
+    lossy quantized leaf, as the next step reads it (to 1/512 of a grid step), and
     ``None`` for the other leaves.
   """
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=qtree.is_quantized)

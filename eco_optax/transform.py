@@ -18,8 +18,8 @@ master-weight iterate exactly when ``delta_t = -c_t P_t(e_t) / beta`` with
 injection ``delta_{t+1} - beta*delta_t = c_t P_t(e_t) - c_{t+1} P_{t+1}(e_{t+1}) /
 beta``. With consecutive errors aligned, ``e_t ~ e_{t+1}`` (the paper's Figure 3),
 and the units taken as constant, it is ``alpha P(e)`` above and costs no memory
-(:func:`eco_step`). The exact injection, with ``e_t`` kept in the low byte of the
-FP32 momentum (an 8-bit count of 1/128 grid steps; the momentum keeps 16
+(:func:`eco_step`). The exact injection, with ``e_t`` kept in the low 10 bits of the
+FP32 momentum (a 10-bit count of 1/512 grid steps; the momentum keeps 14
 significant bits: memory-free ECO's bytes, :func:`eco_optax.step.join_momentum`), is
 :func:`eco_exact_step`; it keeps each debt in the units it was
 written in (under warm-up ``c`` halves from the first step to the second, and
@@ -149,7 +149,7 @@ def eco_exact_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
     m = \tilde m + c_{t-1} P_{t-1}(e_t) - \frac{c_t}{\beta} P_t(e_{t+1}),\quad
     c = \frac{1 - \eta\lambda}{\eta}
 
-  ``e_{t+1}`` enters as it will be kept (a count of 1/128 of the grid step at its
+  ``e_{t+1}`` enters as it will be kept (a count of 1/512 of the grid step at its
   code, rounded stochastically, read back beside that code in the scale it was
   written in), and ``e_t`` in the units it was written in, so the
   debt added now and the debt paid at the next step cancel exactly. The debt moves

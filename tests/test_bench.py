@@ -75,7 +75,7 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
   assert qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-bf16-moments"] == pytest.approx(4)
   saved = qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-8bit-moments"]
   assert 8 - 2 - 8 / 192 <= saved <= 8 - 2 - 8 / 256
-  # The exact rule keeps its error in the low byte of the FP32 first moment: ECO's bytes.
+  # The exact rule keeps its error in the low 10 bits of the FP32 first moment: ECO's bytes.
   for f in ("fp8", "int4"):
     assert qbytes[f"{f}-eco-exact-rtn"] == qbytes[f"{f}-eco-sr"]
   assert {c["verdict"] for c in report["checks"]} <= {"PASS", "MISS"}

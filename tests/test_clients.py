@@ -446,7 +446,7 @@ def test_state_keeps_its_shapes_and_dtypes_under_lax_cond(name):
   q = eco.quantize_params(_params(), eco.fp8_e4m3())
   if name in ("lion", "muon"):   # they refuse the exact rule
     tx = OPTIMIZERS[name](0.1, mode="master_weights", mu_dtype=jnp.bfloat16)
-  else:                          # its error in the FP32 first moment's low byte
+  else:                          # its error in the FP32 first moment's low 10 bits
     tx = OPTIMIZERS[name](0.1, mode="eco_exact", **({} if name == "sgdm" else
                                                      {"nu_dtype": jnp.bfloat16}))
   state = tx.init(q)

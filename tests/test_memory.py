@@ -20,7 +20,7 @@ def test_fp8_adamw_is_about_9_bytes_per_param():
 
 @pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.int4()], ids=["fp8", "int4"])
 def test_exact_rule_fits_in_eco_bytes(fmt):
-  """The exact rule keeps its error in the FP32 first moment's low byte: memory-free ECO's
+  """The exact rule keeps its error in the FP32 first moment's low 10 bits: memory-free ECO's
   bytes, and 2 fewer with a bfloat16 second moment."""
   q = eco.quantize_params(_model(), fmt)
   eco_rep = eco.memory_report(q, eco.adamw(1e-3).init(q))

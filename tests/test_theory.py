@@ -90,9 +90,9 @@ def test_memory_free_eco_waits_1_over_1_minus_b1_times_longer_for_a_first_move()
   # the memory-free rule's momentum before injection grows by (1 - b1) g a step
   # (m~_k = k (1 - b1) g), so a single step reaches half a grid step only after
   # 50 / (1 - b1) = 500 steps. The exact rule keeps the vanished steps and moves with
-  # master weights (within a few steps: it keeps its error in counts of 1/128 grid step,
-  # 1.28 counts a step here, rounded stochastically: over 59 steps the rounding wanders
-  # by about sqrt(59)/2 counts); naive rounding never moves.
+  # master weights (within a few steps: it keeps its error in counts of 1/512 grid step,
+  # 5.12 counts a step here, rounded stochastically: over 59 steps the rounding wanders
+  # by about sqrt(59)/2 counts, one step's worth); naive rounding never moves.
   lr = 1e-4
   mw, eco_free, exact = (_first_move(m, lr) for m in ("master_weights", "eco", "eco_exact"))
   assert mw == 59 and abs(exact - mw) <= 6

@@ -401,15 +401,15 @@ def _constant_gradient_lag(mode, steps=1500):
 def test_exact_rule_keeps_rtn_weights_within_half_a_step_of_the_master_path():
   lag = {m: _constant_gradient_lag(m) for m in ("naive", "eco", "eco_exact")}
   print("lag in grid steps:", lag)
-  # Half a step, plus the kept error's stochastic rounding to 1/128 of a step: 1500 roundings
-  # wander by about sqrt(1500)/2 counts, 0.15 step.
-  assert lag["eco_exact"] <= 0.75
+  # Half a step, plus the kept error's stochastic rounding to 1/512 of a step: 1500 roundings
+  # wander by about sqrt(1500)/2 counts, 0.04 step.
+  assert lag["eco_exact"] <= 0.6
   assert 3.0 < lag["eco"] < 6.0          # ~ beta/(1-beta) half steps
   assert lag["naive"] > 25               # never moves: the master went 30 steps away
 
 
 def _momentum(state):
-  """The first moment of leaf ``w`` without the exact rule's kept error in its low byte."""
+  """The first moment of leaf ``w`` without the exact rule's kept error in its low 10 bits."""
   return np.asarray(step.split_momentum(state.moments.mu["w"])[0])
 
 
@@ -421,28 +421,28 @@ def _count(q):
 
 
 def test_exact_rule_keeps_its_error_in_the_low_byte_of_the_momentum():
-  """16 significant bits of the momentum (rounded to nearest) and a count in [-127, 127]."""
-  mu = jnp.asarray([0.0, 1.0, -1.0, 3.0e-5, -123.456, 1 + 2.0**-17, 1 + 3 * 2.0**-17] * 37)[:255]
-  counts = jnp.arange(-127.0, 128.0)
+  """14 significant bits of the momentum (rounded to nearest) and a count in [-511, 511]."""
+  mu = jnp.asarray([0.0, 1.0, -1.0, 3.0e-5, -123.456, 1 + 2.0**-15, 1 + 3 * 2.0**-15] * 147)[:1023]
+  counts = jnp.arange(-511.0, 512.0)
   kept_mu, kept_counts = step.split_momentum(step.join_momentum(mu, counts))
   np.testing.assert_array_equal(np.asarray(kept_counts), np.asarray(counts))
   assert kept_mu.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(kept_mu), np.asarray(mu), rtol=2.0**-16, atol=0)
-  assert float(kept_mu[5]) == 1.0 and float(kept_mu[6]) == 1 + 2.0**-15   # to nearest
+  np.testing.assert_allclose(np.asarray(kept_mu), np.asarray(mu), rtol=2.0**-14, atol=0)
+  assert float(kept_mu[5]) == 1.0 and float(kept_mu[6]) == 1 + 2.0**-13   # to nearest
   assert np.array_equal(np.sign(np.asarray(kept_mu)), np.sign(np.asarray(mu)))
 
 
 def test_exact_rule_refuses_a_narrow_first_moment():
   for narrow in (jnp.bfloat16, eco.moments.blockwise_8bit()):
     with pytest.raises(ValueError, match=r"mode='eco_exact' keeps each quantized leaf's last "
-                       r"error in the low byte of its FP32 first moment \(mu\).*nu_dtype="):
+                       r"error in the low 10 bits of its FP32 first moment \(mu\).*nu_dtype="):
       eco.adamw(1e-3, mode="eco_exact", mu_dtype=narrow)
 
 
 def test_exact_rule_injection_on_two_steps():
   """m = m~ - ((1 - eta*lambda)/eta) P(e_{t+1}/beta - e_t), e_t from the state.
 
-  The errors enter exactly as they are kept (counts of 1/128 grid step, stochastically
+  The errors enter exactly as they are kept (counts of 1/512 grid step, stochastically
   rounded), so that the debt added at one step is the debt paid at the next.
   """
   eta, beta, lam = 0.1, 0.9, 0.1
@@ -461,14 +461,14 @@ def test_exact_rule_injection_on_two_steps():
     assert np.all(np.abs(stored[-1] - error) <= _count(q) * (1 + 1e-6))   # within one count
     assert float(jnp.max(jnp.abs(stored[-1]))) > 0.01                    # not a trivial error
     m = m_tilde - (1 - eta * lam) / eta * (stored[-1] / beta - stored[-2])
-    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-15, atol=1e-5)
+    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-13, atol=1e-5)
 
 
 def test_exact_rule_keeps_each_debt_in_the_units_it_was_written_in():
   """A learning rate that halves, Adam's P moving with v and 1 - b1^t:
 
   m = m~ + c_{t-1} P_{t-1}(e_t) - c_t P_t(e_{t+1}) / b1, c = (1 - eta*lambda)/eta,
-  P_t(e) = (1-b1^t)(sqrt(v_hat_t)+eps) e, each error as kept (counts of 1/128 grid step).
+  P_t(e) = (1-b1^t)(sqrt(v_hat_t)+eps) e, each error as kept (counts of 1/512 grid step).
   The target adds what the debt, read in this step's units, leaves unpaid of e_t:
   (1 - eta_t lambda) e_t - eta_t P_t^-1(c_{t-1} P_{t-1}(e_t)).
   """
@@ -495,7 +495,7 @@ def test_exact_rule_keeps_each_debt_in_the_units_it_was_written_in():
     assert np.all(np.abs(kept - (target - q["w"].dequantize())) <= _count(q) * (1 + 1e-6))
     c = (1 - eta * lam) / eta
     m = m_tilde + debt_before - c * p * kept / b1
-    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-15, atol=1e-6)
+    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-13, atol=1e-6)
     debt_before, kept_before = c * p * kept, kept
 
 
@@ -505,7 +505,7 @@ def test_exact_rule_stays_on_the_master_weight_path_under_a_schedule(nu_dtype):
 
   The gradients do not depend on the weights, so the master-weight run sees the same
   ones. Each step the stored weights plus the kept error equal the master weights up
-  to the storage of the error (counts of 1/128 grid step, stochastically rounded), and
+  to the storage of the error (counts of 1/512 grid step, stochastically rounded), and
   the stored codes are the master's codes.
   With a bfloat16 second moment (the exact rule in memory-free ECO's bytes) both runs
   store it so.
@@ -529,12 +529,12 @@ def test_exact_rule_stays_on_the_master_weight_path_under_a_schedule(nu_dtype):
   codes_mw, _, master = runs["master_weights"]
   codes, stored, errors = runs["eco_exact"]
   gap = float(jnp.max(jnp.abs(stored + errors - master)))
-  # A count is 1/128 of a grid step, 1/64 of the largest RTN error; 40 stochastic roundings of
+  # A count is 1/512 of a grid step, 1/256 of the largest RTN error; 40 stochastic roundings of
   # at most a count wander by about sqrt(40)/2 counts (without the unpaid part of the debt
   # the gap exceeds the errors themselves here).
-  assert 0 < gap < 2 ** -3 * float(jnp.max(jnp.abs(errors)))
+  assert 0 < gap < 2 ** -4 * float(jnp.max(jnp.abs(errors)))
   # A target within that gap of a rounding boundary may take the neighbouring code.
-  assert float(jnp.mean(codes == codes_mw)) > 0.97
+  assert float(jnp.mean(codes == codes_mw)) > 0.99
 
 
 def test_exact_rule_under_inject_hyperparams_reads_the_previous_learning_rate():
@@ -584,7 +584,7 @@ def test_exact_rule_costs_no_byte_beyond_memory_free_eco():
 def test_exact_rule_reads_its_error_in_the_scale_it_was_written_in():
   """A sticky scale doubles mid-run; every kept error still reads back as target - Q(w').
 
-  Each error is kept in counts of 1/128 of the grid step at the code it was written
+  Each error is kept in counts of 1/512 of the grid step at the code it was written
   beside, in that code's scale (the new weights' scale). At the step where the weights' scale doubles, the error of the step
   before, written with the old scale, is read back with the old scale: the momentum
   shows it (read with the new scale, it would count twice).
@@ -608,7 +608,7 @@ def test_exact_rule_reads_its_error_in_the_scale_it_was_written_in():
     new_scale = float(q["w"].scale)
     if new_scale == 2 * old_scale:
       doubled.append(t)
-    # Read back: target - Q(w') to a count (1/128 of the grid step at the new code, in the
+    # Read back: target - Q(w') to a count (1/512 of the grid step at the new code, in the
     # new scale). It is rounded stochastically: each element within one count of it, and
     # on average within half a count.
     kept = np.asarray(eco.kept_error(q, state)["w"])
@@ -619,7 +619,7 @@ def test_exact_rule_reads_its_error_in_the_scale_it_was_written_in():
     assert np.mean(np.abs(kept - error) / count) < 0.5
     # The momentum paid e_t (read with s_t) and took on e_{t+1} (with s_{t+1}).
     m = m_tilde - (1 / eta) * (kept / beta - kept_before)
-    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-15, atol=1e-6)
+    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-13, atol=1e-6)
     if doubled and doubled[-1] == t:   # e_t read with the new scale would be 2 e_t
       wrong = m_tilde - (1 / eta) * (kept / beta - 2 * kept_before)
       assert np.max(np.abs(_momentum(state) - np.asarray(wrong))) > 1e-3
