@@ -14,7 +14,7 @@ w/o MW, round to nearest (naive)       ``mode="naive", rounding="nearest"``
 w/o MW + SR                            ``mode="naive", rounding="stochastic"``
 ECO + RTN                              ``mode="eco", rounding="nearest"``
 ECO + SR (the default)                 ``mode="eco"`` (``rounding="stochastic"``)
-ECO's exact rule (same bytes)         ``mode="eco_exact"``
+ECO's exact rule (same bytes)          ``mode="eco_exact"``
 =====================================  ==========================================
 
 ``rounding=None`` (the default) is stochastic in ECO mode, where it follows master

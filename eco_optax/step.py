@@ -123,7 +123,7 @@ class Mode(NamedTuple):
 # SR: < one step), kept in the low bits of the quantized leaf's FP32 momentum.
 ERROR_BITS = 10
 ERROR_STEPS = 1 << (ERROR_BITS - 1)       # 512: counts within [-511, 511]
-_ERROR_CODES = qz.int8("tensor")          # its integer grid: the count is rounded to integers
+_ERROR_CODES = qz.int8("tensor")          # an integer format: the count rounds to integers
 _LOW_BITS = (1 << ERROR_BITS) - 1
 
 
@@ -788,6 +788,17 @@ def kept_error(params: Any, state: ErrorFeedbackState) -> Any:
     ``params``' structure: the error ``e = target - Q(target)`` in FP32 for each
     lossy quantized leaf, as the next step reads it (to 1/512 of a grid step), and
     ``None`` for the other leaves.
+
+  Example:
+    >>> import jax.numpy as jnp, eco_optax as eco
+    >>> q = eco.quantize_params({"w": jnp.linspace(-1.0, 1.0, 16).reshape(4, 4)},
+    ...                         eco.int8("tensor"))
+    >>> tx = eco.sgdm(0.1, mode="eco_exact")
+    >>> updates, state = tx.update({"w": jnp.full((4, 4), 0.03)}, tx.init(q), q)
+    >>> q = eco.apply_updates(q, updates)
+    >>> e = eco.kept_error(q, state)["w"]     # the step, 0.1 * (0.1 * 0.03), rounded back
+    >>> bool(jnp.allclose(e, -3e-4, atol=q["w"].scale / 512))   # to a count
+    True
   """
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=qtree.is_quantized)
   return treedef.unflatten([
