@@ -860,6 +860,14 @@ def _float_grid_spacing_and_inverse(y: jax.Array, dtype: np.dtype) -> tuple[jax.
           jax.lax.bitcast_convert_type((127 - exponent) << 23, jnp.float32))
 
 
+def grid_spacing_and_inverse(y: jax.Array, fmt: QuantFormat) -> tuple:
+  """The distance between ``fmt``'s grid points around ``|y|`` (code units) and its reciprocal:
+  1 for integer formats, :func:`_float_grid_spacing_and_inverse` for float ones."""
+  if fmt.is_integer:
+    return 1.0, 1.0
+  return _float_grid_spacing_and_inverse(y, fmt.dtype)
+
+
 def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
                    key: jax.Array | None, offset: jax.Array | int = 0) -> jax.Array:
   """Rounds ``y`` (in code units, already clipped to ``[-rho, rho]``) to codes.
@@ -881,10 +889,7 @@ def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
         (jax.lax.bitcast_convert_type(y, jnp.uint32) + noise) & jnp.uint32(0xFFFF0000),
         jnp.float32)
     return jnp.where(codes == 0, 0.0, codes)
-  if fmt.is_integer:
-    delta, inverse = 1.0, 1.0
-  else:
-    delta, inverse = _float_grid_spacing_and_inverse(y, fmt.dtype)
+  delta, inverse = grid_spacing_and_inverse(y, fmt)
   steps = y * inverse                       # exact: delta is a power of two
   if rounding == "nearest":
     codes = jnp.round(steps) * delta

@@ -127,17 +127,10 @@ _ERROR_CODES = qz.int8("tensor")          # an integer format: the count rounds 
 _LOW_BITS = (1 << ERROR_BITS) - 1
 
 
-def _grid_spacing_and_inverse(codes: jax.Array, fmt: qz.QuantFormat) -> tuple:
-  """The format's grid step at ``codes`` (grid units; 1 for integers) and its reciprocal."""
-  if fmt.is_integer:
-    return 1.0, 1.0
-  return qz._float_grid_spacing_and_inverse(codes, fmt.dtype)
-
-
-def _error_unit(codes: jax.Array, scale: jax.Array, fmt: qz.QuantFormat) -> jax.Array:
-  """One count of a kept error beside ``codes`` (:func:`qz._blocked` view, grid units)
-  stored with ``scale`` (expanded): ``spacing(codes) * scale / ERROR_STEPS``."""
-  return _grid_spacing_and_inverse(codes, fmt)[0] * (scale * (1.0 / ERROR_STEPS))
+def _error_unit(spacing, scale: jax.Array) -> jax.Array:
+  """One count of a kept error beside codes whose grid step is ``spacing`` (grid units,
+  :func:`eco_optax.quantize.grid_spacing_and_inverse`), stored with ``scale`` (expanded)."""
+  return spacing * (scale * (1.0 / ERROR_STEPS))
 
 
 def encode_error(error: jax.Array, codes: jax.Array, scale: tuple, fmt: qz.QuantFormat,
@@ -152,12 +145,12 @@ def encode_error(error: jax.Array, codes: jax.Array, scale: tuple, fmt: qz.Quant
   :func:`decode_error` reads back.
   """
   scale, inverse = (qz._expand_scale(x, fmt, error.ndim) for x in scale)
-  spacing_inverse = _grid_spacing_and_inverse(codes, fmt)[1]
+  spacing, spacing_inverse = qz.grid_spacing_and_inverse(codes, fmt)
   steps = qz._blocked(error, fmt) * inverse * (spacing_inverse * ERROR_STEPS)
   limit = ERROR_STEPS - 1.0
   count = qz._round_to_grid(jnp.clip(steps, -limit, limit), _ERROR_CODES, "stochastic", key,
                             offset)
-  value = count * _error_unit(codes, scale, fmt)
+  value = count * _error_unit(spacing, scale)
   return (qz._unblocked(count, error.shape), qz._unblocked(value, error.shape))
 
 
@@ -166,7 +159,8 @@ def decode_error(count: jax.Array, bits: jax.Array, scale: jax.Array,
   """The kept error (FP32) from its ``count``, the storage ``bits`` of the codes it was
   written beside and their ``scale``: bit for bit the value :func:`encode_error` gave."""
   codes = qz._blocked(qz.bits_to_float32(bits, fmt), fmt)
-  unit = _error_unit(codes, qz._expand_scale(scale, fmt, bits.ndim), fmt)
+  unit = _error_unit(qz.grid_spacing_and_inverse(codes, fmt)[0],
+                     qz._expand_scale(scale, fmt, bits.ndim))
   return qz._unblocked(qz._blocked(count, fmt) * unit, bits.shape)
 
 
@@ -823,10 +817,10 @@ def _placed_like(raw: jax.Array, key: jax.Array) -> jax.Array:
 
 def _check_state(state: Any, moments: type, mode: Mode) -> None:
   """Refuses a state that an ``init`` of this optimizer (rule and mode) did not return."""
-  kept = {"master": "a master copy"}
+  master = " with a master copy"
   if isinstance(state, ErrorFeedbackState):
-    has = {"master": state.master is not None}
-    if isinstance(state.moments, moments) and all(has[k] == (mode.extra == k) for k in kept):
+    has_master = state.master is not None
+    if isinstance(state.moments, moments) and has_master == (mode.extra == "master"):
       if (state.previous_eta is None) == (mode.debt_eta is None):
         return
       wants, has_eta = ("with", "without") if mode.debt_eta else ("without", "with")
@@ -835,13 +829,12 @@ def _check_state(state: Any, moments: type, mode: Mode) -> None:
           f"previous_eta (the learning rate the momentum's debt was written at), got one "
           f"{has_eta} it. Pass the optimizer the state its own init returned (a state saved "
           "by an eco_optax before 'eco' mode kept previous_eta lacks it).")
-    got = f"an ErrorFeedbackState of {type(state.moments).__name__}" + "".join(
-        f" with {kept[k]}" for k in kept if has[k])
+    got = f"an ErrorFeedbackState of {type(state.moments).__name__}" + master * has_master
   else:
     got = f"a {type(state).__name__}"
   raise TypeError(
       f"state: expected this optimizer's init(params): an ErrorFeedbackState of "
-      f"{moments.__name__}{''.join(f' with {kept[k]}' for k in kept if mode.extra == k)}, "
+      f"{moments.__name__}{master * (mode.extra == 'master')}, "
       f"got {got}. Pass each transformation the state its own init returned (optax.chain "
       "hands each of its transformations its part).")
 
