@@ -128,13 +128,19 @@ def _search_index(signed: bool, midpoints: bool) -> tuple[np.ndarray, np.ndarray
   return np.append(points, np.inf).astype(np.float32), start.astype(np.uint16)
 
 
+def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
+  """``table[index]``, sharded as ``index`` is (a gather from a table on no mesh by
+  indices sharded along explicit mesh axes has no sharding of its own to take)."""
+  return jnp.asarray(table).at[index].get(out_sharding=jax.typeof(index).sharding)
+
+
 def _count_below(points: np.ndarray, start: np.ndarray, y: jax.Array) -> jax.Array:
   """``jnp.searchsorted(points, y)`` for finite FP32 ``y`` with two gathers.
 
   ``jnp.searchsorted`` bisects: 8 dependent gathers per element, 15x slower on CPU.
   """
-  i = jnp.asarray(start)[jax.lax.bitcast_convert_type(y, jnp.uint32) >> 16].astype(jnp.int32)
-  return i + (jnp.asarray(points)[i] < y)
+  i = _lookup(start, jax.lax.bitcast_convert_type(y, jnp.uint32) >> 16).astype(jnp.int32)
+  return i + (_lookup(points, i) < y)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +265,8 @@ class Blockwise8bit:
     else:                             # lo = table[i - 1] < y <= table[i] = hi
       i = jnp.clip(_count_below(*_search_index(self.signed, midpoints=False), y),
                    1, table.size - 1)
-      inverse_gap = jnp.asarray(1.0 / np.diff(table))[i - 1]
-      up = qz.stochastic_uniform(key, y.shape) < (y - jnp.asarray(table)[i - 1]) * inverse_gap
+      inverse_gap = _lookup(1.0 / np.diff(table), i - 1)
+      up = qz.stochastic_uniform(key, y.shape) < (y - _lookup(table, i - 1)) * inverse_gap
       codes = i - 1 + up
     codes = codes.astype(jnp.uint8).reshape(*lead, rb * k, nb * size)[..., :r, :n]
     return BlockCodes(codes.reshape(x.shape), absmax.reshape(self._absmax_shape(x.shape)),
@@ -285,7 +291,7 @@ class Blockwise8bit:
     *lead, r, n = matrix
     absmax = stored.absmax.reshape(*lead, rb, nb)
     absmax = jnp.repeat(jnp.repeat(absmax, k, axis=-2), size, axis=-1)[..., :r, :n]
-    values = jnp.asarray(self.table)[stored.codes.reshape(matrix)] * absmax
+    values = _lookup(self.table, stored.codes.reshape(matrix)) * absmax
     return values.reshape(stored.shape)
 
 
