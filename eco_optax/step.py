@@ -607,6 +607,11 @@ class ErrorFeedbackState(NamedTuple):
       one; ``None`` in the modes that write no debt. Kept, not recomputed from the
       schedule, because a learning rate injected from outside
       (:func:`optax.inject_hyperparams`) has none.
+    error_bits: in ``"eco_exact"`` mode, how many low bits of each quantized leaf's
+      FP32 ``mu`` keep its last error (int32 scalar, :data:`ERROR_BITS`); ``None`` in
+      the other modes. It marks the layout of ``mu`` in the state and in checkpoints:
+      a state of one layout given to an optimizer of the other is refused (its low
+      bits would be read as an error, or an error as momentum).
   """
   count: jax.Array
   moments: Any
@@ -614,6 +619,7 @@ class ErrorFeedbackState(NamedTuple):
   key: jax.Array
   formats: Any = None
   previous_eta: Optional[jax.Array] = None
+  error_bits: Optional[jax.Array] = None
 
 
 # fold_in(state.key, _MOMENT_STREAM) seeds the moments' rounding; with n lossy leaves the
@@ -697,7 +703,8 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     return ErrorFeedbackState(jnp.zeros([], jnp.int32), rule.moments(**moments), master,
                               jax.random.key_data(jax.random.key(seed)),
                               qtree.formats_of(params),
-                              jnp.zeros([], jnp.float32) if mode.debt_eta else None)
+                              jnp.zeros([], jnp.float32) if mode.debt_eta else None,
+                              jnp.asarray(ERROR_BITS, jnp.int32) if mode.extra == "error" else None)
 
   def update(grads, state, params=None):
     if params is None:
@@ -765,7 +772,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     master = treedef.unflatten(new_extra) if mode.extra == "master" else None
     return treedef.unflatten(updates), ErrorFeedbackState(
         optax.safe_increment(count), moments, master, next_key, state.formats,
-        _debt_eta(mode, eta, state.previous_eta))
+        _debt_eta(mode, eta, state.previous_eta), state.error_bits)
 
   return optax.GradientTransformation(init, update)
 
@@ -794,6 +801,9 @@ def kept_error(params: Any, state: ErrorFeedbackState) -> Any:
     >>> bool(jnp.allclose(e, -3e-4, atol=q["w"].scale / 512))   # to a count
     True
   """
+  if not isinstance(state, ErrorFeedbackState) or state.error_bits is None:
+    raise TypeError("state: kept_error reads the state of a mode='eco_exact' optimizer "
+                    f"(its error_bits set), got {_describe(state)}")
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=qtree.is_quantized)
   return treedef.unflatten([
       decode_error(split_momentum(mu)[1], qz.values_to_bits(p.values, p.fmt),
@@ -815,12 +825,27 @@ def _placed_like(raw: jax.Array, key: jax.Array) -> jax.Array:
   return raw ^ (raw ^ jax.random.key_data(key))
 
 
+def _describe(state: Any) -> str:
+  if isinstance(state, ErrorFeedbackState) and state.error_bits is None:
+    return "an ErrorFeedbackState without error_bits (mode 'eco', 'naive' or 'master_weights')"
+  return f"a {type(state).__name__}"
+
+
 def _check_state(state: Any, moments: type, mode: Mode) -> None:
   """Refuses a state that an ``init`` of this optimizer (rule and mode) did not return."""
   master = " with a master copy"
   if isinstance(state, ErrorFeedbackState):
     has_master = state.master is not None
     if isinstance(state.moments, moments) and has_master == (mode.extra == "master"):
+      if (state.error_bits is not None) != (mode.extra == "error"):
+        wants, has = ("keeps", "does not keep") if mode.extra == "error" else (
+            "does not keep", "keeps")
+        raise TypeError(
+            f"state: expected this optimizer's init(params): a state whose first moment "
+            f"{wants} the exact rule's error in its low {ERROR_BITS} bits (mode='eco_exact' "
+            f"keeps it, the other modes do not), got one that {has} it. Pass the "
+            "optimizer the state its own init returned, or "
+            "restore a checkpoint saved by an optimizer of the same mode.")
       if (state.previous_eta is None) == (mode.debt_eta is None):
         return
       wants, has_eta = ("with", "without") if mode.debt_eta else ("without", "with")

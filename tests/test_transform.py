@@ -204,6 +204,17 @@ def test_update_refuses_a_state_that_another_optimizer_made():
                                       r"ErrorFeedbackState with previous_eta \(the learning rate the "
                                       r"momentum's debt was written at\), got one without it"):
     eco.adamw(1e-2).update(g, eco.adamw(1e-2, mode="naive").init(q), q)
+  layout = (r"state: expected this optimizer's init\(params\): a state whose first moment "
+            r"{} the exact rule's error in its low 10 bits \(mode='eco_exact' keeps it, the "
+            r"other modes do not\), got one that {} it\. Pass the optimizer the state")
+  with pytest.raises(TypeError, match=layout.format("keeps", "does not keep")):
+    eco.adamw(1e-2, mode="eco_exact").update(g, eco.adamw(1e-2).init(q), q)
+  with pytest.raises(TypeError, match=layout.format("does not keep", "keeps")):
+    jax.jit(eco.adamw(1e-2).update)(g, eco.adamw(1e-2, mode="eco_exact").init(q), q)
+  with pytest.raises(TypeError, match=r"state: kept_error reads the state of a mode='eco_exact' "
+                                      r"optimizer \(its error_bits set\), got an ErrorFeedback"
+                                      r"State without error_bits \(mode 'eco', 'naive' or "):
+    eco.kept_error(q, eco.adamw(1e-2).init(q))
 
 
 def test_grads_with_wrong_tree_or_shape_are_clear_errors():
@@ -577,7 +588,8 @@ def test_exact_rule_costs_no_byte_beyond_memory_free_eco():
   state = eco.adamw(1e-3, mode="eco_exact").init(q)
   rep = eco.memory_report(q, state)
   assert state.moments.mu["w"].dtype == jnp.float32
-  assert rep.components == eco.memory_report(q, eco.adamw(1e-3).init(q)).components
+  memory_free = eco.memory_report(q, eco.adamw(1e-3).init(q)).components
+  assert rep.components == {**memory_free, "other state": memory_free["other state"] + 4}
   assert rep.bytes_per_param == pytest.approx(9.0, abs=0.01)
 
 
