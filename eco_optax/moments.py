@@ -66,12 +66,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from eco_optax import quantize as qz
 
@@ -246,12 +248,40 @@ class Blockwise8bit:
                else (self.block_size // n, n))
     return matrix, k, size, -(-r // k), -(-n // size)
 
+  def _check_whole_blocks(self, x: jax.Array) -> None:
+    """Refuses ``x`` sharded along explicit mesh axes so that a device would hold part of
+    a block: each device encodes and decodes its own blocks."""
+    sharding = jax.typeof(x).sharding
+    spec = tuple(getattr(sharding, "spec", None) or ())
+    if x.ndim == 0 or not any(spec):
+      return
+    spec += (None,) * (x.ndim - len(spec))
+
+    def devices(axes) -> int:
+      axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+      return math.prod(sharding.mesh.shape[a] for a in axes)
+
+    matrix, k, size, _, _ = self._layout(x.shape)
+    splits = [(matrix[-1], size, devices(spec[-1]), "entries along the last axis")]
+    if x.ndim >= 2:
+      splits.append((matrix[-2], k, devices(spec[-2]), "rows"))
+    for length, block, parts, name in splits:
+      if parts > 1 and length % (parts * block):
+        raise ValueError(
+            f"blockwise_8bit: a moment of shape {tuple(x.shape)} sharded {P(*spec)} over "
+            f"explicit mesh axes splits its blocks ({k} x {size} elements, block_size="
+            f"{self.block_size}) between devices: {length} {name} in {parts} shards are not "
+            f"whole blocks of {block}. Shard that axis so each device holds whole blocks, "
+            "choose a block_size that divides its shards, or store this moment in FP32 or "
+            "bfloat16.")
+
   @functools.partial(jax.jit, static_argnums=0, inline=True)
   def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> BlockCodes:
     """Block absmax and map codes of ``x`` (any shape, scalars included)."""
     _check_key(self.rounding, key)
     table = self.table
     x = jnp.asarray(x, jnp.float32)
+    self._check_whole_blocks(x)
     matrix, k, size, rb, nb = self._layout(x.shape)
     *lead, r, n = matrix
     padding = [(0, 0)] * len(lead) + [(0, rb * k - r), (0, nb * size - n)]
@@ -268,7 +298,12 @@ class Blockwise8bit:
       inverse_gap = _lookup(1.0 / np.diff(table), i - 1)
       up = qz.stochastic_uniform(key, y.shape) < (y - _lookup(table, i - 1)) * inverse_gap
       codes = i - 1 + up
-    codes = codes.astype(jnp.uint8).reshape(*lead, rb * k, nb * size)[..., :r, :n]
+    # Unpadded, the blocks merge back into x's shape, sharded as x is (explicit mesh axes
+    # leave a merge of a sharded axis to the caller).
+    unpadded = x.ndim >= 2 and (rb * k, nb * size) == (r, n)
+    codes = codes.astype(jnp.uint8).reshape(
+        (*lead, rb * k, nb * size),
+        out_sharding=jax.typeof(x).sharding if unpadded else None)[..., :r, :n]
     return BlockCodes(codes.reshape(x.shape), absmax.reshape(self._absmax_shape(x.shape)),
                       tuple(x.shape))
 
@@ -287,6 +322,7 @@ class Blockwise8bit:
   @functools.partial(jax.jit, static_argnums=0, inline=True)
   def decode(self, stored: BlockCodes) -> jax.Array:
     """``map[c] * absmax``, in the stored shape."""
+    self._check_whole_blocks(stored.codes)
     matrix, k, size, rb, nb = self._layout(stored.shape)
     *lead, r, n = matrix
     absmax = stored.absmax.reshape(*lead, rb, nb)

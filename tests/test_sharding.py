@@ -141,3 +141,35 @@ def test_explicit_axes_step_each_shard_of_a_blocked_leaf_without_gathering_it():
   compiled = jax.jit(step, donate_argnums=(1, 2)).lower(grads, q, state).compile()
   assert "all-gather" not in compiled.as_text()
   assert compiled.memory_analysis().temp_size_in_bytes < 4 * 1024 * 1024 / 2
+
+
+def test_8bit_moments_under_explicit_axes_keep_whole_blocks_on_each_device():
+  """Blocks of 256 along the last axis: columns sharded in multiples of a block (tensor
+  parallelism) step as on one device; a shard that would split a block is refused at
+  trace time with the shape, the sharding and what to do."""
+  mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  tx = eco.adamw(1e-2, mu_dtype=eco.moments.blockwise_8bit(), nu_dtype=eco.moments.blockwise_8bit())
+
+  def step(q, shape, spec):
+    place = lambda x: jax.device_put(x, NamedSharding(mesh, spec)) if x.shape == shape else x
+    state = jax.tree.map(place, tx.init(q))
+    updates, state = jax.jit(tx.update)({"w": place(jnp.ones(shape))}, state, jax.tree.map(place, q))
+    return eco.apply_updates(jax.tree.map(place, q), updates), state
+
+  shape = (32, 256 * DEVICES)
+  q = eco.quantize_params({"w": jax.random.normal(jax.random.key(0), shape) * 0.1}, eco.fp8_e4m3())
+  q_sharded, state = step(q, shape, P(None, "data"))
+  q_one, _ = step(q, shape, P())
+  assert state.moments.mu["w"].codes.sharding.spec == P(None, "data")
+  assert state.moments.mu["w"].absmax.sharding.spec == P(None, "data")
+  codes = (np.asarray(q_sharded["w"].values).view(np.uint8).astype(int)
+           - np.asarray(q_one["w"].values).view(np.uint8).astype(int))
+  assert np.abs(codes).max() <= 1 and np.mean(codes != 0) < 1e-3
+
+  shape = (32, 128 * DEVICES)     # 128 columns per device: half a block
+  q = eco.quantize_params({"w": jnp.ones(shape)}, eco.fp8_e4m3())
+  with pytest.raises(ValueError, match=rf"blockwise_8bit: a moment of shape \(32, {128 * DEVICES}\) "
+                     r"sharded P\(None, 'data'\) over explicit mesh axes splits its blocks "
+                     r"\(1 x 256 elements, block_size=256\) between devices: .* in 8 shards are "
+                     r"not whole blocks of 256\. Shard that axis"):
+    step(q, shape, P(None, "data"))
