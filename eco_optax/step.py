@@ -826,6 +826,7 @@ def _placed_like(raw: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def _describe(state: Any) -> str:
+  """What ``state`` is, for an error message about a state without the exact rule's error."""
   if isinstance(state, ErrorFeedbackState) and state.error_bits is None:
     return "an ErrorFeedbackState without error_bits (mode 'eco', 'naive' or 'master_weights')"
   return f"a {type(state).__name__}"
