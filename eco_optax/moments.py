@@ -275,9 +275,21 @@ class Blockwise8bit:
             "choose a block_size that divides its shards, or store this moment in FP32 or "
             "bfloat16.")
 
+  def rows_hold_whole_blocks(self, shape: tuple[int, ...]) -> bool:
+    """Whether every block of a moment of ``shape`` lies inside one row (its last axis
+    holds at least ``block_size`` elements): any block of rows is then encoded and
+    decoded on its own, as a step over blocks of rows does."""
+    return len(shape) >= 2 and shape[-1] >= self.block_size
+
   @functools.partial(jax.jit, static_argnums=0, inline=True)
-  def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> BlockCodes:
-    """Block absmax and map codes of ``x`` (any shape, scalars included)."""
+  def encode(self, x: jax.Array, key: Optional[jax.Array] = None,
+             offset: jax.Array | int = 0) -> BlockCodes:
+    """Block absmax and map codes of ``x`` (any shape, scalars included).
+
+    ``offset``: flat index of ``x``'s first element in a larger array whose rows hold
+    whole blocks (:meth:`rows_hold_whole_blocks`) and whose rows ``x`` continues: its
+    random numbers are that array's.
+    """
     _check_key(self.rounding, key)
     table = self.table
     x = jnp.asarray(x, jnp.float32)
@@ -296,7 +308,9 @@ class Blockwise8bit:
       i = jnp.clip(_count_below(*_search_index(self.signed, midpoints=False), y),
                    1, table.size - 1)
       inverse_gap = _lookup(1.0 / np.diff(table), i - 1)
-      up = qz.stochastic_uniform(key, y.shape) < (y - _lookup(table, i - 1)) * inverse_gap
+      row_offset = offset // x.shape[-1] if x.ndim else 0   # rows before x, each nb * size draws
+      up = (qz.stochastic_uniform(key, y.shape, row_offset * (nb * size))
+            < (y - _lookup(table, i - 1)) * inverse_gap)
       codes = i - 1 + up
     # Unpadded, the blocks merge back into x's shape, sharded as x is (explicit mesh axes
     # leave a merge of a sharded axis to the caller).

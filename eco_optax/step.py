@@ -222,6 +222,15 @@ def _stack_view(shape: tuple[int, ...], fmt: qz.QuantFormat
   return (math.prod(shape[:-1]), shape[-1]), dataclasses.replace(fmt, axis=fmt.axis % ndim - ndim)
 
 
+def _per_array(x: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:
+  """``fn(x)``; for 8-bit moment codes, ``fn`` of their codes and of their absmax, with
+  the shape of the new codes (a block of rows of them has the block's shape)."""
+  if isinstance(x, mom.BlockCodes):
+    codes = fn(x.codes)
+    return mom.BlockCodes(codes, fn(x.absmax), tuple(codes.shape))
+  return fn(x)
+
+
 def _as_rows(x: jax.Array) -> jax.Array:
   """An array (a leaf of a stack, or its scales) as rows: all but its last axis merged."""
   return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
@@ -259,8 +268,11 @@ def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int,
         always, lambda c, i: fn(0, None, c, i),
         lambda c, i: (list(c), jnp.zeros((), bool)), carries, inputs)
 
+  # The loop carries the carries' arrays (8-bit moment codes are two: codes and absmax).
+  arrays, treedef = jax.tree.flatten(list(carries))
+
   def body(k, state):
-    carries, flag = state
+    arrays, flag = state
     start = k * n
     r0 = jnp.minimum(start, rows - n)
     valid = None if rows % n == 0 else r0 + jnp.arange(n) >= start
@@ -269,13 +281,14 @@ def blockwise(fn: Callable, carries: list, inputs: list, rows: int, n: int,
     # its in-place update. A conditional is a fusion boundary.
     carry_blocks = jax.lax.cond(r0 >= 0, lambda cs: [_rows(c, r0, n, rows) for c in cs],
                                 lambda cs: [jnp.zeros((n,) + c.shape[1:], c.dtype) for c in cs],
-                                carries)
+                                arrays)
     input_blocks = [_rows(x, r0, n, rows) for x in inputs]
-    blocks, f = fn(r0, valid, carry_blocks, input_blocks)
-    return ([jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0) for c, b in zip(carries, blocks)],
-            flag | f)
+    blocks, f = fn(r0, valid, treedef.unflatten(carry_blocks), input_blocks)
+    return ([jax.lax.dynamic_update_slice_in_dim(c, b, r0, 0)
+             for c, b in zip(arrays, jax.tree.leaves(blocks))], flag | f)
 
-  return jax.lax.fori_loop(0, -(-rows // n), body, (list(carries), jnp.zeros((), bool)))
+  arrays, flag = jax.lax.fori_loop(0, -(-rows // n), body, (arrays, jnp.zeros((), bool)))
+  return treedef.unflatten(arrays), flag
 
 
 def _dequantize_block(bits, scale, fmt):
@@ -443,9 +456,11 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
   fmt, shape = q.fmt, q.shape
   scale = q.effective_scale
   # A gradient whose type is sharded (explicit mesh axes) is stepped whole: the loop's
-  # slices and in-place updates of a sharded dimension are refused there.
+  # slices and in-place updates of a sharded dimension are refused there. So is a leaf
+  # with 8-bit moments whose blocks span several rows.
   whole = (not rule.elementwise or _sharded_type(grad)
-           or any(isinstance(formats.get(f), mom.Blockwise8bit) for f in fields))
+           or any(isinstance(formats.get(f), mom.Blockwise8bit)
+                  and not formats[f].rows_hold_whole_blocks(shape) for f in fields))
   view = None if whole or jax.default_backend() != "cpu" else _stack_view(shape, fmt)
   if view is not None:    # the loop's format: its axis counted in the view
     (rows, columns), loop_fmt = view
@@ -472,7 +487,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
     carries[i] = x
   carries = [bits] + carries
   if view is not None:
-    carries = [_as_rows(c) for c in carries]
+    carries = [_per_array(c, _as_rows) for c in carries]
     inputs = [_as_rows(x) for x in inputs]
 
   def as_floats(xs):   # the narrow carries back in their float dtypes
@@ -489,7 +504,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
     carry = [bits] + rest
     g, s, s_next, s_next_inverse = inp
     offset = r0 * row_size
-    decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
+    decoded = {f: (mom.decode_tree(formats[f], _per_array(x, _identity)) if f in formats else x)
                for f, x in zip(fields, rest)}
     quantizer = _Quantizer(loop_fmt, (s_next, s_next_inverse), rounding, key, offset, always,
                            gradient=g)
@@ -511,14 +526,14 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
     for f in fields:
       x = new[f]
       if f in formats:
-        x = formats[f].encode(x, moment_keys[f], offset) if isinstance(
-            formats[f], mom.FloatStorage) else formats[f].encode(x, moment_keys[f])
+        x = formats[f].encode(x, moment_keys[f], offset)
       out.append(x)
     if mode.extra == "master":
       out.append(extra_out)
     if valid is not None:
       keep = valid.reshape(valid.shape + (1,) * (bits.ndim - 1))
-      out = [jnp.where(keep, o, c) for o, c in zip(out, carry)]
+      out = [jax.tree.map(lambda o, c: jnp.where(keep, o, c), o, _per_array(c, _identity))
+             for o, c in zip(out, carry)]
     for i in narrow:
       out[1 + i] = _float_bits(out[1 + i])
     # A non-finite gradient or target poisons the leaf (the quantizer's check). Rows of
@@ -537,7 +552,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
   carries, poisoned = blockwise(block_fn, carries, inputs, rows, n,
                                 always if conditional else None)
   if view is not None:
-    carries = [c.reshape(shape) for c in carries]
+    carries = [_per_array(c, lambda x: x.reshape(shape[:-1] + x.shape[-1:])) for c in carries]
   poisoned = poisoned | ~jnp.isfinite(eta)
   bits, *rest = carries
   rest = as_floats(rest)
