@@ -79,6 +79,8 @@ METHODS: dict[str, Callable[[], tuple[Any, dict]]] = {
     "ECO fp8, fp32 moments": lambda: (eco.fp8_e4m3(), {}),
     "ECO fp8, bf16 moments": lambda: (eco.fp8_e4m3(), dict(mu_dtype=jnp.bfloat16,
                                                           nu_dtype=jnp.bfloat16)),
+    "ECO fp8, 8-bit moments": lambda: (eco.fp8_e4m3(), dict(
+        mu_dtype=eco.moments.blockwise_8bit(), nu_dtype=eco.moments.blockwise_8bit())),
     "ECO int4, fp32 moments": lambda: (eco.int4(), {}),
     "ECO fp8 exact rule (RTN)": lambda: (eco.fp8_e4m3(), dict(mode="eco_exact")),
     "fp8 master weights": lambda: (eco.fp8_e4m3(), dict(mode="master_weights")),
