@@ -82,7 +82,8 @@ def test_blocks_of_rows_equal_the_whole_leaf(mode, rounding, moments, monkeypatc
 def test_the_accelerator_path_steps_as_the_cpu_path(mode, rounding, moments, monkeypatch):
   """GPUs and TPUs take other branches (no loop over blocks, hardware float8 and FP4
   conversions, no conditionals placing the code copies): run on CPU as if on an
-  accelerator, the same steps give the same bits as the CPU path."""
+  accelerator, the same steps store the same weights and state as the CPU path, bit for
+  bit (the exact rule's momentum to its last kept bit)."""
   cpu = _run(FORMATS, mode, rounding, moments, 16 * 24, monkeypatch)
   jax.clear_caches()      # traces of the CPU branches must not be reused
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -218,8 +219,8 @@ def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
 
 @pytest.mark.parametrize("kwargs,limit", [
     ({}, 0.8), (dict(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), 0.8),
-    # 8-bit moments: their blocks of rows are encoded in the loop too (stepped whole, 16
-    # bytes per weight); their block buffers hold more per element.
+    # 8-bit moments: their blocks of rows are encoded in the loop too (stepped whole, the
+    # step held 16 bytes per weight); their block buffers hold more per element.
     (dict(mu_dtype=eco.moments.blockwise_8bit(), nu_dtype=eco.moments.blockwise_8bit()), 1.0),
     (dict(mode="master_weights"), 0.8)],
     ids=["fp32-moments", "bf16-moments", "8bit-moments", "master-weights"])
