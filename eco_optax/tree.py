@@ -523,7 +523,7 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
 
   def wrapped(params, *args, **kwargs):
     # Differentiate w.r.t. a zero offset of each quantized weight (and the plain leaves).
-    delta = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32) if is_quantized(p) else p,
+    delta = jax.tree.map(lambda p: jnp.zeros_like(p.values, jnp.float32) if is_quantized(p) else p,
                          params, is_leaf=is_quantized)
     mark = jnp.zeros(_DENSE_MARK, jnp.uint8)
     dense = lambda delta: jax.tree.map(

@@ -4,6 +4,8 @@ Runs on 8 CPU devices (``tests/conftest.py`` sets
 ``--xla_force_host_platform_device_count=8``).
 """
 
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -102,11 +104,11 @@ def test_a_mesh_with_explicit_axes_steps_every_leaf_and_keeps_its_sharding(mode,
   assert np.abs(codes).max() <= 1 and np.mean(codes != 0) < 1e-3
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_grad_keeps_the_sharding_of_explicit_axes(recompute):
-  """eco.grad (with and without recomputing the weights in the backward pass) on weights
-  sharded along jax.make_mesh's explicit axes: the gradient keeps their sharding (its
-  values up to the order of the partitioned sums)."""
+@pytest.mark.parametrize("recompute,set_mesh", [(False, False), (True, False), (False, True)])
+def test_grad_keeps_the_sharding_of_explicit_axes(recompute, set_mesh):
+  """eco.grad (with and without recomputing the weights in the backward pass, with and
+  without jax.set_mesh) on weights sharded along jax.make_mesh's explicit axes: the
+  gradient keeps their sharding (its values up to the order of the partitioned sums)."""
   mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   params = {"w": jax.random.normal(jax.random.key(0), (256, 64)) * 0.1, "b": jnp.zeros(64)}
   q = eco.quantize_params(params, eco.fp8_e4m3())
@@ -116,7 +118,8 @@ def test_grad_keeps_the_sharding_of_explicit_axes(recompute):
   sharded = jax.tree.map(
       lambda a: jax.device_put(a, NamedSharding(mesh, P("data", None))) if a.shape == (256, 64)
       else a, q)
-  grads = jax.jit(eco.grad(loss, recompute=recompute))(sharded, x)
+  with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
+    grads = jax.jit(eco.grad(loss, recompute=recompute))(sharded, x)
   assert grads["w"].sharding.spec == P("data", None)
   chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=2e-5)
 
