@@ -185,9 +185,10 @@ class FloatStorage:
   def decode(self, stored: jax.Array) -> jax.Array:
     return stored.astype(jnp.float32)
 
-  def zeros(self, shape: tuple[int, ...]) -> jax.Array:
-    """A zero moment of ``shape``: :meth:`encode` of zeros, built without encoding."""
-    return jnp.zeros(shape, self.dtype)
+  def zeros_like(self, x: jax.Array) -> jax.Array:
+    """A zero moment shaped and placed as ``x`` (a sharded weight's moment is sharded
+    as it is): :meth:`encode` of zeros, built without encoding."""
+    return jnp.zeros_like(x, self.dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -312,21 +313,18 @@ class Blockwise8bit:
       up = (qz.stochastic_uniform(key, y.shape, row_offset * (nb * size))
             < (y - _lookup(table, i - 1)) * inverse_gap)
       codes = i - 1 + up
-    # Unpadded, the blocks merge back into x's shape, sharded as x is (explicit mesh axes
-    # leave a merge of a sharded axis to the caller).
-    unpadded = x.ndim >= 2 and (rb * k, nb * size) == (r, n)
-    codes = codes.astype(jnp.uint8).reshape(
-        (*lead, rb * k, nb * size),
-        out_sharding=jax.typeof(x).sharding if unpadded else None)[..., :r, :n]
+    codes = self._merge_blocks(codes.astype(jnp.uint8), x)
     return BlockCodes(codes.reshape(x.shape), absmax.reshape(self._absmax_shape(x.shape)),
                       tuple(x.shape))
 
-  def zeros(self, shape: tuple[int, ...]) -> BlockCodes:
-    """A zero moment of ``shape``: :meth:`encode` of zeros (every code the map's 0 and
+  def zeros_like(self, x: jax.Array) -> BlockCodes:
+    """A zero moment shaped as ``x``, its codes placed as ``x`` (a sharded weight's
+    codes are sharded as it is): :meth:`encode` of zeros (every code the map's 0 and
     every absmax 0), built without encoding."""
     zero = int(np.searchsorted(self.table, 0.0))
-    return BlockCodes(jnp.full(shape, zero, jnp.uint8),
-                      jnp.zeros(self._absmax_shape(tuple(shape)), jnp.float32), tuple(shape))
+    shape = tuple(jnp.shape(x))
+    return BlockCodes(jnp.full_like(x, zero, jnp.uint8),
+                      jnp.zeros(self._absmax_shape(shape), jnp.float32), shape)
 
   def _absmax_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of the stored absmax of a moment of ``shape``: one per block."""
@@ -339,10 +337,20 @@ class Blockwise8bit:
     self._check_whole_blocks(stored.codes)
     matrix, k, size, rb, nb = self._layout(stored.shape)
     *lead, r, n = matrix
-    absmax = stored.absmax.reshape(*lead, rb, nb)
-    absmax = jnp.repeat(jnp.repeat(absmax, k, axis=-2), size, axis=-1)[..., :r, :n]
-    values = _lookup(self.table, stored.codes.reshape(matrix)) * absmax
-    return values.reshape(stored.shape)
+    padding = [(0, 0)] * len(lead) + [(0, rb * k - r), (0, nb * size - n)]
+    codes = jnp.pad(stored.codes.reshape(matrix), padding).reshape(*lead, rb, k, nb, size)
+    values = _lookup(self.table, codes) * stored.absmax.reshape(*lead, rb, 1, nb, 1)
+    return self._merge_blocks(values, stored.codes).reshape(stored.shape)
+
+  def _merge_blocks(self, blocks: jax.Array, like: jax.Array) -> jax.Array:
+    """``blocks`` (``(*lead, rb, k, nb, size)``) as rows and columns again, cut to the shape
+    of ``like`` and, unpadded, sharded as it is (explicit mesh axes leave a merge of a
+    sharded axis to the caller)."""
+    matrix, k, size, rb, nb = self._layout(like.shape)
+    *lead, r, n = matrix
+    unpadded = like.ndim >= 2 and (rb * k, nb * size) == (r, n)
+    return blocks.reshape((*lead, rb * k, nb * size),
+                          out_sharding=jax.typeof(like).sharding if unpadded else None)[..., :r, :n]
 
 
 MomentFormat = Union[FloatStorage, Blockwise8bit]

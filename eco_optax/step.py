@@ -710,7 +710,8 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     qtree.check_pure(params)
     leaves, treedef, lrules = leaf_rules(params)
     moments = {name: treedef.unflatten([
-        _zero_moment(moment_formats.get(name), jnp.shape(p)) if name in lr[1] else None
+        _zero_moment(moment_formats.get(name), p.values if qtree.is_quantized(p) else p)
+        if name in lr[1] else None
         for p, lr in zip(leaves, lrules)]) for name in rule.moments._fields}
     master = None   # eco_exact's e_0 = 0 (a zero momentum's low 10 bits): the initial rounding error is dropped
     if mode.extra == "master":
@@ -880,9 +881,11 @@ def _check_state(state: Any, moments: type, mode: Mode) -> None:
       "hands each of its transformations its part).")
 
 
-def _zero_moment(fmt, shape):
-  """A zero moment in its storage format: a fresh buffer per field (buffers are donated)."""
-  return fmt.zeros(shape) if fmt else jnp.zeros(shape, jnp.float32)
+def _zero_moment(fmt, like):
+  """A zero moment in its storage format, shaped and placed as ``like`` (a parameter's
+  values: the moment of a sharded weight is sharded as it is, as optax's ``init``
+  makes it): a fresh buffer per field (buffers are donated)."""
+  return fmt.zeros_like(like) if fmt else jnp.zeros_like(like, jnp.float32)
 
 
 def _decays(weight_decay: Any, mask: Any, dense: Any, treedef) -> list:

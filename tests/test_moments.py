@@ -227,7 +227,7 @@ def test_shapes_padding_and_zero_blocks(shape, fmt):
   np.testing.assert_array_equal(fmt.decode(zeros), np.zeros(shape))      # 0 / 0 never happens
   for nonnegative in (False, True):   # the optimizers' initial moments are these zeros
     signed_or_not = moments.as_format(fmt, nonnegative=nonnegative)
-    chex.assert_trees_all_equal(signed_or_not.zeros(shape),
+    chex.assert_trees_all_equal(signed_or_not.zeros_like(jnp.zeros(shape)),
                                 jax.jit(signed_or_not.encode)(jnp.zeros(shape), jax.random.key(1)),
                                 strict=True)
 

@@ -176,3 +176,19 @@ def test_8bit_moments_under_explicit_axes_keep_whole_blocks_on_each_device():
                      r"\(1 x 256 elements, block_size=256\) between devices: .* in 8 shards are "
                      r"not whole blocks of 256\. Shard that axis"):
     step(q, shape, P(None, "data"))
+
+
+@pytest.mark.parametrize("moments", [None, jnp.bfloat16, eco.moments.blockwise_8bit()],
+                         ids=["fp32", "bf16", "8bit"])
+def test_init_places_each_moment_as_its_weight(moments):
+  """As optax's init does (its zeros_like of the params), an eco_optax optimizer's init
+  makes each moment of a sharded weight sharded as the weight (FSDP x tensor parallel),
+  not whole on one device."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  sharding = NamedSharding(mesh, P("data", "model"))
+  q = eco.quantize_params({"w": jax.device_put(jnp.ones((512, 1024)), sharding),
+                           "b": jnp.zeros(1024)}, eco.fp8_e4m3())
+  state = eco.adamw(1e-3, mu_dtype=moments, nu_dtype=moments).init(q)
+  for moment in (state.moments.mu["w"], state.moments.nu["w"]):
+    assert getattr(moment, "codes", moment).sharding == q["w"].values.sharding
+  assert state.moments.mu["b"].shape == (1024,)
