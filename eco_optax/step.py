@@ -362,12 +362,6 @@ class _Quantizer:
     return qz._unblocked(bits, target.shape), qz._unblocked(codes * scale, target.shape)
 
 
-def _sharded_type(x: jax.Array) -> bool:
-  """Whether ``x``'s type carries a sharding (``jax.make_mesh``'s explicit axes)."""
-  spec = getattr(jax.typeof(x).sharding, "spec", None)
-  return spec is not None and any(axes is not None for axes in spec)
-
-
 def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
                    previous_flags: Optional[jax.Array]) -> tuple:
   """``(storage bits of q's codes, [bits of each narrow-float carry], next scales)``
@@ -402,7 +396,8 @@ def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
   element each (taking the 1M-element leaves of benchmarks/memory.py's MLP this way
   too raised its optimizer-step temporaries from 1.09 to 2.09 bytes per parameter).
   """
-  if jax.default_backend() != "cpu" or _sharded_type(grad):
+  if (jax.default_backend() != "cpu" or qtree.has_sharded_type(grad)
+      or qtree.has_sharded_type(q.values)):
     return bits_and_scales(q, narrow)
   due = _always(grad)
   if previous_flags is not None:
@@ -455,10 +450,11 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
   error (``eco_exact``; ``None`` in the other modes)."""
   fmt, shape = q.fmt, q.shape
   scale = q.effective_scale
-  # A gradient whose type is sharded (explicit mesh axes) is stepped whole: the loop's
-  # slices and in-place updates of a sharded dimension are refused there. So is a leaf
-  # with 8-bit moments whose blocks span several rows.
-  whole = (not rule.elementwise or _sharded_type(grad)
+  # A leaf or gradient whose type is sharded (explicit mesh axes) is stepped whole: the
+  # loop's slices and in-place updates of a sharded dimension are refused there. So is
+  # a leaf with 8-bit moments whose blocks span several rows.
+  whole = (not rule.elementwise or qtree.has_sharded_type(grad)
+           or qtree.has_sharded_type(q.values)
            or any(isinstance(formats.get(f), mom.Blockwise8bit)
                   and not formats[f].rows_hold_whole_blocks(shape) for f in fields))
   view = None if whole or jax.default_backend() != "cpu" else _stack_view(shape, fmt)

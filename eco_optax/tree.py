@@ -296,6 +296,12 @@ jax.tree_util.register_pytree_node(LeafFormats, lambda f: ((), f.formats),
                                    lambda aux, _: LeafFormats(aux))
 
 
+def has_sharded_type(x: jax.Array) -> bool:
+  """Whether ``x``'s type carries a sharding (``jax.make_mesh``'s explicit axes)."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  return spec is not None and any(axes is not None for axes in spec)
+
+
 def formats_of(params: Any) -> LeafFormats:
   """The :class:`LeafFormats` of a (quantized) parameter tree."""
   paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]

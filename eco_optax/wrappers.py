@@ -61,7 +61,7 @@ class MultiSteps(optax.MultiSteps):
 
   def init(self, params: Any) -> optax.MultiStepsState:
     dense = jax.tree.map(
-        lambda p: jnp.zeros(p.shape, jnp.float32) if qtree.is_quantized(p) else p,
+        lambda p: jnp.zeros_like(p.values, jnp.float32) if qtree.is_quantized(p) else p,
         params, is_leaf=qtree.is_quantized)
     state = super().init(dense)
     return state._replace(inner_opt_state=self.inner_opt.init(params))
@@ -97,7 +97,8 @@ def _codes_as_float(updates: Any) -> Any:
     first = (0,) * u.bits.ndim
     index = jnp.select([u.flags == qtree.VALID, jnp.isnan(u.flags), u.flags == qtree.KEEP],
                        [1.0, 2.0, 3.0], 4.0)
-    return u.bits.astype(jnp.float32).at[first].add(index * 2.0**16)
+    bits = u.bits.astype(jnp.float32)
+    return bits.at[first].add(index * 2.0**16, out_sharding=jax.typeof(bits).sharding)
 
   return jax.tree.map(as_float, updates, is_leaf=qtree.is_new_codes)
 
@@ -113,7 +114,10 @@ def _codes_from_float(updates: Any, params: Any) -> Any:
     if not qtree.is_lossy(p):
       return u
     x = u.astype(jnp.uint32)
-    flags = jnp.asarray(_FLAGS_BY_INDEX, jnp.float32)[x[(0,) * x.ndim] >> 16]
+    # The index sits in the first element; the others are bits below 2^16. Under explicit
+    # mesh axes, which refuse a slice of one element of a sharded axis, a maximum reads it.
+    index = jnp.max(x >> 16) if qtree.has_sharded_type(x) else x[(0,) * x.ndim] >> 16
+    flags = jnp.asarray(_FLAGS_BY_INDEX, jnp.float32)[index]
     return qtree.NewCodes((x & 0xFFFF).astype(qtree.new_codes_dtype(p.fmt)), flags,
                           *qz._next_scales(p))
 
@@ -185,7 +189,7 @@ def set_to_zero() -> optax.GradientTransformation:
     def zero(p, u):
       if not qtree.is_lossy(p):
         return jnp.zeros_like(u)
-      return qtree.NewCodes(jnp.zeros(p.shape, qtree.new_codes_dtype(p.fmt)),
+      return qtree.NewCodes(jnp.zeros_like(p.values, qtree.new_codes_dtype(p.fmt)),
                             jnp.asarray(qtree.KEEP, jnp.float32), p.scale, p.tensor_scale)
 
     return jax.tree.map(zero, params, updates, is_leaf=qtree.is_quantized), state

@@ -10,6 +10,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -192,3 +193,43 @@ def test_init_places_each_moment_as_its_weight(moments):
   for moment in (state.moments.mu["w"], state.moments.nu["w"]):
     assert getattr(moment, "codes", moment).sharding == q["w"].values.sharding
   assert state.moments.mu["b"].shape == (1024,)
+
+
+@pytest.mark.parametrize("wrap", [lambda tx: eco.MultiSteps(tx, every_k_schedule=2),
+                                  lambda tx: eco.apply_if_finite(tx, max_consecutive_errors=3),
+                                  lambda tx: optax.multi_transform(
+                                      {"frozen": eco.set_to_zero(), "trained": tx},
+                                      {"w": "trained", "v": "frozen"})],
+                         ids=["MultiSteps", "apply_if_finite", "set_to_zero"])
+def test_the_wrappers_step_leaves_sharded_along_explicit_axes_as_on_one_device(wrap):
+  """jax.make_mesh's default axes are explicit. Gradient accumulation, skipping
+  non-finite steps and freezing leaves keep each state leaf sharded as its weight and
+  step as on one device."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  sharding = NamedSharding(mesh, P("data", "model"))
+  params = {"w": jax.random.normal(jax.random.key(0), (64, 128)) * 0.1,
+            "v": jax.random.normal(jax.random.key(1), (64, 128)) * 0.1}
+  tx = wrap(eco.adamw(1e-2))
+
+  def train(place):
+    q = jax.tree.map(place, eco.quantize_params(params, eco.fp8_e4m3()))
+    states, update = [tx.init(q)], jax.jit(tx.update)
+    for i in range(4):
+      g = jax.tree.map(lambda p: place(jnp.cos(p * (i + 1))), params)
+      updates, state = update(g, states[-1], q)
+      states.append(state)
+      q = eco.apply_updates(q, updates)
+    return q, states
+
+  q_sharded, states = train(lambda x: jax.device_put(x, sharding) if x.shape == (64, 128) else x)
+  q_one, _ = train(lambda x: x)
+  for leaf in jax.tree.leaves((states[0], states[-1])):     # from init on
+    if getattr(leaf, "shape", None) == (64, 128):
+      assert leaf.sharding.spec == P("data", "model")
+  for name in ("w", "v"):
+    assert q_sharded[name].values.sharding.spec == P("data", "model")
+    codes = (np.asarray(q_sharded[name].values).view(np.uint8).astype(int)
+             - np.asarray(q_one[name].values).view(np.uint8).astype(int))
+    assert np.abs(codes).max() <= 1 and np.mean(codes != 0) < 1e-3
+  initial = eco.quantize_params(params, eco.fp8_e4m3())["w"].values
+  assert np.any(np.asarray(q_one["w"].values).view(np.uint8) != np.asarray(initial).view(np.uint8))
