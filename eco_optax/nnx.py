@@ -156,6 +156,34 @@ def grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param, has_aux: bool = False
   return wrapper
 
 
+def _key(entry: Any) -> Any:
+  """The plain key of a pytree path entry (a dict key, an index, an attribute name)."""
+  for name in ("key", "idx", "name"):
+    if hasattr(entry, name):
+      return getattr(entry, name)
+  return entry
+
+
+def _with_weight_metadata(opt_state: Any, params: nnx.State) -> Any:
+  """``opt_state`` with each array shaped as a weight, under that weight's path (a
+  moment, a master copy, 8-bit moment codes), as a :class:`flax.nnx.Variable` holding
+  the weight's metadata (its sharding annotations, set to apply lazily): as for the
+  state of an optax optimizer, :func:`flax.nnx.get_partition_spec` then shards it as
+  the weight."""
+  weights = {tuple(path): var for path, var in nnx.to_flat_state(params)}
+
+  def wrap(path, leaf):
+    keys = tuple(_key(k) for k in path)
+    for end in range(len(keys), 0, -1):
+      for start in range(end):
+        var = weights.get(keys[start:end])
+        if var is not None and jnp.shape(leaf) == jnp.shape(var.get_value()):
+          return nnx.Variable(leaf, **{**var.get_metadata(), "eager_sharding": False})
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(wrap, opt_state)
+
+
 class Optimizer(nnx.Optimizer):
   """:class:`flax.nnx.Optimizer` for models with quantized weights.
 
@@ -178,8 +206,9 @@ class Optimizer(nnx.Optimizer):
     """
     self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
     self.tx = tx
+    params = nnx.state(model, wrt)
     self.opt_state = nnx.data(nnx.training.optimizer.to_opt_state(
-        tx.init(nnx.to_pure_dict(nnx.state(model, wrt)))))
+        _with_weight_metadata(tx.init(nnx.to_pure_dict(params)), params)))
     self.wrt = wrt
 
   def update(self, model: nnx.Module, grads: nnx.State, /, **kwargs) -> optax.Updates:

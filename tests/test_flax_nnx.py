@@ -187,3 +187,50 @@ def test_plain_optax_still_works_without_quantized_leaves():
   optimizer.update(model, nnx.grad(mse)(model))
   assert mse(model) < before
 
+
+
+class Sharded(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal()
+    self.up = nnx.Linear(16, 64, kernel_init=nnx.with_partitioning(init, (None, "model")),
+                         rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.sum(jax.nn.relu(self.up(x)) ** 2, axis=-1)
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_the_optimizer_state_takes_the_weights_partition_specs(axis_type):
+  """Flax's sharding recipe: build the model and optimizer in nnx.jit, read
+  nnx.get_partition_spec of their state, constrain it. Each moment of a quantized weight
+  takes the weight's annotation (as an optax optimizer's state does), and the train step
+  runs, the moments staying sharded."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+  with jax.set_mesh(mesh):
+    @nnx.jit
+    def create():
+      model = Sharded(nnx.Rngs(0))
+      eco_nnx.quantize_model(model, eco.fp8_e4m3())
+      optimizer = eco_nnx.Optimizer(model, eco.adamw(1e-3), wrt=nnx.Param)
+      state = nnx.state((model, optimizer))
+      nnx.update((model, optimizer),
+                 jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
+      return model, optimizer
+
+    model, optimizer = create()
+    kernel_moments = lambda: [x for x in jax.tree.leaves(nnx.state(optimizer))
+                              if getattr(x, "shape", ()) == (16, 64)]
+    created = kernel_moments()
+
+    @nnx.jit
+    def step(model, optimizer, x):
+      loss, grads = eco_nnx.value_and_grad(lambda m: jnp.mean(m(x)))(model)
+      optimizer.update(model, grads)
+      return loss
+
+    for _ in range(2):
+      step(model, optimizer, jnp.ones((8, 16)))
+  assert len(created) == len(kernel_moments()) == 2      # mu and nu of the kernel
+  for x in created + kernel_moments() + [model.up.kernel.get_value().values]:
+    assert x.sharding.spec == jax.sharding.PartitionSpec(None, "model")
