@@ -97,7 +97,8 @@ def test_the_accelerator_path_steps_as_the_cpu_path(mode, rounding, moments, mon
     # The exact rule's momentum carries its debts, errors times 1/eta: where the other
     # fusions contract the FP32 arithmetic differently (here FP4's, with two scales), the
     # difference shows in the last of the 14 significant bits the momentum keeps.
-    for a, b in zip(jax.tree.leaves(state_cpu.moments.mu), jax.tree.leaves(state_accelerator.moments.mu)):
+    for a, b in zip(jax.tree.leaves(state_cpu.moments.mu),
+                    jax.tree.leaves(state_accelerator.moments.mu)):
       np.testing.assert_allclose(st.split_momentum(a)[0], st.split_momentum(b)[0], rtol=2**-11)
       np.testing.assert_array_equal(st.split_momentum(a)[1], st.split_momentum(b)[1])
     state_cpu, state_accelerator = (
