@@ -362,6 +362,11 @@ class _Quantizer:
     return qz._unblocked(bits, target.shape), qz._unblocked(codes * scale, target.shape)
 
 
+def _sharded(q: qz.QuantizedArray, grad: jax.Array) -> bool:
+  """Whether the leaf's codes or its gradient have a sharded type (explicit mesh axes)."""
+  return qtree.has_sharded_type(grad) or qtree.has_sharded_type(q.values)
+
+
 def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
                    previous_flags: Optional[jax.Array]) -> tuple:
   """``(storage bits of q's codes, [bits of each narrow-float carry], next scales)``
@@ -396,8 +401,7 @@ def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
   element each (taking the 1M-element leaves of benchmarks/memory.py's MLP this way
   too raised its optimizer-step temporaries from 1.09 to 2.09 bytes per parameter).
   """
-  if (jax.default_backend() != "cpu" or qtree.has_sharded_type(grad)
-      or qtree.has_sharded_type(q.values)):
+  if jax.default_backend() != "cpu" or _sharded(q, grad):
     return bits_and_scales(q, narrow)
   due = _always(grad)
   if previous_flags is not None:
@@ -453,8 +457,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
   # A leaf or gradient whose type is sharded (explicit mesh axes) is stepped whole: the
   # loop's slices and in-place updates of a sharded dimension are refused there. So is
   # a leaf with 8-bit moments whose blocks span several rows.
-  whole = (not rule.elementwise or qtree.has_sharded_type(grad)
-           or qtree.has_sharded_type(q.values)
+  whole = (not rule.elementwise or _sharded(q, grad)
            or any(isinstance(formats.get(f), mom.Blockwise8bit)
                   and not formats[f].rows_hold_whole_blocks(shape) for f in fields))
   view = None if whole or jax.default_backend() != "cpu" else _stack_view(shape, fmt)
@@ -496,11 +499,12 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
 
   def block_fn(r0, valid, carry, inp):
     bits, *rest = carry
-    rest = as_floats(rest)
+    # 8-bit moment codes reach a block with the leaf's shape: given the block's.
+    rest = [_per_array(x, _identity) for x in as_floats(rest)]
     carry = [bits] + rest
     g, s, s_next, s_next_inverse = inp
     offset = r0 * row_size
-    decoded = {f: (mom.decode_tree(formats[f], _per_array(x, _identity)) if f in formats else x)
+    decoded = {f: (mom.decode_tree(formats[f], x) if f in formats else x)
                for f, x in zip(fields, rest)}
     quantizer = _Quantizer(loop_fmt, (s_next, s_next_inverse), rounding, key, offset, always,
                            gradient=g)
@@ -528,8 +532,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
       out.append(extra_out)
     if valid is not None:
       keep = valid.reshape(valid.shape + (1,) * (bits.ndim - 1))
-      out = [jax.tree.map(lambda o, c: jnp.where(keep, o, c), o, _per_array(c, _identity))
-             for o, c in zip(out, carry)]
+      out = [jax.tree.map(lambda o, c: jnp.where(keep, o, c), o, c) for o, c in zip(out, carry)]
     for i in narrow:
       out[1 + i] = _float_bits(out[1 + i])
     # A non-finite gradient or target poisons the leaf (the quantizer's check). Rows of
