@@ -295,10 +295,8 @@ class Blockwise8bit:
     table = self.table
     x = jnp.asarray(x, jnp.float32)
     self._check_whole_blocks(x)
-    matrix, k, size, rb, nb = self._layout(x.shape)
-    *lead, r, n = matrix
-    padding = [(0, 0)] * len(lead) + [(0, rb * k - r), (0, nb * size - n)]
-    blocks = jnp.pad(x.reshape(matrix), padding).reshape(*lead, rb, k, nb, size)
+    blocks = self._split_blocks(x)
+    *_, nb, size = blocks.shape
     finite = jnp.all(jnp.isfinite(blocks), axis=(-3, -1), keepdims=True)
     absmax = jnp.where(finite, jnp.max(jnp.abs(blocks), axis=(-3, -1), keepdims=True), jnp.nan)
     inverse = jnp.where(absmax > 0, 1.0 / absmax, 0.0)    # 0 for all-zero and NaN blocks
@@ -335,12 +333,18 @@ class Blockwise8bit:
   def decode(self, stored: BlockCodes) -> jax.Array:
     """``map[c] * absmax``, in the stored shape."""
     self._check_whole_blocks(stored.codes)
-    matrix, k, size, rb, nb = self._layout(stored.shape)
+    blocks = self._split_blocks(stored.codes)
+    *lead, rb, _, nb, _ = blocks.shape
+    values = _lookup(self.table, blocks) * stored.absmax.reshape(*lead, rb, 1, nb, 1)
+    return self._merge_blocks(values, stored.codes).reshape(stored.shape)
+
+  def _split_blocks(self, x: jax.Array) -> jax.Array:
+    """``x`` as its blocks, ``(*lead, rb, k, nb, size)``, padded to whole blocks (the
+    inverse of :meth:`_merge_blocks`)."""
+    matrix, k, size, rb, nb = self._layout(x.shape)
     *lead, r, n = matrix
     padding = [(0, 0)] * len(lead) + [(0, rb * k - r), (0, nb * size - n)]
-    codes = jnp.pad(stored.codes.reshape(matrix), padding).reshape(*lead, rb, k, nb, size)
-    values = _lookup(self.table, codes) * stored.absmax.reshape(*lead, rb, 1, nb, 1)
-    return self._merge_blocks(values, stored.codes).reshape(stored.shape)
+    return jnp.pad(x.reshape(matrix), padding).reshape(*lead, rb, k, nb, size)
 
   def _merge_blocks(self, blocks: jax.Array, like: jax.Array) -> jax.Array:
     """``blocks`` (``(*lead, rb, k, nb, size)``) as rows and columns again, cut to the shape
