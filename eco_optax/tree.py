@@ -296,6 +296,13 @@ jax.tree_util.register_pytree_node(LeafFormats, lambda f: ((), f.formats),
                                    lambda aux, _: LeafFormats(aux))
 
 
+def zeros_for_quantized(params: Any) -> Any:
+  """``params`` with each quantized leaf as FP32 zeros of its shape, placed as its codes
+  (a sharded weight's zeros sharded as it is); the plain leaves as they are."""
+  return jax.tree.map(lambda p: jnp.zeros_like(p.values, jnp.float32) if is_quantized(p) else p,
+                      params, is_leaf=is_quantized)
+
+
 def has_sharded_type(x: jax.Array) -> bool:
   """Whether ``x``'s type carries a sharding (``jax.make_mesh``'s explicit axes)."""
   spec = getattr(jax.typeof(x).sharding, "spec", None)
@@ -529,8 +536,7 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
 
   def wrapped(params, *args, **kwargs):
     # Differentiate w.r.t. a zero offset of each quantized weight (and the plain leaves).
-    delta = jax.tree.map(lambda p: jnp.zeros_like(p.values, jnp.float32) if is_quantized(p) else p,
-                         params, is_leaf=is_quantized)
+    delta = zeros_for_quantized(params)
     mark = jnp.zeros(_DENSE_MARK, jnp.uint8)
     dense = lambda delta: jax.tree.map(
         lambda p, d: _dense(mark, p, d) if is_quantized(p) else d, params, delta,

@@ -60,10 +60,7 @@ class MultiSteps(optax.MultiSteps):
   """
 
   def init(self, params: Any) -> optax.MultiStepsState:
-    dense = jax.tree.map(
-        lambda p: jnp.zeros_like(p.values, jnp.float32) if qtree.is_quantized(p) else p,
-        params, is_leaf=qtree.is_quantized)
-    state = super().init(dense)
+    state = super().init(qtree.zeros_for_quantized(params))
     return state._replace(inner_opt_state=self.inner_opt.init(params))
 
   def update(self, updates: Any, state: optax.MultiStepsState, params: Any = None,
