@@ -9,8 +9,8 @@ direction (before the learning rate)::
 and adds what the error feedback of :mod:`eco_optax.transform` needs beyond it:
 ``beta`` and the preconditioner ``P``, the inverse of the direction's first-order
 response to the momentum. ECO pays a quantization error ``e`` back through
-``m += ((1 - eta*lambda) / eta) * (1 - 1/beta) * P(e)``; its exact rule also needs
-the previous step's ``P`` (``precondition_before``).
+``m += ((1 - eta*lambda) / eta) * (1 - 1/beta) * P(e)`` (its exact rule needs neither:
+it adds the kept error to the weights).
 
 ==========================  =================================  ===============================
 rule                        optax transformation               ``P(e)``
@@ -31,7 +31,7 @@ learning-rate scalars differently in the two programs, a few ulps apart after
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Literal, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +71,6 @@ class LeafRule(NamedTuple):
     precondition: ``(old_state, new_state, grad, error) -> P(error)``.
     elementwise: whether the transformation acts on each element alone, so that
       a leaf may be stepped one block of rows at a time.
-    precondition_before: ``(old_state, error) -> P_{t-1}(error)``, the previous
-      step's ``P`` from the state that step returned, in which the debt the
-      momentum carries was written (Adam's moves with ``v`` and the bias
-      correction). ``None`` where the state does not determine it (Lion's and
-      Muon's matrix ``P`` read the gradient): such a leaf refuses
-      ``mode="eco_exact"``.
   """
   transform: optax.GradientTransformation
   beta: float
@@ -84,7 +78,6 @@ class LeafRule(NamedTuple):
   unpack: Callable[[Any], dict]
   precondition: Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
   elementwise: bool = True
-  precondition_before: Optional[Callable[[Any, jax.Array], jax.Array]] = None
 
 
 class MomentumRule(NamedTuple):
@@ -108,11 +101,6 @@ def _identity_precondition(old, new, grad, error):
   return error
 
 
-def _identity_precondition_before(old, error):
-  del old
-  return error
-
-
 def sgdm_rule(momentum: float = 0.9) -> MomentumRule:
   """EMA-momentum SGD (the paper's Algorithm 2): ``m~ = b*m + (1-b)*g``, ``d = m~``.
 
@@ -122,8 +110,7 @@ def sgdm_rule(momentum: float = 0.9) -> MomentumRule:
   leaf = LeafRule(
       transform=optax.ema(momentum, debias=False), beta=momentum,
       pack=lambda count, m: optax.EmaState(count=count, ema=m["mu"]),
-      unpack=lambda s: {"mu": s.ema}, precondition=_identity_precondition,
-      precondition_before=_identity_precondition_before)
+      unpack=lambda s: {"mu": s.ema}, precondition=_identity_precondition)
   return MomentumRule(SGDMMoments, lambda p: (leaf, ("mu",)))
 
 
@@ -141,8 +128,7 @@ def _adam_leaf(b1, b2, eps, eps_root, nesterov) -> LeafRule:
   return LeafRule(
       transform=optax.scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov), beta=b1,
       pack=lambda count, m: optax.ScaleByAdamState(count=count, mu=m["mu"], nu=m["nu"]),
-      unpack=lambda s: {"mu": s.mu, "nu": s.nu}, precondition=precondition,
-      precondition_before=lambda old, error: precondition(None, old, None, error))
+      unpack=lambda s: {"mu": s.mu, "nu": s.nu}, precondition=precondition)
 
 
 def adam_rule(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,

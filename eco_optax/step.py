@@ -78,20 +78,19 @@ class Block(NamedTuple):
     quantize: ``target -> (codes, value)``: stores ``target`` with the next scale;
       ``codes`` in storage form (their bits; a leaf step passes them on as they
       are), ``value = Q(target)`` in FP32.
-    encode_error: ``e -> (count, value)``: an error as kept between steps (its
+    encode_error: ``e -> count``: an error as kept between steps (its
       :func:`encode_error` count, an integer in FP32, which the step writes into the
-      low 10 bits of the momentum) and its FP32 value.
-    eta_before: the learning rate the debt the momentum carries was written in
-      (0 before the first step; 0 in the modes that write none): the previous step's
-      ``eta_{t-1}`` for ``"eco_exact"``, the last positive one for ``"eco"``
-      (:attr:`Mode.debt_eta`).
+      low 10 bits of the momentum).
+    eta_before: the last positive learning rate, at which the debt the momentum
+      carries was written (``"eco"``; 0 before the first step and in the modes that
+      write no debt: :attr:`Mode.debt_eta`).
   """
   grad: jax.Array
   stored: jax.Array
   state: Any
   extra: Optional[jax.Array]
   quantize: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
-  encode_error: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+  encode_error: Callable[[jax.Array], jax.Array]
   eta_before: jax.Array
 
 
@@ -107,15 +106,13 @@ class Mode(NamedTuple):
     extra: what the mode keeps per quantized leaf between steps: ``None``,
       ``"master"`` (an FP32 copy of the weights) or ``"error"`` (the last
       quantization error, in the low 10 bits of the FP32 momentum: :func:`join_momentum`).
-    debt_eta: which learning rate the state keeps (``previous_eta``) for the debt
-      the momentum carries: ``None`` (the mode writes no debt), ``"last"`` (the
-      last step's, 0 included: a step at ``eta = 0`` writes no debt) or
-      ``"last_positive"`` (the last positive one: the debt written at it is still
-      in the momentum, decayed, after a step at ``eta = 0``).
+    debt_eta: whether the state keeps (``previous_eta``) the last positive learning
+      rate, at which the debt the momentum carries was written (it is still in the
+      momentum, decayed, after a step at ``eta = 0``).
   """
   step: LeafStep
   extra: Optional[str] = None
-  debt_eta: Optional[str] = None
+  debt_eta: bool = False
 
 
 # The exact rule's kept error e: a signed ERROR_BITS-bit count of 1/ERROR_STEPS of the grid
@@ -133,31 +130,29 @@ def _error_unit(spacing, scale: jax.Array) -> jax.Array:
   return spacing * (scale * (1.0 / ERROR_STEPS))
 
 
-def encode_error(error: jax.Array, codes: jax.Array, scale: tuple, fmt: qz.QuantFormat,
-                 key: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
-  """``error`` as the exact rule keeps it: ``(count, value)``, both FP32.
+def encode_error(error: jax.Array, codes: jax.Array, inverse_scale: jax.Array,
+                 fmt: qz.QuantFormat, key: jax.Array, offset) -> jax.Array:
+  """``error`` as the exact rule keeps it: a count (FP32) of :func:`_error_unit`.
 
-  ``count``: the error in units of :func:`_error_unit` beside the new ``codes``
-  (:func:`qz._blocked` view), rounded stochastically (unbiased: an update far below
-  a count still moves the kept error on average), within ``[-511, 511]`` (a
-  saturating target's excess beyond a grid step is dropped, as the weights cannot
-  follow it). ``scale``: the new ``(scale, 1 / scale)``; ``value``: what
-  :func:`decode_error` reads back.
+  The error in units of :func:`_error_unit` beside the new ``codes`` (:func:`qz._blocked`
+  view) stored with the scale whose reciprocal is ``inverse_scale``, rounded
+  stochastically (unbiased: an update far below a count still moves the kept error
+  on average), within ``[-511, 511]`` (a saturating target's excess beyond a grid
+  step is dropped, as the weights cannot follow it). :func:`decode_error` reads it back.
   """
-  scale, inverse = (qz._expand_scale(x, fmt, error.ndim) for x in scale)
-  spacing, spacing_inverse = qz.grid_spacing_and_inverse(codes, fmt)
+  inverse = qz._expand_scale(inverse_scale, fmt, error.ndim)
+  spacing_inverse = qz.grid_spacing_and_inverse(codes, fmt)[1]
   steps = qz._blocked(error, fmt) * inverse * (spacing_inverse * ERROR_STEPS)
   limit = ERROR_STEPS - 1.0
   count = qz._round_to_grid(jnp.clip(steps, -limit, limit), _ERROR_CODES, "stochastic", key,
                             offset)
-  value = count * _error_unit(spacing, scale)
-  return (qz._unblocked(count, error.shape), qz._unblocked(value, error.shape))
+  return qz._unblocked(count, error.shape)
 
 
 def decode_error(count: jax.Array, bits: jax.Array, scale: jax.Array,
                  fmt: qz.QuantFormat) -> jax.Array:
-  """The kept error (FP32) from its ``count``, the storage ``bits`` of the codes it was
-  written beside and their ``scale``: bit for bit the value :func:`encode_error` gave."""
+  """The kept error (FP32) from its ``count`` (:func:`encode_error`), the storage ``bits``
+  of the codes it was written beside and their ``scale``."""
   codes = qz._blocked(qz.bits_to_float32(bits, fmt), fmt)
   unit = _error_unit(qz.grid_spacing_and_inverse(codes, fmt)[0],
                      qz._expand_scale(scale, fmt, bits.ndim))
@@ -516,7 +511,7 @@ def _quantized_leaf(mode: Mode, rule: rules.LeafRule, fields, formats, rounding,
       extra_in = decode_error(count_in, bits, s, loop_fmt)
     block = Block(g.astype(jnp.float32), _dequantize_block(bits, s, loop_fmt),
                   rule.pack(count, decoded), extra_in, quantizer,
-                  lambda e: encode_error(e, quantizer.codes, (s_next, s_next_inverse), loop_fmt,
+                  lambda e: encode_error(e, quantizer.codes, s_next_inverse, loop_fmt,
                                          error_key, offset), eta_before)
     codes, state, extra_out = mode.step(rule, eta, decay, block)
     new = rule.unpack(state)
@@ -615,10 +610,9 @@ class ErrorFeedbackState(NamedTuple):
     formats: the storage format of every parameter leaf the state was built for
       (static; :func:`eco_optax.tree.formats_of`): ``update`` refuses params stored
       otherwise.
-    previous_eta: the learning rate the debt the momentum carries was written in
-      (FP32 scalar; 0 before the first step; :attr:`Mode.debt_eta`): in
-      ``"eco_exact"`` mode the last step's, in ``"eco"`` mode the last positive
-      one; ``None`` in the modes that write no debt. Kept, not recomputed from the
+    previous_eta: in ``"eco"`` mode, the last positive learning rate, at which the
+      debt the momentum carries was written (FP32 scalar; 0 before the first step;
+      :attr:`Mode.debt_eta`); ``None`` in the modes that write no debt. Kept, not recomputed from the
       schedule, because a learning rate injected from outside
       (:func:`optax.inject_hyperparams`) has none.
     error_bits: in ``"eco_exact"`` mode, how many low bits of each quantized leaf's
@@ -682,18 +676,8 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
         "7 bytes/param with FP8 weights), or use mode='eco'.")
 
   def leaf_rules(params):
-    with_paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=qtree.is_quantized)
-    leaves = [p for _, p in with_paths]
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=qtree.is_quantized)
     out = [rule.for_leaf(jax.ShapeDtypeStruct(jnp.shape(p), jnp.float32)) for p in leaves]
-    if mode.extra == "error":
-      for (path, p), (lr, _) in zip(with_paths, out):
-        if qtree.is_lossy(p) and lr.precondition_before is None:
-          raise ValueError(
-              f"{qtree.path_str(path)}: mode='eco_exact' pays the kept error back in the "
-              "preconditioner the previous step applied, and this optimizer's state does not "
-              "determine it for this leaf (Lion's step and Muon's matrix step read the "
-              "gradient). Use mode='eco' (the paper's memory-free rule) or "
-              "mode='master_weights'.")
     if check_beta:
       # A traced beta (optax.inject_hyperparams) has no value to check at trace time.
       betas = {float(lr.beta) for lr, _ in out if not isinstance(lr.beta, jax.core.Tracer)}
@@ -827,10 +811,8 @@ def kept_error(params: Any, state: ErrorFeedbackState) -> Any:
 
 
 def _debt_eta(mode: Mode, eta: jax.Array, before: Optional[jax.Array]) -> Optional[jax.Array]:
-  """The ``previous_eta`` a step leaves (:attr:`Mode.debt_eta`)."""
-  if mode.debt_eta == "last_positive":
-    return jnp.where(eta > 0, eta, before)
-  return eta if mode.debt_eta == "last" else None
+  """The ``previous_eta`` a step leaves (:attr:`Mode.debt_eta`): the last positive rate."""
+  return jnp.where(eta > 0, eta, before) if mode.debt_eta else None
 
 
 def _placed_like(raw: jax.Array, key: jax.Array) -> jax.Array:
@@ -862,7 +844,7 @@ def _check_state(state: Any, moments: type, mode: Mode) -> None:
             f"keeps it, the other modes do not), got one that {has} it. Pass the "
             "optimizer the state its own init returned, or "
             "restore a checkpoint saved by an optimizer of the same mode.")
-      if (state.previous_eta is None) == (mode.debt_eta is None):
+      if (state.previous_eta is not None) == mode.debt_eta:
         return
       wants, has_eta = ("with", "without") if mode.debt_eta else ("without", "with")
       raise TypeError(

@@ -18,15 +18,17 @@ master-weight iterate exactly when ``delta_t = -c_t P_t(e_t) / beta`` with
 injection ``delta_{t+1} - beta*delta_t = c_t P_t(e_t) - c_{t+1} P_{t+1}(e_{t+1}) /
 beta``. With consecutive errors aligned, ``e_t ~ e_{t+1}`` (the paper's Figure 3),
 and the units taken as constant, it is ``alpha P(e)`` above and costs no memory
-(:func:`eco_step`). The exact injection, with ``e_t`` kept in the low 10 bits of the
-FP32 momentum (a 10-bit count of 1/512 grid steps; the momentum keeps 14
-significant bits: memory-free ECO's bytes, :func:`eco_optax.step.join_momentum`), is
-:func:`eco_exact_step`; it keeps each debt in the units it was
-written in (under warm-up ``c`` halves from the first step to the second, and
-Adam's ``P`` moves with ``v`` and the bias correction ``1 - b1^t``) and adds to the
-target what the debt, read in the current units, leaves unpaid: ``Q(w) + e`` is
-the master copy at every step. Under
-round-to-nearest the errors of a weight that does not move for several steps drift
+(:func:`eco_step`). The exact injection needs ``e_t``, and paid back through the
+momentum it moves the next target by ``eta_t P_t^-1(c_{t-1} P_{t-1}(e_t))``, which is
+the ``(1 - eta_t*lambda) e_t`` the master-weight iterate needs only in constant units
+(under warm-up ``c`` halves from the first step to the second, and Adam's ``P`` moves
+with ``v`` and the bias correction ``1 - b1^t``). The exact rule (:func:`eco_exact_step`)
+pays it at once instead: it adds ``e_t`` to the weights the step starts from, with
+``e_t`` kept in the low 10 bits of the FP32 momentum (a 10-bit count of 1/512 grid
+steps; the momentum keeps 14 significant bits: memory-free ECO's bytes,
+:func:`eco_optax.step.join_momentum`), so that ``Q(w) + e`` is the master copy at every
+step.
+Under round-to-nearest the errors of a weight that does not move for several steps drift
 (``e_{t+1} - e_t`` is the step that vanished), and the memory-free rule then lets
 the stored weights trail the master path by about ``beta/(1-beta)`` half grid steps;
 the exact rule keeps them within half a step. The memory-free rule keeps the
@@ -103,18 +105,6 @@ def _rescale_momentum(rule: rules.LeafRule, state, eta: jax.Array, eta_before: j
   return _with_momentum(rule, state, lambda mu: mu * factor)
 
 
-def _debt_written_before(rule: rules.LeafRule, decay, b: Block, error: jax.Array) -> jax.Array:
-  """``c_{t-1} P_{t-1}(error)``: a debt in the units of the previous step (0 at the first).
-
-  The momentum ``m_t`` carries ``-c_{t-1} P_{t-1}(e_t)`` (times ``beta`` after its
-  decay): ``c_{t-1} = (1 - eta_{t-1} lambda) / eta_{t-1}`` and ``P_{t-1}`` as the
-  previous step applied them (:attr:`rules.LeafRule.precondition_before`; a rule
-  without it refuses this mode).
-  """
-  p_error = rule.precondition_before(b.state, error)
-  return jnp.where(b.eta_before > 0, payback(b.eta_before, decay) * p_error, 0.0)
-
-
 def eco_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
   r"""ECO on one block of a quantized leaf (paper, Algorithms 2-3).
 
@@ -139,48 +129,32 @@ def eco_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
 
 
 def eco_exact_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
-  r"""ECO's exact rule on one block: the debt of the kept previous error ``e_t``.
+  r"""ECO's exact rule on one block: the kept previous error ``e_t`` paid back in full.
 
   .. math::
-    \tilde w = Q(w) - \eta_t (d + \lambda Q(w)) + (1 - \eta_t\lambda) e_t
-      - \eta_t P_t^{-1}\big(c_{t-1} P_{t-1}(e_t)\big),\quad
-    e_{t+1} = \tilde w - Q(\tilde w),
+    \tilde w = \big(Q(w) + e_t\big) - \eta \big(d + \lambda (Q(w) + e_t)\big),\quad
+    w' = Q(\tilde w),\quad e_{t+1} = \tilde w - w'
 
-    m = \tilde m + c_{t-1} P_{t-1}(e_t) - \frac{c_t}{\beta} P_t(e_{t+1}),\quad
-    c = \frac{1 - \eta\lambda}{\eta}
-
-  ``e_{t+1}`` enters as it will be kept (a count of 1/512 of the grid step at its
-  code, rounded stochastically, read back beside that code in the scale it was
-  written in), and ``e_t`` in the units it was written in, so the
-  debt added now and the debt paid at the next step cancel exactly. The debt moves
-  the target by ``(1 - eta_t lambda) e_t`` only when the units did not change
-  (constant ``eta``, SGDM); the target adds what it leaves unpaid, so that ``tilde w``
-  is the master-weight iterate and ``Q(w) + e`` the master copy, at every step.
+  ``Q(w) + e_t`` is the master copy: the target is the master-weight iterate at every
+  step, and the momentum is the optimizer's own. This is the exact injection of the
+  module docstring paid back at once: the debt ``c_{t-1} P_{t-1}(e_t)`` the momentum
+  would carry moves the next target by ``eta_t P_t^{-1}`` of it, which is
+  ``(1 - eta_t lambda) e_t`` only in constant units; adding ``e_t`` to the weights
+  the step starts from needs neither ``P_{t-1}`` nor the units, and holds for any
+  direction (Lion's sign, Muon's orthogonalized matrices) as for Adam's and SGDM's.
+  ``e_{t+1}`` is kept as :func:`eco_optax.step.encode_error` counts it (1/512 of the
+  grid step at its code, rounded stochastically), read back beside that code in the
+  scale it was written in.
 
   Returns:
-    ``(codes of w', optax state with the new momentum, e_{t+1} as kept)``.
+    ``(codes of w', optax state, e_{t+1} as kept)``.
   """
   direction, state = rule.transform.update(b.grad, b.state)
-  debt = _debt_written_before(rule, decay, b, b.extra)
-  target = (b.stored - eta * (direction + decay * b.stored)
-            + _unpaid(rule, eta, decay, b, state, debt))
+  master = b.stored + b.extra
+  target = master - eta * (direction + decay * master)
   codes, new_w = b.quantize(target)
   error = jnp.where(jnp.isfinite(target), target - new_w, 0.0)
-  kept, kept_value = b.encode_error(error)
-  delta = debt - payback(eta, decay) * rule.precondition(b.state, state, b.grad,
-                                                         kept_value) / rule.beta
-  return codes, _inject(rule, state, delta), kept
-
-
-def _unpaid(rule: rules.LeafRule, eta: jax.Array, decay, b: Block, state, debt: jax.Array):
-  r"""What the debt leaves unpaid of ``e_t``: ``(1 - eta_t lambda) e_t - eta_t P_t^{-1}(debt)``.
-
-  The debt ``c_{t-1} P_{t-1}(e_t)`` moves the target by ``eta_t P_t^{-1}`` of it, which
-  is ``(1 - eta_t lambda) e_t`` only when the units did not change (a constant learning
-  rate, SGDM); the target adds the rest, so that it is the master-weight iterate.
-  """
-  moved = eta * debt / rule.precondition(b.state, state, b.grad, jnp.ones_like(debt))
-  return jnp.where(jnp.isfinite(moved), (1 - eta * decay) * b.extra - moved, 0.0)
+  return codes, state, b.encode_error(error)
 
 
 def default_rounding(mode: Mode) -> qz.Rounding:
@@ -197,8 +171,8 @@ def default_rounding(mode: Mode) -> qz.Rounding:
 
 
 MODE_STEPS = {
-    "eco": step.Mode(eco_step, debt_eta="last_positive"),
-    "eco_exact": step.Mode(eco_exact_step, extra="error", debt_eta="last"),
+    "eco": step.Mode(eco_step, debt_eta=True),
+    "eco_exact": step.Mode(eco_exact_step, extra="error"),
     "naive": step.Mode(baselines.naive_step),
     "master_weights": step.Mode(baselines.master_weights_step, extra="master"),
 }

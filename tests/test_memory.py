@@ -27,9 +27,8 @@ def test_exact_rule_fits_in_eco_bytes(fmt):
   exact = eco.memory_report(q, eco.adamw(1e-3, mode="eco_exact").init(q))
   narrow = eco.memory_report(q, eco.adamw(1e-3, mode="eco_exact", nu_dtype=jnp.bfloat16).init(q))
   n = 512 * 768
-  # The same bytes per parameter; the state's error_bits scalar is 4 bytes of "other state".
-  assert exact.components == {**eco_rep.components,
-                              "other state": eco_rep.components["other state"] + 4}
+  # The same bytes: the state's error_bits scalar (int32) in place of previous_eta (FP32).
+  assert exact.components == eco_rep.components
   assert exact.bytes_per_param == pytest.approx(9.0 if fmt.bits == 8 else 8.5, abs=0.02)
   assert narrow.components["second moment"] == 2 * n
   assert narrow.total_bytes == exact.total_bytes - 2 * n

@@ -450,38 +450,36 @@ def test_exact_rule_refuses_a_narrow_first_moment():
       eco.adamw(1e-3, mode="eco_exact", mu_dtype=narrow)
 
 
-def test_exact_rule_injection_on_two_steps():
-  """m = m~ - ((1 - eta*lambda)/eta) P(e_{t+1}/beta - e_t), e_t from the state.
+def test_exact_rule_steps_sgdm_from_the_stored_weights_plus_the_kept_error():
+  """w~ = (1 - eta*lambda)(Q(w) + e_t) - eta m~, e_{t+1} = w~ - Q(w~), m = m~ (SGDM's own).
 
-  The errors enter exactly as they are kept (counts of 1/512 grid step, stochastically
-  rounded), so that the debt added at one step is the debt paid at the next.
+  The error is kept as counts of 1/512 grid step (stochastically rounded): each within
+  one count of the error made, and the momentum is the optimizer's to its 14 kept bits.
   """
   eta, beta, lam = 0.1, 0.9, 0.1
   q, g = ramp_problem()
   tx = eco.sgdm(eta, beta, weight_decay=lam, mode="eco_exact")
   state = tx.init(q)
-  stored, m = [jnp.zeros((8, 8))], jnp.zeros((8, 8))
-  for _ in range(2):
+  kept, m = jnp.zeros((8, 8)), jnp.zeros((8, 8))
+  for _ in range(3):
     w = q["w"].dequantize()
-    m_tilde = beta * m + (1 - beta) * g["w"]
+    m = beta * m + (1 - beta) * g["w"]
     updates, state = tx.update(g, state, q)
-    target = (1 - eta * lam) * w - eta * m_tilde
+    target = (1 - eta * lam) * (w + kept) - eta * m
     q = eco.apply_updates(q, updates)
-    error = target - q["w"].dequantize()
-    stored.append(eco.kept_error(q, state)["w"])
-    assert np.all(np.abs(stored[-1] - error) <= _count(q) * (1 + 1e-6))   # within one count
-    assert float(jnp.max(jnp.abs(stored[-1]))) > 0.01                    # not a trivial error
-    m = m_tilde - (1 - eta * lam) / eta * (stored[-1] / beta - stored[-2])
-    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-13, atol=1e-5)
+    kept = eco.kept_error(q, state)["w"]
+    assert np.all(np.abs(kept - (target - q["w"].dequantize())) <= _count(q) * (1 + 1e-6))
+    assert float(jnp.max(jnp.abs(kept))) > 0.01                    # not a trivial error
+    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-13, atol=1e-7)
 
 
-def test_exact_rule_keeps_each_debt_in_the_units_it_was_written_in():
-  """A learning rate that halves, Adam's P moving with v and 1 - b1^t:
+def test_exact_rule_steps_adam_from_the_master_copy_as_the_rate_changes():
+  """A learning rate that halves, Adam's P moving with v and 1 - b1^t: each step starts
+  from the master copy Q(w) + e_t, whatever the units the previous error was made in,
 
-  m = m~ + c_{t-1} P_{t-1}(e_t) - c_t P_t(e_{t+1}) / b1, c = (1 - eta*lambda)/eta,
-  P_t(e) = (1-b1^t)(sqrt(v_hat_t)+eps) e, each error as kept (counts of 1/512 grid step).
-  The target adds what the debt, read in this step's units, leaves unpaid of e_t:
-  (1 - eta_t lambda) e_t - eta_t P_t^-1(c_{t-1} P_{t-1}(e_t)).
+  w~ = (Q(w) + e_t) - eta_t (m_hat / (sqrt(v_hat) + eps) + lambda (Q(w) + e_t)),
+
+  and the moments are Adam's own.
   """
   etas, b1, b2, eps, lam = (0.05, 0.025, 0.025), 0.9, 0.99, 1e-8, 0.1
   q, first = ramp_problem(eco.int8("tensor", headroom=1.0))
@@ -490,24 +488,19 @@ def test_exact_rule_keeps_each_debt_in_the_units_it_was_written_in():
   tx = eco.adamw(lambda count: jnp.asarray(etas)[count], b1, b2, eps, weight_decay=lam,
                  mode="eco_exact")
   state = tx.init(q)
-  m, v, debt_before = jnp.zeros((8, 8)), jnp.zeros((8, 8)), jnp.zeros((8, 8))
-  kept_before = jnp.zeros((8, 8))
+  m, v, kept = jnp.zeros((8, 8)), jnp.zeros((8, 8)), jnp.zeros((8, 8))
   for t, (eta, g) in enumerate(zip(etas, grads), start=1):
     updates, state = tx.update({"w": g}, state, q)
-    w = q["w"].dequantize()
-    m_tilde, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
-    p = (1 - b1 ** t) * (jnp.sqrt(v / (1 - b2 ** t)) + eps)
-    unpaid = (1 - eta * lam) * kept_before - eta * debt_before / p
-    if t > 1:
-      assert float(jnp.max(jnp.abs(unpaid))) > 1e-4     # the units did change
-    target = w - eta * (m_tilde / p + lam * w) + unpaid
+    master = q["w"].dequantize() + kept
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+    direction = m / (1 - b1 ** t) / (jnp.sqrt(v / (1 - b2 ** t)) + eps)
+    target = master - eta * (direction + lam * master)
     q = eco.apply_updates(q, updates)
     kept = eco.kept_error(q, state)["w"]
+    assert float(jnp.max(jnp.abs(kept))) > 1e-3                    # not a trivial error
     assert np.all(np.abs(kept - (target - q["w"].dequantize())) <= _count(q) * (1 + 1e-6))
-    c = (1 - eta * lam) / eta
-    m = m_tilde + debt_before - c * p * kept / b1
-    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-13, atol=1e-6)
-    debt_before, kept_before = c * p * kept, kept
+    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-13, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(state.moments.nu["w"]), np.asarray(v), rtol=1e-6)
 
 
 @pytest.mark.parametrize("nu_dtype", [None, jnp.bfloat16], ids=["fp32-nu", "bf16-nu"])
@@ -548,11 +541,10 @@ def test_exact_rule_stays_on_the_master_weight_path_under_a_schedule(nu_dtype):
   assert float(jnp.mean(codes == codes_mw)) > 0.99
 
 
-def test_exact_rule_under_inject_hyperparams_reads_the_previous_learning_rate():
+def test_exact_rule_under_inject_hyperparams_steps_as_the_schedule_passed_directly():
   """optax.inject_hyperparams evaluates the schedule itself and passes each step's rate as a
-  constant; the exact rule keeps the last step's rate in its state (the units of its debt), so
-  it steps as it does with the schedule passed directly. (Reading the current rate as the
-  previous one, under this warm-up, 37% of the codes and no moment agreed after 8 steps.)"""
+  constant: the exact rule, which reads no earlier rate, steps as with the schedule passed
+  directly (and keeps no previous_eta)."""
   lr = optax.linear_schedule(1e-3, 1e-2, 8)
   q0 = eco.quantize_params({"w": jnp.linspace(-1, 1, 256).reshape(16, 16)}, eco.fp8_e4m3())
   grads = jax.random.normal(jax.random.key(5), (8, 16, 16))
@@ -567,16 +559,15 @@ def test_exact_rule_under_inject_hyperparams_reads_the_previous_learning_rate():
       updates, states[tx] = jax.jit(tx.update)({"w": g}, states[tx], qs[tx])
       qs[tx] = eco.apply_updates(qs[tx], updates)
     inner = states[injected].inner_state
-    assert float(inner.previous_eta) == pytest.approx(float(states[direct].previous_eta))
-    # The two rates differ in their last bits, and a kept error may round to the other
-    # bfloat16 neighbour (the debt carries it times 1/eta): a few elements differ by more,
-    # and a weight next to a rounding boundary may take the neighbouring code.
+    assert inner.previous_eta is None and states[direct].previous_eta is None
+    # The two programs fuse the rates and Adam's arithmetic differently, a few ulps apart:
+    # a weight next to a rounding boundary may take the neighbouring code, and a moment
+    # next to a boundary of its 14 kept bits the neighbouring value.
     codes = _raw_codes(qs[injected]).astype(int) - _raw_codes(qs[direct]).astype(int)
     assert np.abs(codes).max() <= 1 and np.mean(codes != 0) <= 0.01
-    mu, mu_direct = (np.asarray(s.moments.mu["w"]) for s in (inner, states[direct]))
-    rel = np.abs(mu - mu_direct) / (np.abs(mu_direct) + 1e-6)
-    assert np.median(rel) < 1e-4 and np.mean(rel > 1e-3) < 0.02
-  assert float(states[direct].previous_eta) == pytest.approx(float(lr(7)))
+    mu, mu_direct = (_momentum(s) for s in (inner, states[direct]))
+    assert np.mean(mu != mu_direct) <= 0.03
+    assert np.max(np.abs(mu - mu_direct) / (np.abs(mu_direct) + 1e-6)) < 1e-3
 
 
 def _raw_codes(q):
@@ -588,8 +579,8 @@ def test_exact_rule_costs_no_byte_beyond_memory_free_eco():
   state = eco.adamw(1e-3, mode="eco_exact").init(q)
   rep = eco.memory_report(q, state)
   assert state.moments.mu["w"].dtype == jnp.float32
-  memory_free = eco.memory_report(q, eco.adamw(1e-3).init(q)).components
-  assert rep.components == {**memory_free, "other state": memory_free["other state"] + 4}
+  # The state's error_bits scalar (int32) in place of memory-free ECO's previous_eta (FP32).
+  assert rep.components == eco.memory_report(q, eco.adamw(1e-3).init(q)).components
   assert rep.bytes_per_param == pytest.approx(9.0, abs=0.01)
 
 
@@ -597,9 +588,9 @@ def test_exact_rule_reads_its_error_in_the_scale_it_was_written_in():
   """A sticky scale doubles mid-run; every kept error still reads back as target - Q(w').
 
   Each error is kept in counts of 1/512 of the grid step at the code it was written
-  beside, in that code's scale (the new weights' scale). At the step where the weights' scale doubles, the error of the step
-  before, written with the old scale, is read back with the old scale: the momentum
-  shows it (read with the new scale, it would count twice).
+  beside, in that code's scale (the new weights' scale). At the step where the weights'
+  scale doubles, the error of the step before, written with the old scale, is read back
+  with the old scale: the target shows it (read with the new scale, it would count twice).
   """
   eta, beta = 0.5, 0.9
   fmt = eco.fp8_e4m3("tensor", scale_policy="sticky", headroom=2.0)
@@ -614,7 +605,7 @@ def test_exact_rule_reads_its_error_in_the_scale_it_was_written_in():
     old_scale = float(q["w"].scale)
     w = q["w"].dequantize()
     m_tilde = beta * _momentum(state) + (1 - beta) * g["w"]
-    target = w - eta * m_tilde
+    target = w + kept_before - eta * m_tilde
     updates, state = update(g, state, q)
     q = eco.apply_updates(q, updates)
     new_scale = float(q["w"].scale)
@@ -629,11 +620,7 @@ def test_exact_rule_reads_its_error_in_the_scale_it_was_written_in():
     assert np.max(np.abs(error)) > 0.01                       # not a trivial error
     assert np.all(np.abs(kept - error) <= count * (1 + 1e-6))
     assert np.mean(np.abs(kept - error) / count) < 0.5
-    # The momentum paid e_t (read with s_t) and took on e_{t+1} (with s_{t+1}).
-    m = m_tilde - (1 / eta) * (kept / beta - kept_before)
-    np.testing.assert_allclose(_momentum(state), np.asarray(m), rtol=2**-13, atol=1e-6)
     if doubled and doubled[-1] == t:   # e_t read with the new scale would be 2 e_t
-      wrong = m_tilde - (1 / eta) * (kept / beta - 2 * kept_before)
-      assert np.max(np.abs(_momentum(state) - np.asarray(wrong))) > 1e-3
+      assert np.max(np.abs(kept - (error + kept_before)) / count) > 10
     kept_before = kept
   assert doubled and doubled[0] >= 1, doubled     # the scale doubled after a kept error
