@@ -137,7 +137,8 @@ def encode_error(error: jax.Array, codes: jax.Array, inverse_scale: jax.Array,
   The error in units of :func:`_error_unit` beside the new ``codes`` (:func:`qz._blocked`
   view) stored with the scale whose reciprocal is ``inverse_scale``, rounded
   stochastically (unbiased: an update far below a count still moves the kept error
-  on average), within ``[-511, 511]`` (a saturating target's excess beyond a grid
+  on average; with :func:`eco_optax.quantize.dither_uniform`, one multiply per
+  element), within ``[-511, 511]`` (a saturating target's excess beyond a grid
   step is dropped, as the weights cannot follow it). :func:`decode_error` reads it back.
   """
   inverse = qz._expand_scale(inverse_scale, fmt, error.ndim)
@@ -145,7 +146,7 @@ def encode_error(error: jax.Array, codes: jax.Array, inverse_scale: jax.Array,
   steps = qz._blocked(error, fmt) * inverse * (spacing_inverse * ERROR_STEPS)
   limit = ERROR_STEPS - 1.0
   count = qz._round_to_grid(jnp.clip(steps, -limit, limit), _ERROR_CODES, "stochastic", key,
-                            offset)
+                            offset, uniform=qz.dither_uniform)
   return qz._unblocked(count, error.shape)
 
 

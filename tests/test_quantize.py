@@ -267,6 +267,29 @@ def test_stochastic_uniform_is_uniform_and_independent():
   assert abs(np.corrcoef(u, v)[0, 1]) < 0.01              # keys
 
 
+def test_dither_is_uniform_per_element_over_keys_and_even_across_elements():
+  """Per element, over 4000 keys: uniform and uncorrelated from key to key (rounding with it
+  is unbiased); across one draw's elements, evenly spread; a block at an offset draws
+  what the whole array draws there."""
+  keys = jax.random.split(jax.random.key(0), 4000)
+  u = np.asarray(jax.vmap(lambda k: qz.dither_uniform(k, (4, 8)))(keys)).reshape(4000, 32)
+  assert u.min() >= 0.0 and u.max() < 1.0
+  for element in u.T:
+    hist = np.histogram(element, bins=8, range=(0, 1))[0] / len(element)
+    np.testing.assert_allclose(hist, 1 / 8, atol=0.03)
+    assert abs(np.corrcoef(element[:-1], element[1:])[0, 1]) < 0.06
+  one = np.asarray(qz.dither_uniform(jax.random.key(1), (512, 512))).ravel()
+  np.testing.assert_allclose(np.histogram(one, bins=64, range=(0, 1))[0] / one.size, 1 / 64,
+                             atol=2e-4)
+  whole = qz.dither_uniform(jax.random.key(2), (6, 5))
+  np.testing.assert_array_equal(np.asarray(qz.dither_uniform(jax.random.key(2), (2, 5), 20)),
+                                np.asarray(whole[4:]))
+  y = jnp.full((4000,), 0.3)
+  ups = jax.vmap(lambda k: qz._round_to_grid(y, eco.int8("tensor"), "stochastic", k,
+                                             uniform=qz.dither_uniform))(keys)
+  assert abs(float(jnp.mean(ups[:, 7])) - 0.3) < 4 * np.sqrt(0.21 / 4000)   # one element
+
+
 def test_stochastic_rounding_of_negative_values_and_binade_edges_is_unbiased():
   fmt = eco.fp8_e4m3("tensor")
   values = np.array([-1.03, -0.999, -2.0 ** -7, 255.0, -300.0, 2.0 ** -10], np.float32)
