@@ -853,9 +853,9 @@ def dither_uniform(key: jax.Array, shape: tuple[int, ...],
   given element, ``u`` is uniform over keys, so stochastic rounding with it is unbiased
   and the draws of independent keys (one per step) are independent; across the elements
   of one draw it is a low-discrepancy (Weyl) sequence, not independent noise. One
-  multiply per element (:func:`stochastic_uniform`: four, on CPU about 20% of an ECO
-  step): for roundings where each element's expectation is what counts (the exact
-  rule's kept error), not the independence of its neighbours (the weights).
+  multiply per element (:func:`stochastic_uniform`: four, about a sixth of the exact
+  rule's step on CPU): for roundings where each element's expectation is what counts
+  (the exact rule's kept error), not the independence of its neighbours (the weights).
   """
   r = _hash_words(key)[0]
   bits = _flat_index(shape, offset) * jnp.uint32(0x9E3779B9) + r

@@ -613,8 +613,8 @@ class ErrorFeedbackState(NamedTuple):
       otherwise.
     previous_eta: in ``"eco"`` mode, the last positive learning rate, at which the
       debt the momentum carries was written (FP32 scalar; 0 before the first step;
-      :attr:`Mode.debt_eta`); ``None`` in the modes that write no debt. Kept, not recomputed from the
-      schedule, because a learning rate injected from outside
+      :attr:`Mode.debt_eta`); ``None`` in the modes that write no debt. Kept, not
+      recomputed from the schedule, because a learning rate injected from outside
       (:func:`optax.inject_hyperparams`) has none.
     error_bits: in ``"eco_exact"`` mode, how many low bits of each quantized leaf's
       FP32 ``mu`` keep its last error (int32 scalar, :data:`ERROR_BITS`); ``None`` in
@@ -848,11 +848,13 @@ def _check_state(state: Any, moments: type, mode: Mode) -> None:
       if (state.previous_eta is not None) == mode.debt_eta:
         return
       wants, has_eta = ("with", "without") if mode.debt_eta else ("without", "with")
+      saved = ("before 'eco' mode kept previous_eta lacks it" if mode.debt_eta else
+               "in 'eco_exact' mode before the exact rule stopped keeping previous_eta has it")
       raise TypeError(
           f"state: expected this optimizer's init(params): an ErrorFeedbackState {wants} "
           f"previous_eta (the learning rate the momentum's debt was written at), got one "
           f"{has_eta} it. Pass the optimizer the state its own init returned (a state saved "
-          "by an eco_optax before 'eco' mode kept previous_eta lacks it).")
+          f"by an eco_optax {saved}).")
     got = f"an ErrorFeedbackState of {type(state.moments).__name__}" + master * has_master
   else:
     got = f"a {type(state).__name__}"

@@ -27,8 +27,7 @@ pays it at once instead: it adds ``e_t`` to the weights the step starts from, wi
 ``e_t`` kept in the low 10 bits of the FP32 momentum (a 10-bit count of 1/512 grid
 steps; the momentum keeps 14 significant bits: memory-free ECO's bytes,
 :func:`eco_optax.step.join_momentum`), so that ``Q(w) + e`` is the master copy at every
-step.
-Under round-to-nearest the errors of a weight that does not move for several steps drift
+step. Under round-to-nearest the errors of a weight that does not move for several steps drift
 (``e_{t+1} - e_t`` is the step that vanished), and the memory-free rule then lets
 the stored weights trail the master path by about ``beta/(1-beta)`` half grid steps;
 the exact rule keeps them within half a step. The memory-free rule keeps the

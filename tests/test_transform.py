@@ -204,6 +204,12 @@ def test_update_refuses_a_state_that_another_optimizer_made():
                                       r"ErrorFeedbackState with previous_eta \(the learning rate the "
                                       r"momentum's debt was written at\), got one without it"):
     eco.adamw(1e-2).update(g, eco.adamw(1e-2, mode="naive").init(q), q)
+  exact = eco.adamw(1e-2, mode="eco_exact")
+  stale = exact.init(q)._replace(previous_eta=jnp.zeros([]))   # as the exact rule kept it before
+  with pytest.raises(TypeError, match=r"an ErrorFeedbackState without previous_eta .*got one with "
+                                      r"it\. .*in 'eco_exact' mode before the exact rule stopped "
+                                      r"keeping previous_eta has it\)"):
+    exact.update(g, stale, q)
   layout = (r"state: expected this optimizer's init\(params\): a state whose first moment "
             r"{} the exact rule's error in its low 10 bits \(mode='eco_exact' keeps it, the "
             r"other modes do not\), got one that {} it\. Pass the optimizer the state")
