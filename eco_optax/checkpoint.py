@@ -38,19 +38,14 @@ from typing import Any
 
 import jax
 
+from eco_optax import tree as qtree
+
 try:
   import orbax.checkpoint as ocp
 except ImportError as err:  # pragma: no cover - depends on the environment
   raise ImportError(
       "eco_optax.checkpoint needs orbax: pip install 'eco-optax[checkpoint]'"
   ) from err
-
-
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def _stored_form(leaf: Any) -> tuple[tuple[int, ...], Any]:
@@ -67,7 +62,7 @@ def _check_matches(directory: str, stored_tree: Any, like: Any) -> None:
   """Raises ``ValueError`` naming the first leaf whose shape or dtype differs."""
   stored = {m.name: (tuple(m.shape), m.dtype)
             for m in jax.tree.leaves(stored_tree, is_leaf=lambda x: hasattr(x, "dtype"))}
-  wanted = {".".join(_key_name(k) for k in path): _stored_form(leaf)
+  wanted = {".".join(str(qtree.path_entry_key(k)) for k in path): _stored_form(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]}
   missing = sorted(set(wanted) - set(stored))
   extra = sorted(set(stored) - set(wanted))

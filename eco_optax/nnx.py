@@ -156,14 +156,6 @@ def grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param, has_aux: bool = False
   return wrapper
 
 
-def _key(entry: Any) -> Any:
-  """The plain key of a pytree path entry (a dict key, an index, an attribute name)."""
-  for name in ("key", "idx", "name"):
-    if hasattr(entry, name):
-      return getattr(entry, name)
-  return entry
-
-
 def _with_weight_metadata(opt_state: Any, params: nnx.State) -> Any:
   """``opt_state`` with each array shaped as a weight, under that weight's path (a
   moment, a master copy, 8-bit moment codes), as a :class:`flax.nnx.Variable` holding
@@ -173,7 +165,7 @@ def _with_weight_metadata(opt_state: Any, params: nnx.State) -> Any:
   weights = {tuple(path): var for path, var in nnx.to_flat_state(params)}
 
   def wrap(path, leaf):
-    keys = tuple(_key(k) for k in path)
+    keys = tuple(qtree.path_entry_key(k) for k in path)
     for end in range(len(keys), 0, -1):
       for start in range(end):
         var = weights.get(keys[start:end])

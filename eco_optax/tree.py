@@ -40,6 +40,14 @@ def path_str(path: tuple) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
+def path_entry_key(entry: Any) -> Any:
+  """The plain key of a key path entry: a dict key, a sequence index or an attribute name."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
+
+
 # Flax's names (Linen and NNX) for biases and norm gains (LayerNorm, RMSNorm): vectors, but
 # matrices when stacked by nn.scan / nnx.vmap ((L, features)) or split per head ((heads, head_dim)).
 FULL_PRECISION_NAMES = frozenset({"bias", "scale"})
