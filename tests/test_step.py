@@ -94,9 +94,9 @@ def test_the_accelerator_path_steps_as_the_cpu_path(mode, rounding, moments, mon
   (q_cpu, state_cpu), (q_accelerator, state_accelerator) = cpu, accelerator
   _assert_bit_identical(q_cpu, q_accelerator)
   if mode == "eco_exact":
-    # The exact rule's momentum carries its debts, errors times 1/eta: where the other
-    # fusions contract the FP32 arithmetic differently (here FP4's, with two scales), the
-    # difference shows in the last of the 14 significant bits the momentum keeps.
+    # The exact rule's momentum keeps 14 significant bits: where the other fusions
+    # contract its FP32 update differently (here the FP4 leaves'), an element next to a
+    # rounding boundary of those bits takes the neighbouring value.
     for a, b in zip(jax.tree.leaves(state_cpu.moments.mu),
                     jax.tree.leaves(state_accelerator.moments.mu)):
       np.testing.assert_allclose(st.split_momentum(a)[0], st.split_momentum(b)[0], rtol=2**-11)
