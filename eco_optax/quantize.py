@@ -840,8 +840,7 @@ def stochastic_uniform(key: jax.Array, shape: tuple[int, ...],
                        offset: jax.Array | int = 0) -> jax.Array:
   """Uniform ``[0, 1)`` FP32 noise for stochastic rounding, 24 random bits each:
   ``u_i = (b_i >> 8) / 2^24`` with ``b`` the bits of :func:`stochastic_bits`."""
-  bits = stochastic_bits(key, shape, offset)
-  return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+  return _unit_interval(stochastic_bits(key, shape, offset))
 
 
 def dither_uniform(key: jax.Array, shape: tuple[int, ...],
@@ -852,14 +851,28 @@ def dither_uniform(key: jax.Array, shape: tuple[int, ...],
   element index plus ``offset``, as in :func:`stochastic_bits`; 24 bits each). For a
   given element, ``u`` is uniform over keys, so stochastic rounding with it is unbiased
   and the draws of independent keys (one per step) are independent; across the elements
-  of one draw it is a low-discrepancy (Weyl) sequence, not independent noise. One
-  multiply per element (:func:`stochastic_uniform`: four, about a sixth of the exact
-  rule's step on CPU): for roundings where each element's expectation is what counts
-  (the exact rule's kept error), not the independence of its neighbours (the weights).
+  of one draw it is a low-discrepancy (Weyl) sequence, not independent noise. For
+  roundings where each element's expectation is what counts (the exact rule's kept
+  error), not the independence of its neighbours (the weights). ``i * phi + r`` is
+  the sum of a term per row of the last axis and one per column (``uint32``
+  arithmetic, exact modulo ``2^32``): one addition per element, where
+  :func:`stochastic_uniform` hashes each index with four multiplies.
   """
   r = _hash_words(key)[0]
-  bits = _flat_index(shape, offset) * jnp.uint32(0x9E3779B9) + r
-  return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+  if not shape:
+    return _unit_interval(_flat_index(shape, offset) * _PHI + r)
+  rows = _flat_index(shape[:-1], 0) * jnp.uint32(shape[-1] % 2**32) + jnp.asarray(
+      offset).astype(jnp.uint32)
+  columns = jax.lax.broadcasted_iota(jnp.uint32, shape[-1:], 0) * _PHI
+  return _unit_interval((rows * _PHI + r)[..., None] + columns)
+
+
+_PHI = np.uint32(0x9E3779B9)     # 2^32 times the golden ratio's fraction
+
+
+def _unit_interval(bits: jax.Array) -> jax.Array:
+  """``(bits >> 8) / 2^24`` in FP32, converted through ``int32`` (vectorized on XLA:CPU)."""
+  return (bits >> 8).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0**-24)
 
 
 def _float_grid_spacing(y: jax.Array, dtype: np.dtype) -> jax.Array:
@@ -892,8 +905,7 @@ def grid_spacing_and_inverse(y: jax.Array, fmt: QuantFormat) -> tuple:
 
 
 def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
-                   key: jax.Array | None, offset: jax.Array | int = 0,
-                   uniform: Callable = stochastic_uniform) -> jax.Array:
+                   key: jax.Array | None, offset: jax.Array | int = 0) -> jax.Array:
   """Rounds ``y`` (in code units, already clipped to ``[-rho, rho]``) to codes.
 
   Returns the codes as FP32 values on the format's grid (the cast to the storage
@@ -901,9 +913,8 @@ def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
   read off the exponent bits for floats), nearest is ``delta * round(y / delta)``,
   half to even, which is the IEEE cast; stochastic is
   ``R(y) = lo + delta * [u < (y - lo) / delta]`` with ``lo = delta * floor(y / delta)``
-  and ``u ~ U[0, 1)``, so ``E[R(y)] = y``. ``offset``: see :func:`stochastic_bits`;
-  ``uniform(key, shape, offset)`` draws ``u`` (:func:`stochastic_uniform`; bfloat16 takes
-  :func:`stochastic_bits`).
+  and ``u ~ U[0, 1)`` (:func:`stochastic_uniform`; bfloat16 takes :func:`stochastic_bits`),
+  so ``E[R(y)] = y``. ``offset``: see :func:`stochastic_bits`.
   Codes are canonical: a result of ``-0`` is returned as ``+0``.
   """
   if rounding == "stochastic" and fmt.dtype == jnp.bfloat16:
@@ -921,7 +932,7 @@ def _round_to_grid(y: jax.Array, fmt: QuantFormat, rounding: Rounding,
     codes = jnp.round(steps) * delta
   else:
     lo = jnp.floor(steps)
-    codes = (lo + (uniform(key, y.shape, offset) < steps - lo)) * delta
+    codes = (lo + (stochastic_uniform(key, y.shape, offset) < steps - lo)) * delta
   return jnp.where(codes == 0, 0.0, codes)    # -0 becomes +0 (XLA folds away a "+ 0.0")
 
 

@@ -120,7 +120,6 @@ class Mode(NamedTuple):
 # SR: < one step), kept in the low bits of the quantized leaf's FP32 momentum.
 ERROR_BITS = 10
 ERROR_STEPS = 1 << (ERROR_BITS - 1)       # 512: counts within [-511, 511]
-_ERROR_CODES = qz.int8("tensor")          # an integer format: the count rounds to integers
 _LOW_BITS = (1 << ERROR_BITS) - 1
 
 
@@ -136,17 +135,17 @@ def encode_error(error: jax.Array, codes: jax.Array, inverse_scale: jax.Array,
 
   The error in units of :func:`_error_unit` beside the new ``codes`` (:func:`qz._blocked`
   view) stored with the scale whose reciprocal is ``inverse_scale``, rounded
-  stochastically (unbiased: an update far below a count still moves the kept error
-  on average; with :func:`eco_optax.quantize.dither_uniform`, one multiply per
-  element), within ``[-511, 511]`` (a saturating target's excess beyond a grid
-  step is dropped, as the weights cannot follow it). :func:`decode_error` reads it back.
+  stochastically, ``floor(x + u)`` with ``u`` a Weyl dither
+  (:func:`eco_optax.quantize.dither_uniform`; unbiased per element: an update far below
+  a count still moves the kept error on average), within ``[-511, 511]`` (a saturating
+  target's excess beyond a grid step is dropped, as the weights cannot follow it).
+  :func:`decode_error` reads it back.
   """
   inverse = qz._expand_scale(inverse_scale, fmt, error.ndim)
   spacing_inverse = qz.grid_spacing_and_inverse(codes, fmt)[1]
   steps = qz._blocked(error, fmt) * inverse * (spacing_inverse * ERROR_STEPS)
   limit = ERROR_STEPS - 1.0
-  count = qz._round_to_grid(jnp.clip(steps, -limit, limit), _ERROR_CODES, "stochastic", key,
-                            offset, uniform=qz.dither_uniform)
+  count = jnp.floor(jnp.clip(steps, -limit, limit) + qz.dither_uniform(key, steps.shape, offset))
   return qz._unblocked(count, error.shape)
 
 

@@ -449,6 +449,24 @@ def test_exact_rule_keeps_its_error_in_the_low_byte_of_the_momentum():
   assert np.array_equal(np.sign(np.asarray(kept_mu)), np.sign(np.asarray(mu)))
 
 
+def test_exact_rule_counts_its_error_without_bias_down_to_a_fraction_of_a_count():
+  """An error of 0.3 counts is kept as 0 or 1 count, 0.3 on average over steps (keys):
+  an update far below a count still moves the kept error; beyond 511 counts it saturates."""
+  fmt = eco.int8("tensor")
+  codes, inverse_scale = jnp.zeros((8, 16)), jnp.asarray(2.0)   # scale 0.5: a count is 0.5/512
+  unit = 0.5 / step.ERROR_STEPS
+  keys = jax.random.split(jax.random.key(0), 2000)
+  counts = np.asarray(jax.vmap(lambda k: step.encode_error(
+      jnp.full((8, 16), 0.3 * unit), codes, inverse_scale, fmt, k, 0))(keys))
+  assert set(np.unique(counts)) == {0.0, 1.0}
+  per_element = counts.mean(axis=0)
+  assert np.all(np.abs(per_element - 0.3) < 4 * np.sqrt(0.21 / 2000))
+  saturated = step.encode_error(jnp.asarray([[-1e3 * unit, 1e3 * unit, -2.5 * unit]]),
+                                jnp.zeros((1, 3)), inverse_scale, fmt, keys[0], 0)
+  np.testing.assert_array_equal(np.asarray(saturated)[0, :2], [-511.0, 511.0])
+  assert float(saturated[0, 2]) in (-3.0, -2.0)
+
+
 def test_exact_rule_refuses_a_narrow_first_moment():
   for narrow in (jnp.bfloat16, eco.moments.blockwise_8bit()):
     with pytest.raises(ValueError, match=r"mode='eco_exact' keeps each quantized leaf's last "
