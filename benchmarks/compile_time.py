@@ -29,7 +29,7 @@ METHODS: dict[str, Callable[[], optax.GradientTransformation | None]] = {
     "optax.adamw (fp32)": lambda: None,
     "ECO-RTN": lambda: eco.adamw(1e-3, rounding="nearest"),
     "ECO-SR": lambda: eco.adamw(1e-3),
-    "ECO exact rule": lambda: eco.adamw(1e-3, mode="eco_exact"),
+    "ECO-RTN memory-free": lambda: eco.adamw(1e-3, mode="eco_memory_free", rounding="nearest"),
 }
 
 

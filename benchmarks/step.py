@@ -1,8 +1,8 @@
 """Optimizer-step benchmark: one jitted ``update`` + ``apply_updates``.
 
-Times, side by side in one process, AdamW with ECO (RTN and SR), AdamW with
-FP32 master weights, the exact rule with RTN (ECO's bytes: its error in the momentum),
-and ``optax.adamw`` on FP32 parameters (``--moments bf16,8bit``
+Times, side by side in one process, AdamW with ECO (RTN: the exact rule, its error in
+the momentum's low bits; SR), AdamW with FP32 master weights, the paper's memory-free
+ECO-RTN (``mode="eco_memory_free"``) and ``optax.adamw`` on FP32 parameters (``--moments bf16,8bit``
 adds ECO-SR with low-precision moments), for parameter
 trees of a few 2-D matrices (FP8 E4M3, row-wise scales) summing to each size.
 The methods take turns, one step each per round (so a slow spell of a noisy
@@ -127,8 +127,8 @@ def step_setups(params: dict[str, jax.Array], fmt: eco.QuantFormat,
                 learning_rate: float = 1e-3, moments: tuple[str, ...] = ()) -> dict[str, Setup]:
   """The optimizers compared, keyed by display name.
 
-  ``optax.adamw``, ECO-RTN, ECO-SR, master weights and the exact rule with round-to-nearest
-  (in ECO's bytes); plus ECO-SR with its moments stored in
+  ``optax.adamw``, ECO-RTN (the exact rule), ECO-SR, master weights and the paper's
+  memory-free ECO-RTN; plus ECO-SR with its moments stored in
   each of ``moments`` (keys of :data:`MOMENT_SPECS`).
   """
   q = eco.quantize_params(params, fmt)
@@ -136,7 +136,8 @@ def step_setups(params: dict[str, jax.Array], fmt: eco.QuantFormat,
                                          optax.apply_updates)}
   for name, mode, rounding in (
       ("eco-rtn", "eco", "nearest"), ("eco-sr", "eco", "stochastic"),
-      ("master-weights", "master_weights", "nearest"), ("eco-exact-rtn", "eco_exact", "nearest")):
+      ("master-weights", "master_weights", "nearest"),
+      ("eco-memory-free-rtn", "eco_memory_free", "nearest")):
     tx = eco.adamw(learning_rate, mode=mode, rounding=rounding)
     setups[name] = Setup(tx, q, eco.apply_updates)
   for m in moments:

@@ -12,27 +12,31 @@ FP32 / BF16 training                   ``eco.lossless()`` format, or optax itsel
 low precision with master weights      ``mode="master_weights"``
 w/o MW, round to nearest (naive)       ``mode="naive", rounding="nearest"``
 w/o MW + SR                            ``mode="naive", rounding="stochastic"``
-ECO + RTN                              ``mode="eco", rounding="nearest"``
+ECO + RTN (the paper's rule)           ``mode="eco_memory_free", rounding="nearest"``
 ECO + SR (the default)                 ``mode="eco"`` (``rounding="stochastic"``)
-ECO's exact rule (same bytes)          ``mode="eco_exact"``
+ECO + RTN, exact rule (same bytes)     ``mode="eco", rounding="nearest"``
 =====================================  ==========================================
 
 ``rounding=None`` (the default) is stochastic in ECO mode, where it follows master
 weights without their copy, and round-to-nearest in the others
-(:func:`eco_optax.transform.default_rounding`).
+(:func:`eco_optax.transform.default_rounding`). ``mode="eco"`` runs the rule that
+follows master weights for its rounding (:func:`eco_optax.transform.eco_rule`): the
+paper's memory-free injection with stochastic rounding; with round-to-nearest, where
+that rule trails master weights (consecutive errors are not alike), the exact rule
+(``mode="eco_exact"``), which keeps its last error in the low 10 bits of the FP32
+first moment, in the same bytes.
 
 ``mu_dtype`` (every optimizer) and ``nu_dtype`` (Adam, AdamW, Muon) store the
 moments between steps in low precision (:mod:`eco_optax.moments`): ``jnp.bfloat16``
 or ``jnp.float16`` with stochastic rounding, or ``eco.moments.blockwise_8bit()``
 (bitsandbytes' block-wise 8-bit). ``None`` keeps FP32. AdamW on FP8 weights then
 takes 9 bytes per parameter with FP32 moments, 5 with bfloat16 and about 3.03 with
-8-bit moments (:func:`eco_optax.memory_report`). For round-to-nearest, the exact
-rule follows the master-weight path, where the memory-free rule trails it, in the
-same 9 bytes: it keeps its last error in the low 10 bits of the FP32 first moment
-(``mu_dtype`` must then stay FP32; ``nu_dtype=jnp.bfloat16`` takes 7 bytes;
-``docs/design.md``)::
+8-bit moments (:func:`eco_optax.memory_report`). The exact rule needs an FP32 first
+moment: with round-to-nearest and a narrower ``mu_dtype``, ``mode="eco"`` runs the
+memory-free rule; ``nu_dtype=jnp.bfloat16`` keeps the exact rule in 7 bytes
+(``docs/design.md``)::
 
-    eco.adamw(lr, mode="eco_exact")
+    eco.adamw(lr, rounding="nearest", nu_dtype=jnp.bfloat16)
 """
 
 from __future__ import annotations
@@ -79,8 +83,9 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
           nu_dtype: moments.Spec = None) -> optax.GradientTransformation:
   r"""AdamW on quantized weights without a master copy (paper, Algorithm 3).
 
-  With the lossless format it equals :func:`optax.adamw`. In ECO mode the error
-  ``e = w~ - Q(w~)`` enters the first moment as
+  With the lossless format it equals :func:`optax.adamw`. Under ECO's memory-free rule
+  (stochastic rounding, the default) the error ``e = w~ - Q(w~)`` enters the first
+  moment as
 
   .. math::
     m = m~ + \frac{(1-\beta_1^t)(1-\eta\lambda)}{\eta}\,(1 - \tfrac{1}{\beta_1})
@@ -159,19 +164,19 @@ def muon(learning_rate: optax.ScalarOrSchedule,
   changes only the scale of ``N`` (:func:`eco_optax.rules.muon_rule`). Other
   quantized leaves get Adam's (NAdam's) diagonal rule with ``adam_b1``.
 
-  Measured: neither rule makes ECO beat naive rounding for Muon. Muon's step has a
-  fixed size, so a debt held in the momentum can turn the step but not lengthen it:
-  entries smaller than half a grid step vanish either way. ``python -m
-  benchmarks --quick --optimizer muon``: FP8 val loss naive RTN 3.970, ECO RTN
-  3.993, naive SR 3.418, ECO SR 3.442 (master weights 3.413); INT4 naive RTN = ECO
-  RTN 4.171, naive SR 3.468, ECO SR 3.553 (MW 3.463). Tuned (``consistent_rms=0.2``,
-  peak lr 0.012, default benchmark config; docs/results.md, "Muon vs AdamW"), vs FP32 Muon 1.5776:
-  FP8 naive RTN +13.0%, ECO-RTN +13.1%, naive SR +1.1%, ECO-SR +2.6%, master weights
-  +0.9%; INT4 master weights +2.3% (AdamW +14.6%). Prefer ``rounding="stochastic"``
-  with ``mode="naive"`` for Muon, or master weights, or ``mode="eco_exact"`` (master
-  weights' path in ECO's bytes: each step starts from the stored weights plus the kept
-  error; a 32x16 regression in FP8, cosine lr from 0.02, 300 steps: loss 0.0049 against
-  0.0041 with master weights, 0.0114 memory-free ECO-SR, 1.82 naive RTN).
+  Measured: neither injection makes the memory-free rule beat naive rounding for Muon.
+  Muon's step has a fixed size, so a debt held in the momentum can turn the step but
+  not lengthen it: entries smaller than half a grid step vanish either way. ``python -m
+  benchmarks --quick --optimizer muon``: FP8 val loss naive RTN 3.970, memory-free ECO
+  RTN 3.993, naive SR 3.418, ECO SR 3.442 (master weights 3.413); INT4 naive RTN =
+  memory-free ECO RTN 4.171, naive SR 3.468, ECO SR 3.553 (MW 3.463). Tuned
+  (``consistent_rms=0.2``, peak lr 0.012, default benchmark config; docs/results.md,
+  "Muon vs AdamW"), vs FP32 Muon 1.5776: FP8 naive RTN +13.0%, memory-free ECO-RTN
+  +13.1%, naive SR +1.1%, ECO-SR +2.6%, master weights +0.9%; INT4 master weights
+  +2.3% (AdamW +14.6%). The exact rule (``rounding="nearest"``) follows master weights'
+  path in ECO's bytes: each step starts from the stored weights plus the kept error (a
+  32x16 regression in FP8, cosine lr from 0.02, 300 steps: loss 0.0049 against 0.0041
+  with master weights, 0.0114 memory-free ECO-SR, 1.82 naive RTN).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, eco_optax as eco
@@ -205,17 +210,18 @@ def lion(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
   r"""Lion on quantized weights: :func:`optax.lion` without a master copy.
 
   ``w~ = (1-eta*lambda) w - eta sign(b1 m + (1-b1) g)``, ``m = b2 m + (1-b2) g``;
-  with the lossless format it equals :func:`optax.lion`. In ECO mode
+  with the lossless format it equals :func:`optax.lion`. Under ECO's memory-free rule
   ``m = m~ + ((1-eta*lambda)/eta)(1 - 1/b2) (b2/b1) |c| e`` with
   ``c = b1 m + (1-b1) g`` (:func:`eco_optax.rules.lion_rule`, the sign frozen as
   ``c/|c|``). A debt can flip a step's sign, never lengthen it: when ``eta`` is below
-  half a grid step ECO equals naive rounding. Measured on a 32x16 regression
-  (300 steps, cosine lr): with steps of about one INT8 grid step ECO-RTN ends at
-  0.195 vs 0.257 for naive RTN (master weights 0.104), FP8 SR 0.158 vs 0.180; equal
-  where the steps vanish; INT4 SR at lr 1e-3 1.23 vs 1.18. ``mode="eco_exact"``
-  follows master weights in ECO's bytes (each step starts from the stored weights plus
-  the kept error): on a 32x16 regression in INT8 (cosine lr from 3e-3, 300 steps,
-  RTN) 0.0832 against 0.0833 with master weights, 0.0894 memory-free ECO, 0.330 naive.
+  half a grid step that rule equals naive rounding. Measured on a 32x16 regression
+  (300 steps, cosine lr): with steps of about one INT8 grid step memory-free ECO-RTN
+  ends at 0.195 vs 0.257 for naive RTN (master weights 0.104), FP8 SR 0.158 vs 0.180;
+  equal where the steps vanish; INT4 SR at lr 1e-3 1.23 vs 1.18. The exact rule
+  (``rounding="nearest"``) follows master weights in ECO's bytes (each step starts from
+  the stored weights plus the kept error): on a 32x16 regression in INT8 (cosine lr
+  from 3e-3, 300 steps, RTN) 0.0832 against 0.0833 with master weights, 0.0894
+  memory-free ECO, 0.330 naive.
 
   Example:
     >>> import jax, jax.numpy as jnp, eco_optax as eco

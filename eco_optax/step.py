@@ -82,7 +82,7 @@ class Block(NamedTuple):
       :func:`encode_error` count, an integer in FP32, which the step writes into the
       low 10 bits of the momentum).
     eta_before: the last positive learning rate, at which the debt the momentum
-      carries was written (``"eco"``; 0 before the first step and in the modes that
+      carries was written (the memory-free rule; 0 before the first step and in the modes that
       write no debt: :attr:`Mode.debt_eta`).
   """
   grad: jax.Array
@@ -599,7 +599,8 @@ class ErrorFeedbackState(NamedTuple):
     count: steps taken (int32).
     moments: the rule's moments (``mu`` receives the injected error), each field a
       tree of leaves in its storage format (FP32 arrays by default; ``None`` where
-      a leaf has no such moment). In ``"eco_exact"`` mode the low 10 bits of each
+      a leaf has no such moment). Under the exact rule (``mode="eco_exact"``, and
+      ``"eco"`` with round-to-nearest and an FP32 ``mu``) the low 10 bits of each
       quantized leaf's FP32 ``mu`` keeps its last quantization error
       (:func:`join_momentum`; read it with :func:`kept_error`).
     master: FP32 master weights in ``"master_weights"`` mode, else ``None``.
@@ -610,12 +611,12 @@ class ErrorFeedbackState(NamedTuple):
     formats: the storage format of every parameter leaf the state was built for
       (static; :func:`eco_optax.tree.formats_of`): ``update`` refuses params stored
       otherwise.
-    previous_eta: in ``"eco"`` mode, the last positive learning rate, at which the
+    previous_eta: under the memory-free rule, the last positive learning rate, at which the
       debt the momentum carries was written (FP32 scalar; 0 before the first step;
       :attr:`Mode.debt_eta`); ``None`` in the modes that write no debt. Kept, not
       recomputed from the schedule, because a learning rate injected from outside
       (:func:`optax.inject_hyperparams`) has none.
-    error_bits: in ``"eco_exact"`` mode, how many low bits of each quantized leaf's
+    error_bits: under the exact rule, how many low bits of each quantized leaf's
       FP32 ``mu`` keep its last error (int32 scalar, :data:`ERROR_BITS`); ``None`` in
       the other modes. It marks the layout of ``mu`` in the state and in checkpoints:
       a state of one layout given to an optimizer of the other is refused (its low
@@ -673,7 +674,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
         f"mode='eco_exact' keeps each quantized leaf's last error in the low 10 bits of its FP32 "
         f"first moment (mu), and mu stored as {moment_formats['mu']} leaves no room for it. "
         "Keep mu in FP32 and store the second moment narrower instead (nu_dtype=jnp.bfloat16: "
-        "7 bytes/param with FP8 weights), or use mode='eco'.")
+        "7 bytes/param with FP8 weights), or use mode='eco_memory_free'.")
 
   def leaf_rules(params):
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=qtree.is_quantized)
@@ -777,7 +778,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
 
 
 def kept_error(params: Any, state: ErrorFeedbackState) -> Any:
-  """The last quantization error an ``"eco_exact"`` optimizer keeps, per quantized leaf.
+  """The last quantization error the exact rule keeps, per quantized leaf.
 
   Args:
     params: the quantized params as applied after the step that wrote ``state``
@@ -801,8 +802,9 @@ def kept_error(params: Any, state: ErrorFeedbackState) -> Any:
     True
   """
   if not isinstance(state, ErrorFeedbackState) or state.error_bits is None:
-    raise TypeError("state: kept_error reads the state of a mode='eco_exact' optimizer "
-                    f"(its error_bits set), got {_describe(state)}")
+    raise TypeError("state: kept_error reads the state of an optimizer of the exact rule "
+                    "(mode='eco_exact', or 'eco' with rounding='nearest'; its error_bits set), "
+                    f"got {_describe(state)}")
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=qtree.is_quantized)
   return treedef.unflatten([
       decode_error(split_momentum(mu)[1], qz.values_to_bits(p.values, p.fmt),
@@ -825,7 +827,8 @@ def _placed_like(raw: jax.Array, key: jax.Array) -> jax.Array:
 def _describe(state: Any) -> str:
   """What ``state`` is, for an error message about a state without the exact rule's error."""
   if isinstance(state, ErrorFeedbackState) and state.error_bits is None:
-    return "an ErrorFeedbackState without error_bits (mode 'eco', 'naive' or 'master_weights')"
+    return ("an ErrorFeedbackState without error_bits (mode 'eco_memory_free', 'naive' or "
+            "'master_weights')")
   return f"a {type(state).__name__}"
 
 
@@ -841,13 +844,14 @@ def _check_state(state: Any, moments: type, mode: Mode) -> None:
         raise TypeError(
             f"state: expected this optimizer's init(params): a state whose first moment "
             f"{wants} the exact rule's error in its low {ERROR_BITS} bits (mode='eco_exact' "
-            f"keeps it, the other modes do not), got one that {has} it. Pass the "
-            "optimizer the state its own init returned, or "
-            "restore a checkpoint saved by an optimizer of the same mode.")
+            f"keeps it, and mode='eco' with rounding='nearest' and an FP32 mu; the other modes "
+            f"do not), got one that {has} it. Pass the optimizer the state its own init "
+            "returned, or restore a checkpoint saved by an optimizer of the same mode (a state "
+            "of the memory-free rule continues with mode='eco_memory_free').")
       if (state.previous_eta is not None) == mode.debt_eta:
         return
       wants, has_eta = ("with", "without") if mode.debt_eta else ("without", "with")
-      saved = ("before 'eco' mode kept previous_eta lacks it" if mode.debt_eta else
+      saved = ("before the memory-free rule kept previous_eta lacks it" if mode.debt_eta else
                "in 'eco_exact' mode before the exact rule stopped keeping previous_eta has it")
       raise TypeError(
           f"state: expected this optimizer's init(params): an ErrorFeedbackState {wants} "

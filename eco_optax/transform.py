@@ -37,9 +37,11 @@ during warm-up and, under stochastic rounding (independent errors), injects nois
 (measured on the benchmark LM: INT4 ECO-SR +61% against master weights instead of
 +4.7%, ``docs/design.md``).
 
-The baselines (naive rounding, master weights) are in :mod:`eco_optax.baselines`;
-:func:`error_feedback` picks the leaf step by ``mode``, and :mod:`eco_optax.step`
-runs it in one pass per leaf.
+``mode="eco"`` takes the exact rule with round-to-nearest (and an FP32 ``mu``) and the
+memory-free rule with stochastic rounding (:func:`eco_rule`); ``"eco_exact"`` and
+``"eco_memory_free"`` name one rule whatever the rounding. The baselines (naive
+rounding, master weights) are in :mod:`eco_optax.baselines`; :func:`error_feedback`
+picks the leaf step by ``mode``, and :mod:`eco_optax.step` runs it in one pass per leaf.
 
 Guards. ``eta = 0`` (warm-up from zero, annealing to zero) makes ``alpha``
 undefined: no error is injected on such steps. A non-finite gradient, learning
@@ -63,8 +65,8 @@ from eco_optax import rules
 from eco_optax import step
 from eco_optax.step import Block, ErrorFeedbackState  # noqa: F401 (re-exported)
 
-Mode = Literal["eco", "eco_exact", "master_weights", "naive"]
-MODES = ("eco", "eco_exact", "master_weights", "naive")
+Mode = Literal["eco", "eco_memory_free", "eco_exact", "master_weights", "naive"]
+MODES = ("eco", "eco_memory_free", "eco_exact", "master_weights", "naive")
 
 
 def payback(eta: jax.Array, decay) -> jax.Array:
@@ -157,20 +159,39 @@ def eco_exact_step(rule: rules.LeafRule, eta: jax.Array, decay, b: Block):
 
 
 def default_rounding(mode: Mode) -> qz.Rounding:
-  """The rounding of the new weights when none is given: ``"stochastic"`` for ``"eco"``.
+  """The rounding of the new weights when none is given: ``"stochastic"`` for ECO's
+  ``"eco"`` and ``"eco_memory_free"``, ``"nearest"`` for the others.
 
   The memory-free rule assumes consecutive errors alike; stochastic rounding makes
   them independent and zero-mean, which the momentum averages away, and with it ECO
   follows master weights (benchmark LM, AdamW: FP8 -1.7%, INT4 +3.1% of master
-  weights; round-to-nearest +8.9% and +36.8%, ``docs/results.md``). The other modes
-  round to nearest: the paper's master-weight and naive baselines, and the exact
-  rule, which keeps its round-to-nearest errors (``docs/design.md``).
+  weights, ``docs/results.md``). The other modes round to nearest: the paper's
+  master-weight and naive baselines, and the exact rule, which keeps its
+  round-to-nearest errors (``docs/design.md``).
   """
-  return "stochastic" if mode == "eco" else "nearest"
+  return "stochastic" if mode in ("eco", "eco_memory_free") else "nearest"
+
+
+def eco_rule(mode: Mode, rounding: qz.Rounding, moment_formats: Mapping[str, mom.MomentFormat]
+             ) -> Mode:
+  """The rule ``mode="eco"`` runs: ``"eco_exact"`` for round-to-nearest with an FP32 first
+  moment, else ``"eco_memory_free"``; any other mode as it is.
+
+  Both take the same bytes. With stochastic rounding the memory-free rule follows master
+  weights (benchmark LM: FP8 -1.7% of them). With round-to-nearest it trails them
+  (+8.9%, behind naive rounding at small learning rates), because the error of a weight
+  that does not move drifts; the exact rule keeps that error in the low 10 bits of the
+  FP32 ``mu`` and follows master weights (FP8 -0.2%, INT4 +0.03%), for 1.03x the
+  memory-free rule's step time (``docs/design.md``). A narrow ``mu`` (bfloat16, 8-bit)
+  has no room for it, and takes the memory-free rule.
+  """
+  if mode != "eco":
+    return mode
+  return "eco_exact" if rounding == "nearest" and "mu" not in moment_formats else "eco_memory_free"
 
 
 MODE_STEPS = {
-    "eco": step.Mode(eco_step, debt_eta=True),
+    "eco_memory_free": step.Mode(eco_step, debt_eta=True),
     "eco_exact": step.Mode(eco_exact_step, extra="error"),
     "naive": step.Mode(baselines.naive_step),
     "master_weights": step.Mode(baselines.master_weights_step, extra="master"),
@@ -209,11 +230,13 @@ def error_feedback(
     weight_decay: ``lambda`` of decoupled weight decay ``w <- (1 - eta*lambda) w``;
       a callable of the dequantized params returning per-leaf floats; or ``None``
       (no decay term, as :func:`optax.adam`).
-    mode: ``"eco"`` (:func:`eco_step`), ``"eco_exact"`` (:func:`eco_exact_step`),
-      ``"naive"`` or ``"master_weights"`` (:mod:`eco_optax.baselines`).
+    mode: ``"eco"`` (ECO: the rule :func:`eco_rule` picks for the rounding),
+      ``"eco_memory_free"`` (the paper's injection, :func:`eco_step`), ``"eco_exact"``
+      (:func:`eco_exact_step`), ``"naive"`` or ``"master_weights"``
+      (:mod:`eco_optax.baselines`).
     rounding: ``"nearest"`` (round half to even) or ``"stochastic"`` (unbiased);
-      ``None``: :func:`default_rounding` of ``mode`` (stochastic for ``"eco"``,
-      nearest for the others).
+      ``None``: :func:`default_rounding` of ``mode`` (stochastic for ECO, nearest for
+      the others).
     seed: seed of the PRNG key kept in the state for stochastic rounding.
     mask: as ``mask`` in :func:`optax.adamw`: a tree of booleans with the structure
       of the dequantized params, or a callable returning one; decay only where True.
@@ -251,6 +274,8 @@ def error_feedback(
   rounding = default_rounding(mode) if rounding is None else rounding
   if rounding not in qz.ROUNDINGS:
     raise ValueError(f"rounding must be one of {qz.ROUNDINGS}, got {rounding!r}")
+  formats = _moment_formats(rule, moment_formats)
+  mode = eco_rule(mode, rounding, formats)
   return step.quantized_optimizer(
-      rule, MODE_STEPS[mode], learning_rate, weight_decay, mask, rounding, seed,
-      _moment_formats(rule, moment_formats), check_beta=mode in ("eco", "eco_exact"))
+      rule, MODE_STEPS[mode], learning_rate, weight_decay, mask, rounding, seed, formats,
+      check_beta=mode.startswith("eco"))

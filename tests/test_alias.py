@@ -103,8 +103,9 @@ def test_arguments_carry_optaxs_names(name, theirs, shared):
 
 
 @pytest.mark.parametrize("make", [eco.sgdm, eco.adamw, eco.lion], ids=["sgdm", "adamw", "lion"])
-@pytest.mark.parametrize("mode,expected", [("eco", "stochastic"), ("naive", "nearest"),
-                                           ("master_weights", "nearest")])
+@pytest.mark.parametrize("mode,expected", [("eco", "stochastic"), ("eco_memory_free", "stochastic"),
+                                           ("naive", "nearest"), ("master_weights", "nearest"),
+                                           ("eco_exact", "nearest")])
 def test_rounding_defaults_to_stochastic_in_eco_mode_only(make, mode, expected):
   q, g = ramp_problem(eco.int8())
 
@@ -115,3 +116,25 @@ def test_rounding_defaults_to_stochastic_in_eco_mode_only(make, mode, expected):
   other = {"stochastic": "nearest", "nearest": "stochastic"}[expected]
   np.testing.assert_array_equal(new_codes(), new_codes(rounding=expected))
   assert not np.array_equal(new_codes(), new_codes(rounding=other))
+
+
+@pytest.mark.parametrize("make", [eco.sgdm, eco.adamw, eco.lion, eco.muon],
+                         ids=["sgdm", "adamw", "lion", "muon"])
+def test_eco_mode_takes_the_exact_rule_for_round_to_nearest_with_an_fp32_first_moment(make):
+  """mode="eco": the memory-free rule with stochastic rounding or a narrow mu (no room for
+  the error), the exact rule with round-to-nearest; each the same as its explicit mode."""
+  q, g = ramp_problem(eco.int8())
+
+  def run(**kw):
+    tx = make(0.05, **kw)
+    updates, state = tx.update(g, tx.init(q), q)
+    return eco.apply_updates(q, updates)["w"].values, state
+
+  for kw, rule in [({}, "eco_memory_free"), (dict(rounding="nearest"), "eco_exact"),
+                   (dict(rounding="nearest", mu_dtype=jnp.bfloat16), "eco_memory_free")]:
+    codes, state = run(**kw)
+    explicit_codes, explicit = run(**kw, mode=rule)
+    np.testing.assert_array_equal(codes, explicit_codes)
+    np.testing.assert_array_equal(state.moments.mu["w"], explicit.moments.mu["w"])
+    assert (state.error_bits is not None) == (rule == "eco_exact")
+    assert (state.previous_eta is not None) == (rule == "eco_memory_free")

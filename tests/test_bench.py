@@ -75,16 +75,17 @@ def test_quick_benchmark_output_is_complete_and_finite(tmp_path, capsys):
   assert qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-bf16-moments"] == pytest.approx(4)
   saved = qbytes["fp8-eco-sr"] - qbytes["fp8-eco-sr-8bit-moments"]
   assert 8 - 2 - 8 / 192 <= saved <= 8 - 2 - 8 / 256
-  # The exact rule keeps its error in the low 10 bits of the FP32 first moment: ECO's bytes
-  # (its state's error_bits scalar, which marks that layout, in place of previous_eta).
+  # ECO-RTN's exact rule keeps its error in the low 10 bits of the FP32 first moment: the
+  # memory-free rule's bytes (its state's error_bits scalar, which marks that layout, in
+  # place of previous_eta).
   for f in ("fp8", "int4"):
-    assert qbytes[f"{f}-eco-exact-rtn"] == qbytes[f"{f}-eco-sr"]
+    assert qbytes[f"{f}-eco-rtn"] == qbytes[f"{f}-eco-memory-free-rtn"] == qbytes[f"{f}-eco-sr"]
   assert {c["verdict"] for c in report["checks"]} <= {"PASS", "MISS"}
-  assert len(report["checks"]) == 19
+  assert len(report["checks"]) == 16
   assert (tmp_path / "curves.png").stat().st_size > 10_000
   out = capsys.readouterr().out
   assert all(name in out for name in names)
-  assert out.count("PASS") + out.count("MISS") >= 19
+  assert out.count("PASS") + out.count("MISS") >= 16
 
 
 @pytest.mark.slow
@@ -103,28 +104,26 @@ def test_fp4_rows_run(tmp_path):
 
 
 def test_paper_checks_report_misses_and_skips():
-  def row(loss, delta):
-    return {"final_val_loss": loss, "delta_vs_mw_pct": delta}
-  results = {"fp8-mw": row(2.0, 0.0), "fp8-mw-sr": row(2.008, 0.4),
+  def row(loss, delta, quantized_bytes=9.02):
+    return {"final_val_loss": loss, "delta_vs_mw_pct": delta,
+            "quantized_bytes_per_param": quantized_bytes}
+  results = {"fp8-mw": row(2.0, 0.0, 13.02), "fp8-mw-sr": row(2.008, 0.4, 13.02),
              "fp8-eco-sr": row(2.01, 0.5), "fp8-eco-rtn": row(2.01, 0.5),
              "fp8-naive-rtn": row(2.1, 5.0)}
   verdicts = {claim: v for v, claim, _ in bench.paper_checks(results)}
   assert verdicts == {
       "fp8-eco-sr within +0.2% of fp8-mw": "MISS",
       "fp8-eco-rtn within +1.0% of fp8-mw": "PASS",
-      "fp8-eco-exact-rtn within +1.0% of fp8-mw": "SKIP",
-      "fp8-eco-exact-rtn at <= fp8-mw - 4 B/param (quantized leaves)": "SKIP",
-      "int4-eco-exact-rtn within +1.0% of int4-mw": "SKIP",
-      "int4-eco-exact-rtn at <= int4-mw - 4 B/param (quantized leaves)": "SKIP",
+      "fp8-eco-rtn at <= fp8-mw - 4 B/param (quantized leaves)": "PASS",
+      "int4-eco-rtn within +1.0% of int4-mw": "SKIP",
+      "int4-eco-rtn at <= int4-mw - 4 B/param (quantized leaves)": "SKIP",
       "int4-eco-sr within +2.0% of int4-mw": "SKIP",
       "fp8-eco-sr within +0.2% of fp8-mw-sr": "PASS",
       "int4-eco-sr within +1.0% of int4-mw-sr": "SKIP",
       "fp8-naive-rtn visibly worse than fp8-mw (> +1%)": "PASS",
       "fp8-eco-rtn never worse than fp8-naive-rtn": "PASS",
-      "fp8-eco-exact-rtn never worse than fp8-naive-rtn": "SKIP",
       "int4-naive-rtn visibly worse than int4-mw (> +1%)": "SKIP",
       "int4-eco-rtn never worse than int4-naive-rtn": "SKIP",
-      "int4-eco-exact-rtn never worse than int4-naive-rtn": "SKIP",
       "fp8-eco-sr-bf16-moments within +0.5% of fp8-mw": "SKIP",
       "fp8-eco-sr-bf16-moments at <= 5.0 B/param (quantized leaves)": "SKIP",
       "fp8-eco-sr-8bit-moments within +0.5% of fp8-mw": "SKIP",
@@ -146,7 +145,7 @@ def test_step_benchmark_small_size():
   timings = bstep.main(["--sizes", "20k", "--repeats", "2", "--warmup", "1",
                         "--moments", "bf16,8bit"])
   assert [t.method for t in timings] == ["optax.adamw (fp32)", "eco-rtn", "eco-sr",
-                                         "master-weights", "eco-exact-rtn",
+                                         "master-weights", "eco-memory-free-rtn",
                                          "eco-sr bf16 moments", "eco-sr 8bit moments"]
   assert timings[0].ratio == 1.0
   assert all(t.seconds > 0 and t.bandwidth > 0 and t.num_params > 16_000 for t in timings)
@@ -274,7 +273,7 @@ def test_full_runs_the_paper_set_then_each_study(tmp_path, monkeypatch):
   assert bench.parse_args([]).methods == "headline"
   assert bench.GROUPS["headline"] == ["fp32", "fp8-mw", "fp8-mw-sr", "fp8-naive-rtn",
                                       "fp8-naive-sr", "fp8-eco-rtn", "fp8-eco-sr",
-                                      "fp8-eco-exact-rtn"]
+                                      "fp8-eco-memory-free-rtn"]
   calls = []
   for module in (sweep, finetune, long_run):
     monkeypatch.setattr(module, "main", lambda argv, m=module: calls.append((m, argv)))

@@ -1,4 +1,5 @@
-"""The feature table of docs/guide.md: every optimizer x format x rounding, in ECO mode.
+"""The feature table of docs/guide.md: every optimizer x format x rounding, in ECO mode
+(and with round-to-nearest under the paper's memory-free rule, ``mode="eco_memory_free"``).
 
 Each combination fits a small linear regression (a quantized ``(32, 64)`` kernel
 and an FP32 bias, weights initialised at the scale of the solution) for 40 jitted
@@ -32,13 +33,16 @@ OPTIMIZERS = {
     "lion": lambda **kw: eco.lion(0.01, weight_decay=0.0, **kw),
 }
 STEPS = 40
-# Every cell is "full" except these (docs/guide.md, "Feature table"): round-to-nearest with
-# optimizers whose steps are small or of fixed size (SGDM at this rate, Muon, Lion).
+# Every cell is "full" except these (docs/guide.md, "Feature table"): the memory-free rule with
+# round-to-nearest and optimizers whose steps are small or of fixed size (SGDM at this rate,
+# Muon, Lion). In ECO mode round-to-nearest takes the exact rule, which trains every cell.
 _FOUR_BIT = ("int4", "mxfp4", "nvfp4")
+_MEMORY_FREE_RTN = ("eco_memory_free", "nearest")
 EXPECTED = (
-    {(o, f, "nearest"): "stalls" for o in ("sgdm", "muon", "lion") for f in _FOUR_BIT}
-    | {(o, "fp8_e5m2", "nearest"): "partial" for o in ("sgdm", "muon", "lion")}
-    | {("lion", "fp8_e4m3", "nearest"): "partial", ("sgdm", "nvfp4", "nearest"): "partial"})
+    {(o, f, *_MEMORY_FREE_RTN): "stalls" for o in ("sgdm", "muon", "lion") for f in _FOUR_BIT}
+    | {(o, "fp8_e5m2", *_MEMORY_FREE_RTN): "partial" for o in ("sgdm", "muon", "lion")}
+    | {("lion", "fp8_e4m3", *_MEMORY_FREE_RTN): "partial",
+       ("sgdm", "nvfp4", *_MEMORY_FREE_RTN): "partial"})
 
 
 def _problem():
@@ -55,12 +59,12 @@ def _loss(p, x, y):
 
 
 @functools.cache
-def _train(opt_name: str, fmt_name: str, rounding: str):
-  """(final / initial loss, stored weights) after ``STEPS`` ECO steps."""
+def _train(opt_name: str, fmt_name: str, mode: str, rounding: str):
+  """(final / initial loss, stored weights) after ``STEPS`` steps in ``mode``."""
   params, x, y = _problem()
   fmt = eco.lossless() if fmt_name == "lossless" else FORMATS[fmt_name]
   q = eco.quantize_params(params, fmt)
-  tx = OPTIMIZERS[opt_name](mode="eco", rounding=rounding)
+  tx = OPTIMIZERS[opt_name](mode=mode, rounding=rounding)
 
   def step(carry, _):
     q, state = carry
@@ -77,15 +81,16 @@ def _progress_class(progress: float) -> str:
   return "full" if progress >= 0.8 else "partial" if progress >= 0.15 else "stalls"
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("mode,rounding", [("eco", "nearest"), ("eco", "stochastic"),
+                                           _MEMORY_FREE_RTN])
 @pytest.mark.parametrize("fmt_name", list(FORMATS))
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_feature_table_cell(opt_name, fmt_name, rounding):
-  ratio, q = _train(opt_name, fmt_name, rounding)
-  reference, _ = _train(opt_name, "lossless", "nearest")
+def test_feature_table_cell(opt_name, fmt_name, mode, rounding):
+  ratio, q = _train(opt_name, fmt_name, mode, rounding)
+  reference, _ = _train(opt_name, "lossless", "eco", "nearest")
   assert reference < 0.3  # the FP32 optimizer does fit the problem
   assert q["w"].values.dtype == FORMATS[fmt_name].dtype
   assert np.isfinite(ratio) and ratio <= 1.0   # never worse than where it started
   progress = (1 - ratio) / (1 - reference)
-  expected = EXPECTED.get((opt_name, fmt_name, rounding), "full")
+  expected = EXPECTED.get((opt_name, fmt_name, mode, rounding), "full")
   assert _progress_class(progress) == expected, f"progress {progress:.2f}"

@@ -387,10 +387,11 @@ def test_the_key_advances_only_where_something_is_rounded_stochastically():
     return leaf_bytes(state.key) != leaf_bytes(fresh.key)
 
   assert key_moved()                                  # ECO rounds stochastically by default
-  assert not key_moved(rounding="nearest")
+  assert not key_moved(mode="eco_memory_free", rounding="nearest")
   assert not key_moved(mode="master_weights")
   assert not key_moved(mode="naive")
   assert key_moved(mode="eco_exact")                  # its kept error is rounded stochastically
+  assert key_moved(rounding="nearest")                # ECO-RTN: the exact rule
   assert key_moved(mu_dtype=jnp.bfloat16)
 
 

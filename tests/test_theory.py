@@ -42,7 +42,7 @@ def test_consecutive_quantization_errors_are_aligned():
   alpha = (1 / lr) * (1 - 1 / beta)
   key = jax.random.key(1)
   q = eco.quantize_params({"w": jnp.sign(W_STAR)}, FMT)   # range [-1, 1]
-  tx = eco.sgdm(lr, momentum=beta, rounding="nearest")
+  tx = eco.sgdm(lr, momentum=beta, mode="eco_memory_free", rounding="nearest")
   state = tx.init(q)
 
   @jax.jit        # one executable for the 300 steps (eager apply_updates compiles each call)
@@ -94,7 +94,8 @@ def test_memory_free_eco_waits_1_over_1_minus_b1_times_longer_for_a_first_move()
   # 5.12 counts a step here, rounded stochastically: over 59 steps the rounding wanders
   # by about sqrt(59)/2 counts, one step's worth); naive rounding never moves.
   lr = 1e-4
-  mw, eco_free, exact = (_first_move(m, lr) for m in ("master_weights", "eco", "eco_exact"))
-  assert mw == 59 and abs(exact - mw) <= 6
+  mw, eco_free, exact, eco_rtn = (_first_move(m, lr) for m in (
+      "master_weights", "eco_memory_free", "eco_exact", "eco"))
+  assert mw == 59 and abs(exact - mw) <= 6 and eco_rtn == exact
   assert eco_free == 501
   assert _first_move("naive", lr) is None

@@ -62,7 +62,7 @@ def test_injection_coefficient_with_weight_decay():
   """m = m~ + ((1 - eta*lambda)/eta) (1 - 1/beta) e, with e = target - Q(target)."""
   eta, beta, lam = 0.1, 0.9, 0.5
   q, g = ramp_problem()
-  tx = eco.sgdm(eta, beta, weight_decay=lam, rounding="nearest")
+  tx = eco.sgdm(eta, beta, weight_decay=lam, mode="eco_memory_free", rounding="nearest")
   state = tx.init(q)
   updates, state = tx.update(g, state, q)
   w = q["w"].dequantize()
@@ -211,15 +211,22 @@ def test_update_refuses_a_state_that_another_optimizer_made():
                                       r"keeping previous_eta has it\)"):
     exact.update(g, stale, q)
   layout = (r"state: expected this optimizer's init\(params\): a state whose first moment "
-            r"{} the exact rule's error in its low 10 bits \(mode='eco_exact' keeps it, the "
-            r"other modes do not\), got one that {} it\. Pass the optimizer the state")
+            r"{} the exact rule's error in its low 10 bits \(mode='eco_exact' keeps it, and "
+            r"mode='eco' with rounding='nearest' and an FP32 mu; the other modes do not\), got "
+            r"one that {} it\. Pass the optimizer the state .*\(a state of the memory-free rule "
+            r"continues with mode='eco_memory_free'\)")
   with pytest.raises(TypeError, match=layout.format("keeps", "does not keep")):
     eco.adamw(1e-2, mode="eco_exact").update(g, eco.adamw(1e-2).init(q), q)
   with pytest.raises(TypeError, match=layout.format("does not keep", "keeps")):
     jax.jit(eco.adamw(1e-2).update)(g, eco.adamw(1e-2, mode="eco_exact").init(q), q)
-  with pytest.raises(TypeError, match=r"state: kept_error reads the state of a mode='eco_exact' "
-                                      r"optimizer \(its error_bits set\), got an ErrorFeedback"
-                                      r"State without error_bits \(mode 'eco', 'naive' or "):
+  with pytest.raises(TypeError, match=layout.format("keeps", "does not keep")):  # saved before
+    eco.adamw(1e-2, rounding="nearest").update(                                # "eco" took it
+        g, eco.adamw(1e-2, mode="eco_memory_free", rounding="nearest").init(q), q)
+  with pytest.raises(TypeError, match=r"state: kept_error reads the state of an optimizer of "
+                                      r"the exact rule \(mode='eco_exact', or 'eco' with "
+                                      r"rounding='nearest'; its error_bits set\), got an "
+                                      r"ErrorFeedbackState without error_bits \(mode "
+                                      r"'eco_memory_free', 'naive' or "):
     eco.kept_error(q, eco.adamw(1e-2).init(q))
 
 
@@ -416,12 +423,13 @@ def _constant_gradient_lag(mode, steps=1500):
 
 @pytest.mark.filterwarnings("ignore:.*scale_policy='fixed':RuntimeWarning")  # the fixed range is the point
 def test_exact_rule_keeps_rtn_weights_within_half_a_step_of_the_master_path():
-  lag = {m: _constant_gradient_lag(m) for m in ("naive", "eco", "eco_exact")}
+  lag = {m: _constant_gradient_lag(m) for m in ("naive", "eco_memory_free", "eco_exact", "eco")}
   print("lag in grid steps:", lag)
   # Half a step, plus the kept error's stochastic rounding to 1/512 of a step: 1500 roundings
   # wander by about sqrt(1500)/2 counts, 0.04 step.
   assert lag["eco_exact"] <= 0.6
-  assert 3.0 < lag["eco"] < 6.0          # ~ beta/(1-beta) half steps
+  assert lag["eco"] == lag["eco_exact"]  # ECO mode takes the exact rule for round-to-nearest
+  assert 3.0 < lag["eco_memory_free"] < 6.0          # ~ beta/(1-beta) half steps
   assert lag["naive"] > 25               # never moves: the master went 30 steps away
 
 
