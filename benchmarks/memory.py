@@ -82,7 +82,7 @@ METHODS: dict[str, Callable[[], tuple[Any, dict]]] = {
     "ECO fp8, 8-bit moments": lambda: (eco.fp8_e4m3(), dict(
         mu_dtype=eco.moments.blockwise_8bit(), nu_dtype=eco.moments.blockwise_8bit())),
     "ECO int4, fp32 moments": lambda: (eco.int4(), {}),
-    "ECO fp8 exact rule (RTN)": lambda: (eco.fp8_e4m3(), dict(mode="eco_exact")),
+    "ECO fp8 RTN (exact rule)": lambda: (eco.fp8_e4m3(), dict(rounding="nearest")),
     "fp8 master weights": lambda: (eco.fp8_e4m3(), dict(mode="master_weights")),
 }
 

@@ -162,7 +162,7 @@ def test_memory_benchmark_reads_peaks_from_the_compiled_step():
   assert 9.0 < rows["ECO fp8, fp32 moments"].static < 9.1
   assert 5.0 < rows["ECO fp8, bf16 moments"].static < 5.1
   # The exact rule: the same bytes, its error_bits scalar in place of previous_eta.
-  assert rows["ECO fp8 exact rule (RTN)"].static == rows["ECO fp8, fp32 moments"].static
+  assert rows["ECO fp8 RTN (exact rule)"].static == rows["ECO fp8, fp32 moments"].static
   for r in rows.values():                       # the arguments alone are the state
     assert r.peak >= r.static and r.peak_memory_scheduler >= r.static
   assert bmemory.checkpoint_control(problem) >= adamw.static
