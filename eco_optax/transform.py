@@ -179,11 +179,12 @@ def eco_rule(mode: Mode, rounding: qz.Rounding, moment_formats: Mapping[str, mom
 
   Both take the same bytes. With stochastic rounding the memory-free rule follows master
   weights (benchmark LM: FP8 -1.7% of them). With round-to-nearest it trails them
-  (+8.9%, behind naive rounding at small learning rates), because the error of a weight
-  that does not move drifts; the exact rule keeps that error in the low 10 bits of the
-  FP32 ``mu`` and follows master weights (FP8 -0.2%, INT4 +0.03%), for 1.03x the
-  memory-free rule's step time (``docs/design.md``). A narrow ``mu`` (bfloat16, 8-bit)
-  has no room for it, and takes the memory-free rule.
+  (+8.9%; behind naive rounding in some runs at FP8 and peak rate 1e-2), because the
+  error of a weight that does not move drifts; the exact rule keeps that error in the
+  low 10 bits of the FP32 ``mu`` and follows master weights (FP8 -0.4%, INT4 +0.9%),
+  for about 1.05x the memory-free rule's step time (``docs/results.md``,
+  ``docs/benchmarks.md``). A narrow ``mu`` (bfloat16, 8-bit) has no room for it, and
+  takes the memory-free rule.
   """
   if mode != "eco":
     return mode
