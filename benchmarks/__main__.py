@@ -7,20 +7,20 @@ from 0.01x peak over 10% of the steps then cosine decay to 0.1x peak (the
 paper's recipe), global-norm clipping at 1.0. The methods are the paper's
 Table 1 set for FP8 E4M3 (row-wise scales) and INT4 (tensor-wise by default):
 
-========================  ====================================================
-``fp32``                  ``optax.adamw`` on FP32 parameters
-``<fmt>-mw``              FP32 master weights in the state, stored ``Q(w_MW)`` (RTN)
-``<fmt>-mw-sr``           master weights, stored by stochastic rounding (redrawn each step)
-``<fmt>-naive-rtn``       no master weights, round to nearest (error dropped)
-``<fmt>-naive-sr``        no master weights, stochastic rounding
-``<fmt>-eco-rtn``         ECO, round to nearest (``mode="eco"``: the exact rule, previous error
-                          kept in the low bits of the FP32 first moment)
-``<fmt>-eco-sr``          ECO with stochastic rounding (the paper's memory-free injection)
+=============================  ====================================================
+``fp32``                       ``optax.adamw`` on FP32 parameters
+``<fmt>-mw``                   FP32 master weights in the state, stored ``Q(w_MW)`` (RTN)
+``<fmt>-mw-sr``                master weights, stored by stochastic rounding (redrawn each step)
+``<fmt>-naive-rtn``            no master weights, round to nearest (error dropped)
+``<fmt>-naive-sr``             no master weights, stochastic rounding
+``<fmt>-eco-rtn``              ECO, round to nearest (``mode="eco"``: the exact rule, previous error
+                               kept in the low bits of the FP32 first moment)
+``<fmt>-eco-sr``               ECO with stochastic rounding (the paper's memory-free injection)
 ``<fmt>-eco-memory-free-rtn``  the paper's ECO-RTN: error injected into the momentum
-                          (``mode="eco_memory_free"``), round to nearest
-``<fmt>-eco-exact-rtn``   the exact rule named (``mode="eco_exact"``): ``<fmt>-eco-rtn``
-``<fmt>-eco-exact-sr``    the exact rule with stochastic rounding
-========================  ====================================================
+                               (``mode="eco_memory_free"``), round to nearest
+``<fmt>-eco-exact-rtn``        the exact rule named (``mode="eco_exact"``): ``<fmt>-eco-rtn``
+``<fmt>-eco-exact-sr``         the exact rule with stochastic rounding
+=============================  ====================================================
 
 Each step takes the gradient at the stored weights ``Q(w)`` with one jitted
 ``value_and_grad`` shared by all methods (it sees plain FP32 arrays), then runs
