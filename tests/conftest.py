@@ -18,6 +18,11 @@ if _DEVICES not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# JAX's asynchronous CPU dispatch can hang a step whose host callback fires (the run-time
+# warnings of eco.apply_updates), intermittently, after many compiled programs in one process
+# (https://github.com/jax-ml/jax/issues/25861; seen once here, in a pytest -n 2 worker).
+# Synchronous dispatch runs the same programs.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 _CACHE = "ECO_OPTAX_TEST_COMPILATION_CACHE"
 
