@@ -38,8 +38,6 @@ from typing import Any
 
 import jax
 
-from eco_optax import tree as qtree
-
 try:
   import orbax.checkpoint as ocp
 except ImportError as err:  # pragma: no cover - depends on the environment
@@ -62,7 +60,7 @@ def _check_matches(directory: str, stored_tree: Any, like: Any) -> None:
   """Raises ``ValueError`` naming the first leaf whose shape or dtype differs."""
   stored = {m.name: (tuple(m.shape), m.dtype)
             for m in jax.tree.leaves(stored_tree, is_leaf=lambda x: hasattr(x, "dtype"))}
-  wanted = {".".join(str(qtree.path_entry_key(k)) for k in path): _stored_form(leaf)
+  wanted = {jax.tree_util.keystr(path, simple=True, separator="."): _stored_form(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]}
   missing = sorted(set(wanted) - set(stored))
   extra = sorted(set(stored) - set(wanted))
