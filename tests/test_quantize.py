@@ -286,8 +286,8 @@ def test_dither_is_uniform_per_element_over_keys_and_even_across_elements():
                                 np.asarray(whole[4:]))
   np.testing.assert_array_equal(np.asarray(qz.dither_uniform(jax.random.key(2), (5,), 7)),
                                 np.asarray(whole[1, 2:]).tolist() + np.asarray(whole[2, :2]).tolist())
+  flat = np.asarray(qz.dither_uniform(jax.random.key(2), (30,)))
   for shape in ((), (3, 2, 5)):   # no axis; several leading axes
-    flat = np.asarray(qz.dither_uniform(jax.random.key(2), (30,)))
     np.testing.assert_array_equal(np.asarray(qz.dither_uniform(jax.random.key(2), shape)).ravel(),
                                   flat[:max(1, np.prod(shape, dtype=int))])
 
