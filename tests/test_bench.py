@@ -271,6 +271,7 @@ def test_long_run_reports_the_gap_to_master_weights_over_training(tmp_path):
 @pytest.mark.slow
 def test_full_runs_the_paper_set_then_each_study(tmp_path, monkeypatch):
   assert bench.parse_args([]).methods == "headline"
+  assert "fp8-eco-rtn" in bench.GROUPS["all"] and "fp8-eco-exact-rtn" not in bench.GROUPS["all"]
   assert bench.GROUPS["headline"] == ["fp32", "fp8-mw", "fp8-mw-sr", "fp8-naive-rtn",
                                       "fp8-naive-sr", "fp8-eco-rtn", "fp8-eco-sr",
                                       "fp8-eco-memory-free-rtn"]
