@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax.nnx import filterlib, graph
 
 from eco_optax import tree as qtree
 
@@ -99,16 +100,18 @@ def dequantized(model: M, dtype=jnp.float32) -> M:
 
 
 def value_and_grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param,
-                   has_aux: bool = False,
-                   recompute: bool | None = None) -> Callable[..., tuple[Any, nnx.State]]:
+                   has_aux: bool = False, recompute: bool | None = None,
+                   dtype: Any = jnp.float32) -> Callable[..., tuple[Any, nnx.State]]:
   """``nnx.value_and_grad`` of ``fun(model, *args)`` w.r.t. the dequantized weights.
 
   The returned function takes the quantized model first. ``fun`` sees
-  :func:`dequantized` ``(model)``; gradients are an ``nnx.State`` of float arrays
+  :func:`dequantized` ``(model, dtype)``; gradients are an ``nnx.State`` of float arrays
   for the ``wrt`` variables, the structure :meth:`Optimizer.update` expects.
   Variables outside ``wrt`` that ``fun`` modifies are written back to ``model``;
   quantized weights outside ``wrt`` (frozen) enter ``fun`` dequantized and stay stored
-  as they are.
+  as they are. Graph nodes among the other arguments (an ``nnx.Rngs`` for dropout,
+  another module) are not differentiated, and what ``fun`` changes in them is written
+  back, as with ``nnx.value_and_grad``.
   Built on :func:`eco_optax.value_and_grad`: with ``recompute`` (the default except
   on CPU) the backward pass dequantizes the weights again instead of keeping them.
 
@@ -117,37 +120,52 @@ def value_and_grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param,
     wrt: NNX filter of the differentiated variables, as in ``nnx.value_and_grad``.
     has_aux: as in ``jax.value_and_grad``.
     recompute: as in :func:`eco_optax.value_and_grad`.
+    dtype: the dtype ``fun`` sees the quantized weights in, and of their gradients
+      (``jnp.bfloat16`` for a model built with ``param_dtype=jnp.bfloat16``).
 
   Returns:
     ``f(model, *args, **kwargs) -> (value, grads)``.
   """
+  differentiated = filterlib.to_predicate(wrt)
 
   def wrapper(model, *args, **kwargs):
-    graphdef, diff, rest = nnx.split(model, wrt, ...)
-    # As plain arrays: the model built inside the transformation owns its variables.
+    # The model and the graph nodes among the arguments, split together as one tuple
+    # (a variable they share stays one variable); only the model's ``wrt`` variables
+    # are differentiated.
+    at = [i for i, a in enumerate(args) if graph.is_graph_node(a)]
+    named = [k for k, v in kwargs.items() if graph.is_graph_node(v)]
+    nodes = (model, *(args[i] for i in at), *(kwargs[k] for k in named))
+    in_diff = lambda path, x: path[0] == 0 and differentiated(path[1:], x)
+    graphdef, diff, rest = nnx.split(nodes, in_diff, ...)
+    # As plain arrays: the nodes built inside the transformation own their variables.
     rest = nnx.to_pure_dict(rest)
 
     def loss(dense, rest):
       # Quantized weights outside ``wrt`` (frozen ones) enter the forward dequantized.
-      m = nnx.merge(graphdef, dense, qtree.dequantize_params(rest))
-      out = fun(m, *args, **kwargs)
+      inner = nnx.merge(graphdef, dense, qtree.dequantize_params(rest, dtype))
+      inner_args, inner_kwargs = list(args), dict(kwargs)
+      for i, node in zip(at, inner[1:]):
+        inner_args[i] = node
+      for k, node in zip(named, inner[1 + len(at):]):
+        inner_kwargs[k] = node
+      out = fun(inner[0], *inner_args, **inner_kwargs)
       value, aux = out if has_aux else (out, None)
-      return value, (aux, nnx.to_pure_dict(nnx.state(m, nnx.Not(wrt))))
+      return value, (aux, nnx.to_pure_dict(nnx.state(inner, nnx.Not(in_diff))))
 
     (value, (aux, changed)), grads = qtree.value_and_grad(
-        loss, has_aux=True, recompute=recompute)(diff, rest)
+        loss, has_aux=True, recompute=recompute, dtype=dtype)(diff, rest)
     # ... and stay stored as they were: only the other variables are written back.
-    nnx.update(model, jax.tree.map(lambda r, c: r if qtree.is_quantized(r) else c,
+    nnx.update(nodes, jax.tree.map(lambda r, c: r if qtree.is_quantized(r) else c,
                                    rest, changed, is_leaf=qtree.is_quantized))
-    return ((value, aux) if has_aux else value), grads
+    return ((value, aux) if has_aux else value), grads[0]
 
   return wrapper
 
 
 def grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param, has_aux: bool = False,
-         recompute: bool | None = None) -> Callable[..., Any]:
+         recompute: bool | None = None, dtype: Any = jnp.float32) -> Callable[..., Any]:
   """Like :func:`value_and_grad` but returns only the gradients (and aux)."""
-  vg = value_and_grad(fun, wrt=wrt, has_aux=has_aux, recompute=recompute)
+  vg = value_and_grad(fun, wrt=wrt, has_aux=has_aux, recompute=recompute, dtype=dtype)
 
   def wrapper(model, *args, **kwargs):
     value, grads = vg(model, *args, **kwargs)

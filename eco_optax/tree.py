@@ -304,10 +304,10 @@ jax.tree_util.register_pytree_node(LeafFormats, lambda f: ((), f.formats),
                                    lambda aux, _: LeafFormats(aux))
 
 
-def zeros_for_quantized(params: Any) -> Any:
-  """``params`` with each quantized leaf as FP32 zeros of its shape, placed as its codes
-  (a sharded weight's zeros sharded as it is); the plain leaves as they are."""
-  return jax.tree.map(lambda p: jnp.zeros_like(p.values, jnp.float32) if is_quantized(p) else p,
+def zeros_for_quantized(params: Any, dtype=jnp.float32) -> Any:
+  """``params`` with each quantized leaf as zeros of its shape in ``dtype``, placed as its
+  codes (a sharded weight's zeros sharded as it is); the plain leaves as they are."""
+  return jax.tree.map(lambda p: jnp.zeros_like(p.values, dtype) if is_quantized(p) else p,
                       params, is_leaf=is_quantized)
 
 
@@ -494,9 +494,10 @@ _DENSE_MARK = (0, 0xEC0)
 
 @jax.custom_vjp
 def _dense(mark: jax.Array, q: qz.QuantizedArray, delta: jax.Array) -> jax.Array:
-  """``Q(w) + delta``: the weights the loss sees; the gradient flows to ``delta``."""
+  """``Q(w) + delta`` in ``delta``'s dtype: the weights the loss sees; the gradient flows
+  to ``delta``."""
   del mark
-  return qz.dequantize(q) + delta
+  return qz.dequantize(q, delta.dtype) + delta
 
 
 _dense.defvjp(lambda mark, q, delta: (_dense(mark, q, delta), None),
@@ -515,12 +516,16 @@ def _save_all_but_dense(prim, *avals, **_) -> bool:
 
 
 def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
-                   recompute: Optional[bool] = None) -> Callable[..., Any]:
+                   recompute: Optional[bool] = None, dtype: Any = jnp.float32
+                   ) -> Callable[..., Any]:
   """``jax.value_and_grad`` of ``fun(dense_params, *args)`` at a quantized tree.
 
   Returns ``(value, grads)`` with ``grads`` the gradient with respect to the
-  dequantized weights ``Q(w)`` (FP32, the structure of the dequantized params),
-  what the eco_optax optimizers take. ``fun`` sees ordinary arrays.
+  dequantized weights ``Q(w)`` (the structure of the dequantized params), what the
+  eco_optax optimizers take. ``fun`` sees ordinary arrays: each quantized weight as
+  ``Q(w)`` in ``dtype`` (FP32 by default; ``jnp.bfloat16`` for a model built with
+  bfloat16 parameters, whose other leaves and activations are bfloat16: its scanned
+  layers then carry one dtype), its gradient in the same dtype.
 
   With ``recompute`` (the default except on CPU) the FP32 copy of each quantized
   weight is not kept between the forward and the backward pass: under
@@ -544,7 +549,7 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
 
   def wrapped(params, *args, **kwargs):
     # Differentiate w.r.t. a zero offset of each quantized weight (and the plain leaves).
-    delta = zeros_for_quantized(params)
+    delta = zeros_for_quantized(params, dtype)
     mark = jnp.zeros(_DENSE_MARK, jnp.uint8)
     dense = lambda delta: jax.tree.map(
         lambda p, d: _dense(mark, p, d) if is_quantized(p) else d, params, delta,
@@ -561,11 +566,12 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
 
 
 def grad(fun: Callable[..., Any], has_aux: bool = False, *,
-         recompute: Optional[bool] = None) -> Callable[..., Any]:
+         recompute: Optional[bool] = None, dtype: Any = jnp.float32) -> Callable[..., Any]:
   """:func:`value_and_grad` without the value (with ``has_aux``: ``(grads, aux)``)."""
 
   def wrapped(params, *args, **kwargs):
-    value, grads = value_and_grad(fun, has_aux, recompute=recompute)(params, *args, **kwargs)
+    value, grads = value_and_grad(fun, has_aux, recompute=recompute, dtype=dtype)(
+        params, *args, **kwargs)
     return (grads, value[1]) if has_aux else grads
 
   return wrapped

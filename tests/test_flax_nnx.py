@@ -171,6 +171,77 @@ def test_training_a_subset_keeps_the_other_quantized_weights_stored_as_they_are(
   assert losses[-1] < losses[0]
 
 
+def test_graph_nodes_among_the_arguments_are_written_back_as_nnx_value_and_grad_does():
+  """An ``nnx.Rngs`` given to the loss (positionally, by keyword, or shared with the
+  model) advances as under ``nnx.value_and_grad``, and the gradients are those of the
+  dequantized model with the same random numbers."""
+  drop = nnx.Dropout(0.5)
+
+  def loss(m, rngs, *, extra=None):
+    y = drop(m(X), rngs=rngs)
+    return jnp.mean(y ** 2) + (jnp.mean(drop(y, rngs=extra) ** 2) if extra is not None else 0)
+
+  model = nnx.Linear(16, 4, rngs=nnx.Rngs(0))
+  eco_nnx.quantize_model(model, eco.fp8_e4m3())
+  reference, reference_rngs = eco_nnx.dequantized(model), nnx.Rngs(dropout=1)
+  want_loss, want = nnx.value_and_grad(lambda m, r, e: loss(m, r, extra=e))(
+      reference, reference_rngs, nnx.Rngs(dropout=2))
+  rngs, extra = nnx.Rngs(dropout=1), nnx.Rngs(dropout=2)
+  got_loss, got = nnx.jit(lambda m, r, e: eco_nnx.value_and_grad(loss)(m, r, extra=e))(
+      model, rngs, extra)
+  assert float(got_loss) == float(want_loss)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(got), nnx.to_pure_dict(want))
+  assert int(rngs.dropout.count.get_value()) == int(reference_rngs.dropout.count.get_value()) == 1
+  assert int(extra.dropout.count.get_value()) == 1
+
+  class Noisy(nnx.Module):       # the same Rngs in the model and given to the loss
+    def __init__(self, rngs):
+      self.linear, self.rngs = nnx.Linear(16, 4, rngs=rngs), rngs
+
+  noisy = Noisy(nnx.Rngs(0, dropout=1))
+  eco_nnx.quantize_model(noisy, eco.fp8_e4m3())
+  eco_nnx.value_and_grad(lambda m, r: jnp.mean(drop(m.linear(X), rngs=r) ** 2)
+                         + jnp.mean(drop(m.linear(X), rngs=m.rngs) ** 2))(noisy, noisy.rngs)
+  assert int(noisy.rngs.dropout.count.get_value()) == 2      # one variable, drawn twice
+
+
+def test_a_bfloat16_model_sees_its_quantized_weights_in_bfloat16():
+  """``dtype=jnp.bfloat16``: the scanned layers of a model built with bfloat16 params
+  carry one dtype (with FP32 weights the scan's carry would change dtype), and the
+  gradients come back in bfloat16."""
+
+  class Stack(nnx.Module):
+    def __init__(self, rngs):
+      make = nnx.vmap(lambda r: nnx.Linear(16, 16, param_dtype=jnp.bfloat16, rngs=r))
+      self.layers = make(rngs.split(3))
+
+    def __call__(self, x):
+      step = nnx.scan(lambda x, layer: x + jnp.tanh(layer(x)), in_axes=(nnx.Carry, 0),
+                      out_axes=nnx.Carry)
+      return step(x, self.layers)
+
+  model = Stack(nnx.Rngs(0))
+  eco_nnx.quantize_model(model, eco.fp8_e4m3())
+  optimizer = eco_nnx.Optimizer(model, eco.adamw(1e-2), wrt=nnx.Param)
+  x = X.astype(jnp.bfloat16)
+  loss = lambda m: jnp.mean((m(x).astype(jnp.float32) - 1) ** 2)
+
+  @nnx.jit
+  def step(model, optimizer):
+    value, grads = eco_nnx.value_and_grad(loss, dtype=jnp.bfloat16)(model)
+    optimizer.update(model, grads)
+    return value, grads
+
+  value, grads = step(model, optimizer)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
+  want = loss(eco_nnx.dequantized(model, jnp.bfloat16))
+  losses = [float(step(model, optimizer)[0]) for _ in range(20)]
+  assert losses[0] == float(want) and losses[-1] < 0.8 * float(value)
+  assert model.layers.kernel.get_value().values.dtype == jnp.float8_e4m3fn
+  with pytest.raises(TypeError, match="carry"):    # the FP32 default does not fit this model
+    eco_nnx.value_and_grad(loss)(model)
+
+
 def test_calling_a_quantized_model_says_how_to_dequantize_it():
   model = nnx.Linear(16, 4, rngs=nnx.Rngs(0))
   eco_nnx.quantize_model(model, eco.fp8_e4m3())
