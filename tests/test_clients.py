@@ -63,6 +63,19 @@ def test_a_transformation_after_the_optimizer_is_refused_at_trace_time():
     step(q, state, _grads(_params(), 0))
 
 
+@pytest.mark.parametrize("post,error,message", [
+    (optax.clip_by_global_norm(1.0), TypeError, "lax.select requires arguments to have the same dtypes"),
+    (optax.add_noise(0.1, 0.5, 0), ValueError, "must be a float or complex dtype, got uint8")],
+    ids=["clip_by_global_norm", "add_noise"])
+def test_transformations_after_the_optimizer_that_cannot_take_codes_fail_in_optax(
+    post, error, message):
+  """What docs/guide.md says of them: they raise optax's (JAX's) own error at trace time."""
+  q = eco.quantize_params(_params(), eco.fp8_e4m3())
+  tx = optax.chain(eco.adamw(0.1), post)
+  with pytest.raises(error, match=message):
+    jax.jit(tx.update)(_grads(_params(), 0), tx.init(q), q)
+
+
 @pytest.mark.parametrize("post", [
     optax.scale(2), optax.scale(-1), optax.scale_by_learning_rate(1),
     optax.scale_by_schedule(lambda count: 0.0), optax.scale_by_schedule(lambda count: 0.5),
