@@ -297,7 +297,7 @@ def muon_rule(
         unpack=lambda st: {"mu": st.mu}, precondition=precondition, elementwise=False)
 
   def for_leaf(p):
-    if is_matrix(p):
+    if is_matrix(p) and math.prod(jnp.shape(p)) > 0:   # an empty one has nothing to orthogonalize
       return matrix_leaf(tuple(jnp.shape(p))), ("mu",)
     return adam, ("mu", "nu")
 

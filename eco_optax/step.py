@@ -227,8 +227,9 @@ def _per_array(x: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:
 
 
 def _as_rows(x: jax.Array) -> jax.Array:
-  """An array (a leaf of a stack, or its scales) as rows: all but its last axis merged."""
-  return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+  """An array (a leaf of a stack, or its scales) as rows: all but its last axis merged;
+  a scalar (the scale of an unscaled format) as it is."""
+  return x if jnp.ndim(x) == 0 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _rows(x: jax.Array, r0, n: int, total: int) -> jax.Array:

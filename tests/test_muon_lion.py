@@ -72,6 +72,27 @@ def test_muon_options_and_3d_leaves_equal_optax_muon_with_lossless_format(kw):
   chex.assert_trees_all_close(ours, ref, atol=1e-5, rtol=0)
 
 
+def test_muon_steps_an_empty_matrix_leaf_as_nothing():
+  """A (0, n) leaf (a layer of width 0 in a config) has nothing to orthogonalize: it is
+  stepped by the Adam rule of the other leaves (empty), not divided by its zero rows."""
+  params, loss = _problem()
+  params = {**params, "empty": jnp.ones((0, 8))}
+  q = eco.quantize_params(params, eco.fp8_e4m3())
+  tx = eco.muon(1e-2)
+  state = tx.init(q)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = jax.jit(tx.update)(grads, state, q)
+  new = eco.apply_updates(q, updates)
+  assert new["empty"].shape == (0, 8) and state.moments.nu["empty"].shape == (0, 8)
+  alone = {k: v for k, v in params.items() if k != "empty"}
+  q_alone = eco.quantize_params(alone, eco.fp8_e4m3())
+  tx_alone = eco.muon(1e-2)
+  want = eco.apply_updates(q_alone, jax.jit(tx_alone.update)(
+      jax.tree.map(jnp.ones_like, alone), tx_alone.init(q_alone), q_alone)[0])
+  chex.assert_trees_all_equal(eco.dequantize_params({k: new[k] for k in alone}),
+                              eco.dequantize_params(want))
+
+
 def test_lion_equals_optax_lion_with_lossless_format():
   params, loss = _problem()
   mask = {"w": True, "v": True, "b": False}

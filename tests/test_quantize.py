@@ -417,6 +417,22 @@ def test_a_stack_of_matrices_is_scaled_and_stepped_matrix_by_matrix(name):
   np.testing.assert_array_equal(np.asarray(per_layer), np.asarray(stacked["w"].dequantize()))
 
 
+def test_an_unscaled_stack_is_stepped_as_its_matrices():
+  """bfloat16 storage has one scalar scale, also for a stack: the step on an (L, in, out)
+  leaf is the step on each matrix (with every optimizer's elementwise step)."""
+  w = jax.random.normal(jax.random.key(0), (3, 32, 8))
+  g = jax.random.normal(jax.random.key(1), w.shape) * 0.1
+  for tx in (eco.sgdm(1e-2, rounding="nearest"), eco.adamw(1e-2, rounding="nearest"),
+             eco.lion(1e-3, rounding="nearest")):    # stochastic draws differ by layout
+    step = jax.jit(lambda q, g: eco.apply_updates(q, tx.update(g, tx.init(q), q)[0]))
+    new = step(eco.quantize_params({"w": w}, eco.bf16()), {"w": g})["w"]
+    assert new.values.dtype == jnp.bfloat16 and new.shape == (3, 32, 8)
+    for i in range(3):
+      layer = step(eco.quantize_params({"w": w[i]}, eco.bf16()), {"w": g[i]})["w"]
+      np.testing.assert_array_equal(np.asarray(new.dequantize()[i]),
+                                    np.asarray(layer.dequantize()))
+
+
 def test_fp4_blocks_run_along_the_input_features_of_stacks_and_convolutions():
   """The default axis -2 is the contraction axis of an (in, out) kernel, of each kernel of
   an (L, in, out) stack and of a (kh, kw, in, out) convolution; blocks across the stack
