@@ -210,9 +210,13 @@ def _stack_view(shape: tuple[int, ...], fmt: qz.QuantFormat
   kept temporaries the size of a whole matrix: optimizer-step temporaries of a
   ``(8, 1024, 1024)`` FP8 AdamW leaf 3.51 B/param, in this view 1.63, as one
   ``(8192, 1024)`` leaf (1.63; eight ``(1024, 1024)`` leaves: 0.28). ``None`` for
-  other leaves, and for blocks that run across the stack."""
+  other leaves, for blocks that run across the stack, and with more than one device:
+  XLA's sharding propagation cannot carry a split of each matrix's rows through the
+  merged axis (``P(None, "data", None)`` moments came back replicated), so there a stack
+  is stepped matrix by matrix."""
   ndim = len(shape)
-  if ndim <= 2 or (fmt.scaling == "block" and fmt.axis % ndim < ndim - 2):
+  if (ndim <= 2 or (fmt.scaling == "block" and fmt.axis % ndim < ndim - 2)
+      or jax.device_count() > 1):
     return None
   return (math.prod(shape[:-1]), shape[-1]), dataclasses.replace(fmt, axis=fmt.axis % ndim - ndim)
 

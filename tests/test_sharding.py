@@ -233,3 +233,25 @@ def test_the_wrappers_step_leaves_sharded_along_explicit_axes_as_on_one_device(w
     assert np.abs(codes).max() <= 1 and np.mean(codes != 0) < 1e-3
   initial = eco.quantize_params(params, eco.fp8_e4m3())["w"].values
   assert np.any(np.asarray(q_one["w"].values).view(np.uint8) != np.asarray(initial).view(np.uint8))
+
+
+@pytest.mark.parametrize("spec", [P(None, "data", None), P(None, None, "data")],
+                         ids=["rows", "columns"])
+def test_a_stack_sharded_inside_its_matrices_keeps_its_sharding_with_automatic_axes(spec):
+  """FSDP of scanned layers: an (L, in, out) weight split inside each matrix. The jitted
+  step (no out_shardings) returns codes and moments as they came in, and equals the
+  one-device step."""
+  mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  w = jax.random.normal(jax.random.key(0), (4, 32, 64)) * 0.1
+  g = {"w": jax.random.normal(jax.random.key(1), w.shape)}
+  q = eco.quantize_params({"w": w}, eco.fp8_e4m3())
+  tx = eco.adamw(1e-2, rounding="nearest")
+  step = jax.jit(lambda q, s, g: (lambda u, s: (eco.apply_updates(q, u), s))(*tx.update(g, s, q)))
+  want_q, want_state = step(q, tx.init(q), g)
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, spec if x.shape == w.shape else P()))
+  sharded_q, sharded_state = jax.tree.map(put, (q, tx.init(q)))
+  got_q, got_state = step(sharded_q, sharded_state, jax.tree.map(put, g))
+  for got in (got_q["w"].values, got_state.moments.mu["w"], got_state.moments.nu["w"]):
+    assert got.sharding.is_equivalent_to(NamedSharding(mesh, spec), 3), got.sharding
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, (got_q, got_state)),
+                              jax.tree.map(np.asarray, (want_q, want_state)))
