@@ -385,6 +385,19 @@ def test_a_non_finite_micro_batch_is_skipped_under_gradient_accumulation(make):
   assert not np.array_equal(_bits(q["w"]), _bits(eco.quantize_params(_params(), eco.fp8_e4m3())["w"]))
 
 
+def test_large_finite_bfloat16_weights_are_not_taken_for_a_fault():
+  """An unscaled bfloat16 column whose values sum past FP32's range is finite: it is
+  stepped, not poisoned; an infinite gradient in it still is."""
+  w = jnp.array([1e38, 1e38, 1e38, 1e38])[:, None] * jnp.ones((1, 4))
+  q = eco.quantize_params({"w": w}, eco.bf16())
+  tx = eco.sgdm(1e-3, mode="naive", rounding="nearest")
+  for g, valid in ((jnp.ones((4, 4)), True), (jnp.ones((4, 4)).at[1, 2].set(jnp.inf), False)):
+    updates, _ = jax.jit(tx.update)({"w": g}, tx.init(q), q)
+    new = eco.apply_updates(q, updates)["w"].dequantize()
+    assert (float(updates["w"].flags) == eco.tree.VALID) == valid
+    assert bool(jnp.all(jnp.isfinite(new))) == valid
+
+
 @pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.int4(), eco.fp4_e2m1("mxfp4", block_size=8)],
                          ids=["fp8", "int4", "mxfp4"])
 def test_a_non_finite_gradient_shows_in_the_weights(fmt):
