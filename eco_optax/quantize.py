@@ -741,6 +741,18 @@ def _sticky(scale: jax.Array, grow: jax.Array, used: jax.Array, limit: float,
   return jnp.where(shrink, scale / g, jnp.where(grow, scale * g, scale))
 
 
+def _placed_as(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` (a reduction of the codes, sharded like them) resharded as the stored scales
+  ``like`` where explicit mesh axes put shardings in the types (a row of scales left
+  replicated beside codes split along their last axis); ``x`` itself elsewhere."""
+  want = jax.typeof(like).sharding
+  mesh = getattr(want, "mesh", None)
+  if (mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types
+      or jax.typeof(x).sharding == want):
+    return x
+  return jax.sharding.reshard(x, want)
+
+
 def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
   """:func:`next_scale` as stored: ``(scale, tensor scale or None)``."""
   fmt = q.fmt
@@ -749,9 +761,10 @@ def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
   rho, scale = fmt.max_value, q.effective_scale
   if fmt.scale_policy == "sticky" and fmt.saturated_fraction > 0:
     code_max, saturated = _code_absmax_and_saturated_count(q.values, fmt)
+    code_max, saturated = _placed_as(code_max, scale), _placed_as(saturated, scale)
     grow = saturated > fmt.saturated_fraction * _group_size(q.shape, fmt)
   else:
-    code_max = _code_absmax(q.values, fmt)
+    code_max = _placed_as(_code_absmax(q.values, fmt), scale)
     grow = code_max >= rho
   if fmt.scale_policy == "sticky":
     new = _sticky(scale, grow, code_max, rho, fmt.headroom, fmt.growth, _MIN_SCALE)

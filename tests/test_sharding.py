@@ -1,4 +1,5 @@
-"""Sharded (data-parallel + FSDP) ECO training equals one-device training, bit for bit.
+"""Sharded (data-parallel + FSDP) ECO training stores the codes and scales of one-device
+training, bit for bit.
 
 Runs on 8 CPU devices (``tests/conftest.py`` sets
 ``--xla_force_host_platform_device_count=8``).
@@ -255,3 +256,22 @@ def test_a_stack_sharded_inside_its_matrices_keeps_its_sharding_with_automatic_a
     assert got.sharding.is_equivalent_to(NamedSharding(mesh, spec), 3), got.sharding
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, (got_q, got_state)),
                               jax.tree.map(np.asarray, (want_q, want_state)))
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_a_replicated_scale_row_beside_a_split_last_axis(axis_type):
+  """What docs/integrations.md says: automatic axes return the row split like its weight;
+  explicit axes keep it replicated, as placed. Both store the one-device step's codes."""
+  mesh = jax.make_mesh((DEVICES,), ("model",), axis_types=(axis_type,))
+  q = eco.quantize_params({"w": jax.random.normal(jax.random.key(0), (64, 128)) * 0.1},
+                          eco.fp8_e4m3())
+  tx = eco.sgdm(1e-2)
+  step = jax.jit(lambda q, s, g: eco.apply_updates(q, tx.update(g, s, q)[0]))
+  g = {"w": jnp.ones((64, 128)) * 3.0}
+  want = step(q, tx.init(q), g)
+  put = lambda x: jax.device_put(
+      x, NamedSharding(mesh, P(None, "model") if x.shape == (64, 128) else P()))
+  got = step(*jax.tree.map(put, (q, tx.init(q), g)))
+  explicit = axis_type == jax.sharding.AxisType.Explicit
+  assert got["w"].scale.sharding.spec == (P(None, None) if explicit else P(None, "model"))
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, got), jax.tree.map(np.asarray, want))
