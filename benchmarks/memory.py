@@ -87,13 +87,14 @@ METHODS: dict[str, Callable[[], tuple[Any, dict]]] = {
 }
 
 
-def measure(name: str, problem: tuple) -> list[Memory]:
-  """Every method of :data:`METHODS` on one problem."""
+def measure(name: str, problem: tuple, methods: Optional[list[str]] = None) -> list[Memory]:
+  """The ``methods`` of :data:`METHODS` (all by default) on one problem."""
   params, loss, batch, _, policy = problem
   n = sum(x.size for x in jax.tree.leaves(params))
   on_cpu = jax.default_backend() == "cpu"
   rows = []
-  for method, make in METHODS.items():
+  for method in methods or METHODS:
+    make = METHODS[method]
     fmt, kwargs = make()
     if fmt is None:
       p, tx = params, optax.adamw(1e-3)

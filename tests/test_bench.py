@@ -155,7 +155,10 @@ def test_step_benchmark_small_size():
 
 def test_memory_benchmark_reads_peaks_from_the_compiled_step():
   problem = bmemory.mlp_problem(sizes=(64, 256, 64), batch=4)
-  rows = {r.method: r for r in bmemory.measure("mlp", problem)}
+  methods = ["optax.adamw (fp32)", "ECO fp8, fp32 moments", "ECO fp8, bf16 moments",
+             "ECO fp8 RTN (exact rule)", "fp8 master weights"]
+  rows = {r.method: r for r in bmemory.measure("mlp", problem, methods)}
+  assert list(rows) == methods
   adamw = rows["optax.adamw (fp32)"]
   assert adamw.static == pytest.approx(12.0, abs=0.01) and adamw.step_temp < 0.01
   # FP8 kernels, FP32 biases (320 of 33k parameters at 12 or 8 B) and the row scales.
