@@ -527,7 +527,7 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
   bfloat16 parameters, whose other leaves and activations are bfloat16: its scanned
   layers then carry one dtype), its gradient in the same dtype.
 
-  With ``recompute`` (the default except on CPU) the FP32 copy of each quantized
+  With ``recompute`` (the default except on CPU) the dequantized copy of each quantized
   weight is not kept between the forward and the backward pass: under
   ``jax.checkpoint`` with a policy that saves every residual but them, the backward
   pass dequantizes again from the stored codes, and the activations are saved as

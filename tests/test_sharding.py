@@ -247,7 +247,12 @@ def test_a_stack_sharded_inside_its_matrices_keeps_its_sharding_with_automatic_a
   g = {"w": jax.random.normal(jax.random.key(1), w.shape)}
   q = eco.quantize_params({"w": w}, eco.fp8_e4m3())
   tx = eco.adamw(1e-2, rounding="nearest")
-  step = jax.jit(lambda q, s, g: (lambda u, s: (eco.apply_updates(q, u), s))(*tx.update(g, s, q)))
+
+  @jax.jit
+  def step(q, state, g):
+    updates, state = tx.update(g, state, q)
+    return eco.apply_updates(q, updates), state
+
   want_q, want_state = step(q, tx.init(q), g)
   put = lambda x: jax.device_put(x, NamedSharding(mesh, spec if x.shape == w.shape else P()))
   sharded_q, sharded_state = jax.tree.map(put, (q, tx.init(q)))
