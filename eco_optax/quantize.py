@@ -253,6 +253,27 @@ class QuantFormat:
     except ValueError as err:
       raise ValueError(f"{prefix}{err}") from None
 
+  def check_sharding(self, x: jax.Array, where: str = "") -> None:
+    """Raises a ``ValueError`` (prefixed by ``where``) if ``x`` is sharded over explicit
+    mesh axes so that a device would hold part of a block of one scale."""
+    if self.scaling != "block" or not x.ndim:
+      return
+    sharding = jax.typeof(x).sharding
+    spec = tuple(getattr(sharding, "spec", None) or ())
+    axis = _normalize_axis(self.axis, x.ndim, self.name)
+    axes = spec[axis] if axis < len(spec) else None
+    axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    parts = math.prod(sharding.mesh.shape[a] for a in axes)
+    if parts > 1 and x.shape[axis] % (parts * self.block_size):
+      prefix = f"{where}: " if where else ""
+      raise ValueError(
+          f"{prefix}{self.name}: a leaf of shape {tuple(x.shape)} sharded "
+          f"{jax.sharding.PartitionSpec(*spec)} over explicit mesh axes splits its scale "
+          f"blocks between devices: {x.shape[axis]} elements along axis {self.axis} in "
+          f"{parts} shards are not whole blocks of {self.block_size}. Shard that axis so "
+          f"each device holds whole blocks (a multiple of {parts * self.block_size}), "
+          "shard another axis, or choose a block_size that divides its shards.")
+
 
 def _per_matrix(reduce: Callable, x: jax.Array) -> jax.Array:
   """``reduce`` (``jnp.max``, ``jnp.any``) over each matrix of ``x``: a scalar for up to
@@ -514,6 +535,7 @@ def _blocked(x: jax.Array, fmt: QuantFormat) -> jax.Array:
   """Views ``x`` so that its scale broadcasts: splits the block axis in two."""
   if fmt.scaling != "block":
     return x
+  fmt.check_sharding(x)
   axis = _normalize_axis(fmt.axis, x.ndim, fmt.name)
   n = x.shape[axis]
   return x.reshape(x.shape[:axis] + (n // fmt.block_size, fmt.block_size)

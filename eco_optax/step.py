@@ -14,7 +14,8 @@ byte per parameter), a ``float32`` flag and the scale they were stored with (the
 policy's :func:`eco_optax.quantize.next_scale` of the stored weights, in stored form).
 :func:`eco_optax.apply_updates` copies these bits and this scale: nothing is rounded
 twice, and nothing is computed again. The flag is ``VALID`` (apply), NaN (apply and
-poison: a non-finite value reached the leaf, its scale becomes NaN, so the fault shows
+poison: a non-finite value, or a gradient entry of :data:`GRADIENT_LIMIT` or more,
+reached the leaf, its scale becomes NaN, so the fault shows
 in the weights and the loss) or ``KEEP``, which the skipping wrappers
 (:func:`eco_optax.apply_if_finite`, :class:`eco_optax.MultiSteps`) write to keep the
 leaf's codes and scale: a skipped step is skipped exactly. A transformation placed
@@ -65,6 +66,12 @@ from eco_optax import tree as qtree
 BLOCK_ELEMENTS = 1 << 16
 # Leaves of more blocks than this carry their 16-bit floats as bits (_bits_when_due).
 _BLOCKS_BEFORE_BITS = 16
+
+
+# A gradient entry this large or larger is a fault: its square overflows FP32, which
+# would make Adam's second moment infinite and its direction 0 (a leaf that stops
+# moving for good, as FP32 weights do in optax, with its flags valid).
+GRADIENT_LIMIT = 2.0 ** 64
 
 
 class Block(NamedTuple):
@@ -341,8 +348,8 @@ class _Quantizer:
     scale, inverse = (qz._expand_scale(x, fmt, target.ndim) for x in self.scale)
     y = jnp.clip(qz._blocked(target, fmt) * inverse, -rho, rho)
     finite = jnp.isfinite(y)
-    if self.gradient is not None:
-      finite = finite & jnp.isfinite(qz._blocked(self.gradient, fmt))
+    if self.gradient is not None:   # as cheap as isfinite: NaN compares false
+      finite = finite & (jnp.abs(qz._blocked(self.gradient, fmt)) < GRADIENT_LIMIT)
     codes = qz._round_to_grid(jnp.where(finite, y, 0.0), fmt, self.rounding, self.key,
                               self.offset)
     if self.materialize is None:
@@ -720,6 +727,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     leaves, treedef, lrules = leaf_rules(params)
     _check_state(state, rule.moments, mode)
     qtree.check_updates_match(params, grads, "grads")
+    qtree.check_shardings(params, grads)
     qtree.check_formats_match(params, state.formats)
     dense = qtree.dequantize_params(params) if callable(weight_decay) or callable(mask) else (
         dense_shapes(params))

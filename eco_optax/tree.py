@@ -171,6 +171,7 @@ def quantize_params(params: Any, fmt_or_policy: FormatOrPolicy) -> Any:
       raise ValueError(f"{err}. A policy callable(path, leaf) -> format | None passed to "
                        "quantize_params chooses per leaf (None keeps a leaf in full "
                        "precision)") from None
+    fmt.check_sharding(leaf, where)
     _check_finite(where, leaf)
     return _quantize_leaf(leaf, fmt)
 
@@ -322,6 +323,17 @@ def formats_of(params: Any) -> LeafFormats:
   paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
   return LeafFormats(tuple((path_str(path), leaf.fmt if is_quantized(leaf) else None)
                            for path, leaf in paths))
+
+
+def check_shardings(params: Any, grads: Any) -> None:
+  """Raises ``ValueError`` naming the first quantized leaf (or its gradient) that is
+  sharded over explicit mesh axes across the blocks of its scales
+  (:meth:`QuantFormat.check_sharding`)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+  for (path, p), g in zip(flat, treedef.flatten_up_to(grads)):
+    if is_quantized(p):
+      p.fmt.check_sharding(p.values, path_str(path))
+      p.fmt.check_sharding(g, f"{path_str(path)} (its gradient)")
 
 
 def check_formats_match(params: Any, formats: Optional[LeafFormats]) -> None:

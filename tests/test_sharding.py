@@ -180,6 +180,37 @@ def test_8bit_moments_under_explicit_axes_keep_whole_blocks_on_each_device():
     step(q, shape, P(None, "data"))
 
 
+def test_fp4_under_explicit_axes_keeps_whole_scale_blocks_on_each_device():
+  """MXFP4 blocks of 32 run along the rows (axis -2): rows sharded in whole blocks step
+  as on one device; a shard that would split a block is refused, naming the leaf, when
+  quantized and when stepped."""
+  mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  tx = eco.adamw(1e-2)
+
+  def step(w, spec, place_after=False):
+    place = lambda x: jax.device_put(x, NamedSharding(mesh, spec)) if x.shape == w.shape else x
+    q = eco.quantize_params({"w": w if place_after else place(w)}, eco.fp4_e2m1())
+    q = jax.tree.map(place, q)
+    updates, _ = jax.jit(tx.update)({"w": place(jnp.ones(w.shape))}, jax.tree.map(place, tx.init(q)), q)
+    return eco.apply_updates(q, updates)["w"]
+
+  w = jax.random.normal(jax.random.key(0), (64 * DEVICES, 16))    # two blocks per device
+  sharded, one = step(w, P("data", None)), step(w, P())
+  assert sharded.values.sharding.spec == P("data", None)
+  assert np.array_equal(np.asarray(sharded.values.astype(jnp.float32)),
+                        np.asarray(one.values.astype(jnp.float32)))
+  assert np.array_equal(np.asarray(sharded.scale.astype(jnp.float32)),
+                        np.asarray(one.scale.astype(jnp.float32)))
+
+  w = jnp.ones((8 * DEVICES, 16))     # 8 rows per device: a quarter of a block
+  message = (rf"\['w'\]: mxfp4: a leaf of shape \({8 * DEVICES}, 16\) sharded P\('data', None\) "
+             rf"over explicit mesh axes splits its scale blocks between devices: {8 * DEVICES} "
+             rf"elements along axis -2 in {DEVICES} shards are not whole blocks of 32\. Shard that axis")
+  for place_after in (False, True):     # quantize_params, then the optimizer's update
+    with pytest.raises(ValueError, match=message):
+      step(w, P("data", None), place_after)
+
+
 @pytest.mark.parametrize("moments", [None, jnp.bfloat16, eco.moments.blockwise_8bit()],
                          ids=["fp32", "bf16", "8bit"])
 def test_init_places_each_moment_as_its_weight(moments):

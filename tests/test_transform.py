@@ -308,6 +308,28 @@ def test_a_non_finite_moment_shows_in_the_stored_weights(make, shape):
   assert bool(jnp.all(jnp.isnan(out["w"]))) and bool(jnp.all(jnp.isfinite(out["v"])))
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(rounding="nearest"), dict(mode="eco_memory_free", rounding="nearest"),
+    dict(mode="naive", rounding="nearest"), dict(mode="master_weights"),
+    dict(rounding="nearest", nu_dtype=jnp.bfloat16)],
+    ids=["eco-sr", "eco-rtn", "memory-free-rtn", "naive-rtn", "master-weights", "bf16-nu"])
+def test_a_finite_gradient_whose_square_overflows_poisons_the_leaf(kwargs):
+  """``g = 1e20`` is finite but ``g**2`` is not: Adam's ``nu`` would turn infinite and
+  its direction 0, a leaf that stops moving with valid flags (a silent freeze). A
+  gradient entry of ``2**64`` or more poisons the leaf instead."""
+  q = eco.quantize_params({"w": jnp.ones((4, 8)), "v": jnp.ones((4, 8))}, eco.fp8_e4m3())
+  tx = eco.adamw(1e-3, **kwargs)
+  g = {"w": jnp.full((4, 8), 0.1).at[1, 2].set(1e20), "v": jnp.full((4, 8), 0.1)}
+  updates, _ = jax.jit(tx.update)(g, tx.init(q), q)
+  assert bool(jnp.isnan(updates["w"].flags))
+  assert float(updates["v"].flags) == eco.tree.VALID
+  out = eco.dequantize_params(eco.apply_updates(q, updates))
+  assert bool(jnp.all(jnp.isnan(out["w"]))) and bool(jnp.all(jnp.isfinite(out["v"])))
+  g["w"] = g["w"].at[1, 2].set(1e18)      # below 2**64: its square is finite, a valid step
+  updates, _ = jax.jit(tx.update)(g, tx.init(q), q)
+  assert float(updates["w"].flags) == eco.tree.VALID
+
+
 def test_a_non_finite_learning_rate_poisons_every_leaf():
   q = eco.quantize_params({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, eco.int8())
   tx = eco.sgdm(lambda count: jnp.inf * (count + 1), 0.9)
