@@ -66,14 +66,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from eco_optax import quantize as qz
 
@@ -252,24 +250,16 @@ class Blockwise8bit:
   def _check_whole_blocks(self, x: jax.Array) -> None:
     """Refuses ``x`` sharded along explicit mesh axes so that a device would hold part of
     a block: each device encodes and decodes its own blocks."""
-    sharding = jax.typeof(x).sharding
-    spec = tuple(getattr(sharding, "spec", None) or ())
-    if x.ndim == 0 or not any(spec):
+    if x.ndim == 0:
       return
-    spec += (None,) * (x.ndim - len(spec))
-
-    def devices(axes) -> int:
-      axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
-      return math.prod(sharding.mesh.shape[a] for a in axes)
-
     matrix, k, size, _, _ = self._layout(x.shape)
-    splits = [(matrix[-1], size, devices(spec[-1]), "entries along the last axis")]
+    splits = [(matrix[-1], size, *qz.explicit_shards(x, x.ndim - 1), "entries along the last axis")]
     if x.ndim >= 2:
-      splits.append((matrix[-2], k, devices(spec[-2]), "rows"))
-    for length, block, parts, name in splits:
+      splits.append((matrix[-2], k, *qz.explicit_shards(x, x.ndim - 2), "rows"))
+    for length, block, parts, spec, name in splits:
       if parts > 1 and length % (parts * block):
         raise ValueError(
-            f"blockwise_8bit: a moment of shape {tuple(x.shape)} sharded {P(*spec)} over "
+            f"blockwise_8bit: a moment of shape {tuple(x.shape)} sharded {spec} over "
             f"explicit mesh axes splits its blocks ({k} x {size} elements, block_size="
             f"{self.block_size}) between devices: {length} {name} in {parts} shards are not "
             f"whole blocks of {block}. Shard that axis so each device holds whole blocks, "

@@ -258,21 +258,28 @@ class QuantFormat:
     mesh axes so that a device would hold part of a block of one scale."""
     if self.scaling != "block" or not x.ndim:
       return
-    sharding = jax.typeof(x).sharding
-    spec = tuple(getattr(sharding, "spec", None) or ())
     axis = _normalize_axis(self.axis, x.ndim, self.name)
-    axes = spec[axis] if axis < len(spec) else None
-    axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
-    parts = math.prod(sharding.mesh.shape[a] for a in axes)
+    parts, spec = explicit_shards(x, axis)
     if parts > 1 and x.shape[axis] % (parts * self.block_size):
       prefix = f"{where}: " if where else ""
       raise ValueError(
           f"{prefix}{self.name}: a leaf of shape {tuple(x.shape)} sharded "
-          f"{jax.sharding.PartitionSpec(*spec)} over explicit mesh axes splits its scale "
+          f"{spec} over explicit mesh axes splits its scale "
           f"blocks between devices: {x.shape[axis]} elements along axis {self.axis} in "
           f"{parts} shards are not whole blocks of {self.block_size}. Shard that axis so "
           f"each device holds whole blocks (a multiple of {parts * self.block_size}), "
           "shard another axis, or choose a block_size that divides its shards.")
+
+
+def explicit_shards(x: jax.Array, axis: int) -> tuple[int, jax.sharding.PartitionSpec]:
+  """``(shards, spec)``: how many pieces explicit mesh axes cut ``x``'s ``axis`` into
+  (1 without explicit axes), and the partition spec of ``x``'s type."""
+  sharding = jax.typeof(x).sharding
+  spec = tuple(getattr(sharding, "spec", None) or ())
+  axes = spec[axis] if axis < len(spec) else None
+  axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+  return (math.prod(sharding.mesh.shape[a] for a in axes),
+          jax.sharding.PartitionSpec(*spec))
 
 
 def _per_matrix(reduce: Callable, x: jax.Array) -> jax.Array:
