@@ -225,7 +225,9 @@ class Optimizer(nnx.Optimizer):
     """Steps ``model``'s ``wrt`` variables with ``grads`` (from :func:`value_and_grad`).
 
     Returns:
-      The updates (dequantized structure) that were applied.
+      The updates that were applied, as a pure dict of the ``wrt`` variables: an
+      :class:`eco_optax.tree.NewCodes` (new codes, flags, scales) at each quantized leaf,
+      the difference optax would add at each plain one.
     """
     params = nnx.to_pure_dict(nnx.state(model, self.wrt))
     grads = nnx.to_pure_dict(nnx.state(grads, self.wrt))

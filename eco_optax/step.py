@@ -709,7 +709,7 @@ def quantized_optimizer(rule: rules.MomentumRule, mode: Mode,
     qtree.check_pure(params)
     leaves, treedef, lrules = leaf_rules(params)
     moments = {name: treedef.unflatten([
-        _zero_moment(moment_formats.get(name), p.values if qtree.is_quantized(p) else p)
+        _zero_moment(moment_formats.get(name), p)
         if name in lr[1] else None
         for p, lr in zip(leaves, lrules)]) for name in rule.moments._fields}
     master = None   # eco_exact's e_0 = 0 (a zero momentum's low 10 bits): the initial rounding error is dropped
@@ -884,11 +884,20 @@ def _check_state(state: Any, moments: type, mode: Mode) -> None:
       "hands each of its transformations its part).")
 
 
-def _zero_moment(fmt, like):
-  """A zero moment in its storage format, shaped and placed as ``like`` (a parameter's
-  values: the moment of a sharded weight is sharded as it is, as optax's ``init``
-  makes it): a fresh buffer per field (buffers are donated)."""
-  return fmt.zeros_like(like) if fmt else jnp.zeros_like(like, jnp.float32)
+def _zero_moment(fmt, param):
+  """A zero moment of ``param`` in its storage format, shaped and placed as the
+  parameter's values (the moment of a sharded weight is sharded as it is, as optax's
+  ``init`` makes it): a fresh buffer per field (buffers are donated).
+
+  Stored as they are (``fmt`` None), a quantized leaf's moments are FP32, a plain
+  leaf's FP32 or wider: float64 for float64 params (``jax_enable_x64``), whose float64
+  gradients would otherwise turn them float64 after the first step, as in optax.
+  """
+  like = param.values if qtree.is_quantized(param) else param
+  if fmt:
+    return fmt.zeros_like(like)
+  dtype = jnp.float32 if qtree.is_quantized(param) else jnp.promote_types(like.dtype, jnp.float32)
+  return jnp.zeros_like(like, dtype)
 
 
 def _decays(weight_decay: Any, mask: Any, dense: Any, treedef) -> list:

@@ -142,20 +142,27 @@ def apply_if_finite(inner: optax.GradientTransformation,
     1
   """
 
-  def float_update(updates, state, params=None):
-    updates, state = inner.update(updates, state, params)
+  def float_update(grads, state, params=None):
+    updates, state = inner.update(grads, state, params)
     return _codes_as_float(updates), state
 
-  guarded = optax.apply_if_finite(optax.GradientTransformation(inner.init, float_update),
-                                  max_consecutive_errors)
-
-  def update(updates, state, params=None):
+  def update(grads, state, params=None):
     if params is None:
       raise ValueError("eco_optax optimizers need params: tx.update(grads, state, params)")
-    updates, state = guarded.update(updates, state, params)
+    # optax checks the gradients it is given and makes a rejected step's updates as zeros
+    # like them: given in the dtypes of the updates (FP32 float forms of the codes beside
+    # bfloat16 or float64 gradients), both branches of its conditional agree. The
+    # optimizer steps on the gradients as they came.
+    shapes = jax.eval_shape(float_update, grads, state.inner_state, params)[0]
+    probe = jax.tree.map(lambda g, u: jnp.asarray(g).astype(u.dtype), grads, shapes)
+    tx = optax.apply_if_finite(optax.GradientTransformation(
+        inner.init, lambda _, state, params=None: float_update(grads, state, params)),
+        max_consecutive_errors)
+    updates, state = tx.update(probe, state, params)
     return _codes_from_float(updates, params), state
 
-  return optax.GradientTransformation(guarded.init, update)
+  return optax.GradientTransformation(
+      optax.apply_if_finite(inner, max_consecutive_errors).init, update)
 
 
 def set_to_zero() -> optax.GradientTransformation:

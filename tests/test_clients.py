@@ -366,6 +366,46 @@ def test_apply_if_finite_skips_the_step_exactly():
   chex.assert_trees_all_equal(good["w"], ref["w"])
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float64], ids=["bf16", "x64"])
+def test_apply_if_finite_takes_gradients_in_other_dtypes(dtype):
+  """bfloat16 gradients (a bfloat16 model's), or float64 ones under ``jax_enable_x64``:
+  optax's conditional made a rejected step's zeros in their dtype beside the FP32
+  updates (a TypeError at trace time). A finite step is the optimizer's own, a
+  non-finite one is skipped."""
+  with jax.enable_x64(dtype == jnp.float64):
+    q = eco.quantize_params(jax.tree.map(lambda x: x.astype(dtype), _params()), eco.fp8_e4m3())
+    g = jax.tree.map(lambda x: x.astype(dtype), _grads(_params(), 0))
+    tx = eco.apply_if_finite(eco.adamw(0.1), max_consecutive_errors=3)
+    state = tx.init(q)
+    bad = {"w": g["w"].at[0, 0].set(jnp.nan), "b": g["b"]}
+    updates, state = jax.jit(tx.update)(bad, state, q)
+    np.testing.assert_array_equal(_bits(eco.apply_updates(q, updates)["w"]), _bits(q["w"]))
+    assert int(state.notfinite_count) == 1
+    good, _ = jax.jit(tx.update)(g, state, q)
+    ref, _ = jax.jit(eco.adamw(0.1).update)(g, eco.adamw(0.1).init(q), q)
+    chex.assert_trees_all_equal(good, ref)
+
+
+@pytest.mark.parametrize("make", [lambda: eco.adamw(0.1), lambda: eco.sgdm(0.1),
+                                  lambda: eco.adamw(0.1, mode="master_weights"),
+                                  lambda: eco.apply_if_finite(eco.adamw(0.1), 3)],
+                         ids=["adamw", "sgdm", "master_weights", "apply_if_finite"])
+def test_float64_params_keep_the_state_dtypes_from_step_to_step(make):
+  """Under ``jax_enable_x64`` a float64 bias's moments are float64 from ``init`` on, as
+  optax makes them: they stayed FP32 there and came back float64 from the first step
+  (a second compilation; ``lax.scan`` and ``apply_if_finite`` refused the carry)."""
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), _params())
+    q = eco.quantize_params(params, eco.fp8_e4m3())
+    tx = make()
+    state = tx.init(q)
+    step = jax.jit(tx.update)
+    _, new = step(jax.tree.map(lambda x: x.astype(jnp.float64), _grads(_params(), 0)), state, q)
+    chex.assert_trees_all_equal_dtypes(new, state)
+    bias_moments = [x for x in jax.tree.leaves(state) if x.shape == (8,)]
+    assert bias_moments and all(x.dtype == jnp.float64 for x in bias_moments)
+
+
 @pytest.mark.parametrize("make", [
     lambda: eco.apply_if_finite(eco.MultiSteps(eco.adamw(0.1), 2), max_consecutive_errors=3),
     lambda: eco.MultiSteps(eco.adamw(0.1), 2, should_skip_update_fn=optax.skip_not_finite)],
