@@ -30,7 +30,11 @@ of step ``t`` only (delayed scaling, as in FP8 training recipes)::
 with ``g`` the growth factor (``h`` unless given), ``n`` the group's size and
 ``p`` the saturated fraction (0 for the float formats: one saturated code
 grows the scale; 1/64 for INT4, whose few clipped outliers cost less than a
-coarser grid for all). An integer ``dynamic`` scale is ``max|c| * s / k`` with
+coarser grid for all). A group whose codes are all zero shrinks too, down to
+the range ``[-2^-20, 2^-20]`` (:func:`zero_group_floor`): its first scale is
+arbitrary (``1 / rho``, :func:`initial_scale`), and a zero-initialized layer's
+first updates, far below that grid's step on a 4-bit grid, would be stored as
+nothing and then jump by a whole step; ``fixed`` and ``dynamic`` keep it. An integer ``dynamic`` scale is ``max|c| * s / k`` with
 ``k = floor(rho / h)``, so that the largest code lands on an integer and the
 scale is a fixed point (rounding ``rho / h`` up would grow it every step).
 The scale is then stored in the format's scale dtype (below; a no-op for FP32
@@ -763,10 +767,22 @@ def saturation(q: QuantizedArray) -> jax.Array:
 SATURATION_WARNING = 0.01
 
 
+# The range an all-zero group's sticky scale shrinks to: 2^-20 (about 1e-6).
+ZERO_GROUP_RANGE = 2.0 ** -20
+
+
+def zero_group_floor(fmt: QuantFormat) -> jax.Array:
+  """The smallest scale a sticky policy gives an all-zero group: the range
+  ``[-ZERO_GROUP_RANGE, ZERO_GROUP_RANGE]``, as :func:`initial_scale` rounds scales."""
+  return _absmax_scale(jnp.asarray(ZERO_GROUP_RANGE / fmt.headroom, jnp.float32), fmt)
+
+
 def _sticky(scale: jax.Array, grow: jax.Array, used: jax.Array, limit: float,
-            h: float, g: float, floor: float) -> jax.Array:
-  """``scale * g`` where ``grow``; ``scale / g`` where ``0 < used < limit / (h * g)``."""
-  shrink = (used > 0) & (used * h * g < limit) & (scale / g >= floor)
+            h: float, g: float, floor: float, zero_floor: jax.Array | float = math.inf
+            ) -> jax.Array:
+  """``scale * g`` where ``grow``; ``scale / g`` where ``used < limit / (h * g)``, down
+  to ``floor`` (``zero_floor`` where nothing is used, ``used = 0``)."""
+  shrink = (used * h * g < limit) & (scale / g >= jnp.where(used > 0, floor, zero_floor))
   return jnp.where(shrink, scale / g, jnp.where(grow, scale * g, scale))
 
 
@@ -796,7 +812,8 @@ def _next_scales(q: QuantizedArray) -> tuple[jax.Array, jax.Array | None]:
     code_max = _placed_as(_code_absmax(q.values, fmt), scale)
     grow = code_max >= rho
   if fmt.scale_policy == "sticky":
-    new = _sticky(scale, grow, code_max, rho, fmt.headroom, fmt.growth, _MIN_SCALE)
+    new = _sticky(scale, grow, code_max, rho, fmt.headroom, fmt.growth, _MIN_SCALE,
+                  zero_group_floor(fmt))
   elif fmt.is_integer:
     # The largest code lands on the integer k = floor(rho / h): a fixed point
     # (h * max|Q(w)| / rho re-rounded would drift by a code every step). Kept
@@ -822,8 +839,9 @@ def next_scale(q: QuantizedArray) -> jax.Array:
   """The FP32 scale ``s'`` of the next stored weights: a function of ``q`` alone.
 
   Implements the ``fixed`` / ``sticky`` / ``dynamic`` policies of the module
-  docstring. Groups whose codes are all zero keep their scale (up to the
-  tensor scale of NVFP4, which moves with the other groups).
+  docstring. Under ``fixed`` and ``dynamic`` groups whose codes are all zero keep
+  their scale (up to the tensor scale of NVFP4, which moves with the other groups);
+  ``sticky`` shrinks it down to :func:`zero_group_floor`.
   """
   return _decode_scale(*_next_scales(q))
 

@@ -128,7 +128,9 @@ def test_values_beyond_the_range_saturate_at_6_and_never_become_nan(style, round
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("policy", ["fixed", "sticky", "dynamic"])
-def test_zero_blocks_get_a_finite_nonzero_scale_and_keep_it(style, policy):
+def test_zero_blocks_get_a_finite_nonzero_scale(style, policy):
+  """Zero blocks never get a zero or non-finite scale; the fixed and dynamic policies
+  keep it, the sticky one shrinks it (``tests/test_quantize.py`` follows it down)."""
   fmt = eco.fp4_e2m1(style, scale_policy=policy)
   x = jax.random.normal(jax.random.key(0), (64, 8)) * 0.01
   x = x.at[:32, 0].set(0.0).at[:, 3].set(0.0)              # a zero block, a zero column
@@ -138,7 +140,11 @@ def test_zero_blocks_get_a_finite_nonzero_scale_and_keep_it(style, policy):
     assert np.all(np.isfinite(scale)) and np.all(scale > 0)
     np.testing.assert_array_equal(np.asarray(q.dequantize())[tensor == 0], 0.0)
     zero = np.asarray(qz._group_absmax(tensor, fmt)) == 0
-    np.testing.assert_array_equal(np.asarray(qz.next_scale(q))[zero], scale[zero])
+    after = np.asarray(qz.next_scale(q))[zero]
+    if policy == "sticky":
+      assert np.all(after < scale[zero]) and np.all(after > 0)
+    else:
+      np.testing.assert_array_equal(after, scale[zero])
   # NVFP4's tensor scale comes from the nonzero blocks: their scales keep room to grow.
   q = eco.quantize_array(x, fmt)
   if style == "nvfp4":

@@ -102,3 +102,30 @@ def test_int8_default_starts_with_room_and_grows_on_one_saturated_code():
   s0 = float(q.scale[0, 0])
   one_out = qz.quantize_with_scale(x.at[0, 0].set(-2.0), q.scale, fmt)
   np.testing.assert_allclose(float(qz.next_scale(one_out)[0, 0]), 1.25 * s0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", [eco.int4(), eco.int4("channel"), eco.fp4_e2m1("mxfp4", block_size=8)],
+                         ids=["int4", "int4-channel", "mxfp4"])
+@pytest.mark.parametrize("kwargs", [dict(rounding="nearest"), dict(mode="master_weights")],
+                         ids=["eco-rtn", "master-weights"])
+def test_a_zero_initialized_layer_learns_small_weights(fmt, kwargs):
+  """A zero-initialized kernel (as zero-init output projections are) with small weights
+  to learn: its all-zero scale groups start at the range [-1, 1] and shrink to its
+  first updates. When they kept that range, round-to-nearest stored nothing for dozens
+  of steps and then jumped a whole INT4 grid step (loss 17.5 -> 2100-3400)."""
+  x = jax.random.normal(jax.random.key(1), (128, 16))
+  y = x @ (0.01 * jax.random.normal(jax.random.key(2), (16, 8)))
+  loss = lambda p: jnp.mean((x @ p["w"] - y) ** 2) / 0.01 ** 2
+  q = eco.quantize_params({"w": jnp.zeros((16, 8))}, fmt)
+  tx = eco.adamw(1e-3, weight_decay=0.0, **kwargs)
+
+  def step(carry, _):
+    q, state = carry
+    updates, state = tx.update(eco.grad(loss)(q), state, q)
+    q = eco.apply_updates(q, updates)
+    return (q, state), loss(eco.dequantize_params(q))
+
+  start = float(loss(eco.dequantize_params(q)))
+  _, losses = jax.lax.scan(step, (q, tx.init(q)), length=150)
+  assert float(losses.max()) <= start * 1.001, float(losses.max())
+  assert float(losses[-1]) < 0.05 * start, float(losses[-1])
