@@ -34,9 +34,10 @@ coarser grid for all). A group whose codes are all zero shrinks too, down to
 the range ``[-2^-20, 2^-20]`` (:func:`zero_group_floor`): its first scale is
 arbitrary (``1 / rho``, :func:`initial_scale`), and a zero-initialized layer's
 first updates, far below that grid's step on a 4-bit grid, would be stored as
-nothing and then jump by a whole step; ``fixed`` and ``dynamic`` keep it. An integer ``dynamic`` scale is ``max|c| * s / k`` with
-``k = floor(rho / h)``, so that the largest code lands on an integer and the
-scale is a fixed point (rounding ``rho / h`` up would grow it every step).
+nothing and then jump by a whole step; ``fixed`` and ``dynamic`` keep it. An
+integer ``dynamic`` scale is ``max|c| * s / k`` with ``k = floor(rho / h)``, so
+that the largest code lands on an integer and the scale is a fixed point
+(rounding ``rho / h`` up would grow it every step).
 The scale is then stored in the format's scale dtype (below; a no-op for FP32
 scales).
 
