@@ -17,14 +17,14 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -e ".[dev]"
 
 test: install
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q -m 'slow or not slow'
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 --dist worksteal -q -m 'slow or not slow'
 
 # The suite at the lower bounds of pyproject.toml (run before each release; about 10 minutes).
 test-min:
 	$(PYTHON) -m venv .venv-min
 	.venv-min/bin/python -m pip install --upgrade pip
 	.venv-min/bin/python -m pip install $$($(PYTHON) .ci/min_requirements.py) -e ".[dev]"
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv-min/bin/python -m pytest -n 2 -q -m 'slow or not slow'
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv-min/bin/python -m pytest -n 2 --dist worksteal -q -m 'slow or not slow'
 
 demo: install
 	$(BIN)/python -m benchmarks $(DEMO_ARGS)

@@ -43,5 +43,6 @@ def pytest_unconfigure(config):
 
 def pytest_collection_modifyitems(config, items):
   # The tests marked slow first: with pytest -n, the long ones start early and the
-  # workers finish together on short ones.
+  # workers finish together on short ones (make test's --dist worksteal moves the
+  # tests left to whichever worker is free: 599 -> 522 s on 2 cores).
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
