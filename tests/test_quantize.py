@@ -127,7 +127,8 @@ def test_all_zero_tensor_has_a_finite_scale_and_stays_zero(fmt):
   floor = np.asarray(qz.zero_group_floor(sticky))
   scales = [np.asarray(q.effective_scale)]
   for _ in range(100):
-    q = dataclasses.replace(q, scale=qz._next_scales(q)[0], tensor_scale=qz._next_scales(q)[1])
+    scale, tensor_scale = qz._next_scales(q)
+    q = dataclasses.replace(q, scale=scale, tensor_scale=tensor_scale)
     scales.append(np.asarray(q.effective_scale))
   assert np.all(scales[1] < scales[0]) and np.all(scales[-1] >= floor)
   np.testing.assert_array_equal(scales[-1], scales[-2])           # it stops
