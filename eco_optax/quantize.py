@@ -31,10 +31,10 @@ with ``g`` the growth factor (``h`` unless given), ``n`` the group's size and
 ``p`` the saturated fraction (0 for the float formats: one saturated code
 grows the scale; 1/64 for INT4, whose few clipped outliers cost less than a
 coarser grid for all). A group whose codes are all zero shrinks too, down to
-the range ``[-2^-20, 2^-20]`` (:func:`zero_group_floor`): its first scale is
-arbitrary (``1 / rho``, :func:`initial_scale`), and a zero-initialized layer's
-first updates, far below that grid's step on a 4-bit grid, would be stored as
-nothing and then jump by a whole step; ``fixed`` and ``dynamic`` keep it. An
+the range ``[-2^-20, 2^-20]`` (:func:`zero_group_floor`): it has no magnitude to
+keep (it starts at the range ``[-2^-7, 2^-7]``, :data:`ZERO_GROUP_START`), and a
+zero-initialized layer's first updates may be smaller still; ``fixed`` and
+``dynamic`` keep it. An
 integer ``dynamic`` scale is ``max|c| * s / k`` with ``k = floor(rho / h)``, so
 that the largest code lands on an integer and the scale is a fixed point
 (rounding ``rho / h`` up would grow it every step).
@@ -659,19 +659,29 @@ def _initial_scales(x: jax.Array, fmt: QuantFormat
     return jnp.ones((), jnp.float32), None
   scale = _absmax_scale(_group_absmax(x.astype(jnp.float32), fmt), fmt)
   active = scale >= _MIN_SCALE
-  unit = _absmax_scale(jnp.asarray(1.0 / fmt.headroom, jnp.float32), fmt)   # range [-1, 1]
+  start = 1.0 if fmt.scale_policy == "fixed" else ZERO_GROUP_START
+  unit = _absmax_scale(jnp.asarray(start / fmt.headroom, jnp.float32), fmt)
   return _encode_scale(jnp.where(active, scale, unit), fmt, active=active)
 
 
+# The range an all-zero group starts with under a scale that moves (sticky, dynamic):
+# about the size of a first update at common learning rates. A zero-initialized layer
+# then stores its first updates on a grid as fine as they are (from the range [-1, 1]
+# an INT4 grid step is 0.14: round-to-nearest stored nothing, stochastic rounding
+# scattered whole grid steps); the scale grows when the codes saturate.
+ZERO_GROUP_START = 2.0 ** -7
+
+
 def initial_scale(x: jax.Array, fmt: QuantFormat) -> jax.Array:
-  """``s_0 = h * max|x| / rho`` per group (FP32); an all-zero group gets ``1 / rho``
-  (rounded as ``s_0`` is).
+  """``s_0 = h * max|x| / rho`` per group (FP32); an all-zero group gets
+  ``ZERO_GROUP_START / rho`` (``1 / rho`` under a fixed scale), rounded as ``s_0`` is.
 
   Float formats round ``s_0`` up to a power of two, formats with 8-bit scales
   round it up onto their scale grid (module docstring; NVFP4's tensor scale is
   chosen from the nonzero groups). A zero scale would freeze a group at zero
   forever (nothing stored to rescale from), so an all-zero group starts with the
-  range ``[-1, 1]`` (or the largest block scale NVFP4's tensor scale allows).
+  range ``[-2^-7, 2^-7]``, or ``[-1, 1]`` for a scale that never grows (or the
+  largest block scale NVFP4's tensor scale allows).
   """
   return _decode_scale(*_initial_scales(x, fmt))
 

@@ -114,7 +114,12 @@ def test_all_zero_tensor_has_a_finite_scale_and_stays_zero(fmt):
   np.testing.assert_array_equal(np.asarray(q.dequantize()), 0.0)
   if not fmt.is_integer and not fmt.has_tensor_scale:   # float formats: powers of two
     np.testing.assert_array_equal(np.log2(scale), np.round(np.log2(scale)))
-  assert np.all(fmt.max_value * scale >= 1.0)   # the range [-1, 1] at least
+  # A scale that moves starts at the range [-2^-7, 2^-7] (a zero-initialized layer's first
+  # updates are that small, not a 4-bit grid step of [-1, 1]); a fixed one at [-1, 1].
+  assert np.all(fmt.max_value * scale >= qz.ZERO_GROUP_START)
+  assert np.all(fmt.max_value * scale < 2 * qz.ZERO_GROUP_START)
+  fixed = eco.quantize_array(x, dataclasses.replace(fmt, scale_policy="fixed"))
+  assert np.all(fmt.max_value * np.asarray(fixed.effective_scale) >= 1.0)
   # The dynamic policy keeps the scale of an all-zero group; the sticky one shrinks it
   # by its growth factor, as any group whose codes use little of the range (a
   # zero-initialized layer reaches the scale of its first updates), but not below the

@@ -106,13 +106,14 @@ def test_int8_default_starts_with_room_and_grows_on_one_saturated_code():
 
 @pytest.mark.parametrize("fmt", [eco.int4(), eco.int4("channel"), eco.fp4_e2m1("mxfp4", block_size=8)],
                          ids=["int4", "int4-channel", "mxfp4"])
-@pytest.mark.parametrize("kwargs", [dict(rounding="nearest"), dict(mode="master_weights")],
-                         ids=["eco-rtn", "master-weights"])
+@pytest.mark.parametrize("kwargs", [dict(rounding="nearest"), dict(mode="master_weights"), dict()],
+                         ids=["eco-rtn", "master-weights", "eco-sr"])
 def test_a_zero_initialized_layer_learns_small_weights(fmt, kwargs):
   """A zero-initialized kernel (as zero-init output projections are) with small weights
-  to learn: its all-zero scale groups start at the range [-1, 1] and shrink to its
-  first updates. When they kept that range, round-to-nearest stored nothing for dozens
-  of steps and then jumped a whole INT4 grid step (loss 17.5 -> 2100-3400)."""
+  to learn, by every rounding: its all-zero scale groups start at the range
+  [-2^-7, 2^-7] and shrink while they stay zero. When they started at [-1, 1] and kept
+  it, round-to-nearest stored nothing for dozens of steps and then jumped a whole INT4
+  grid step (loss 17.5 -> 2100-3400), and stochastic rounding ended at 55-60."""
   x = jax.random.normal(jax.random.key(1), (128, 16))
   y = x @ (0.01 * jax.random.normal(jax.random.key(2), (16, 8)))
   loss = lambda p: jnp.mean((x @ p["w"] - y) ** 2) / 0.01 ** 2
@@ -128,4 +129,6 @@ def test_a_zero_initialized_layer_learns_small_weights(fmt, kwargs):
   start = float(loss(eco.dequantize_params(q)))
   _, losses = jax.lax.scan(step, (q, tx.init(q)), length=150)
   assert float(losses.max()) <= start * 1.001, float(losses.max())
-  assert float(losses[-1]) < 0.05 * start, float(losses[-1])
+  # Stochastic rounding is noisier on this 16 x 8 layer, from any start (0.8-1.4 from
+  # weights of +-0.01).
+  assert float(losses[-1]) < (0.1 if not kwargs else 0.05) * start, float(losses[-1])
