@@ -34,10 +34,9 @@ coarser grid for all). A group whose codes are all zero shrinks too, down to
 the range ``[-2^-20, 2^-20]`` (:func:`zero_group_floor`): it has no magnitude to
 keep (it starts at the range ``[-2^-7, 2^-7]``, :data:`ZERO_GROUP_START`), and a
 zero-initialized layer's first updates may be smaller still; ``fixed`` and
-``dynamic`` keep it. An
-integer ``dynamic`` scale is ``max|c| * s / k`` with ``k = floor(rho / h)``, so
-that the largest code lands on an integer and the scale is a fixed point
-(rounding ``rho / h`` up would grow it every step).
+``dynamic`` keep it. An integer ``dynamic`` scale is ``max|c| * s / k`` with
+``k = floor(rho / h)``, so that the largest code lands on an integer and the
+scale is a fixed point (rounding ``rho / h`` up would grow it every step).
 The scale is then stored in the format's scale dtype (below; a no-op for FP32
 scales).
 
@@ -659,9 +658,14 @@ def _initial_scales(x: jax.Array, fmt: QuantFormat
     return jnp.ones((), jnp.float32), None
   scale = _absmax_scale(_group_absmax(x.astype(jnp.float32), fmt), fmt)
   active = scale >= _MIN_SCALE
-  start = 1.0 if fmt.scale_policy == "fixed" else ZERO_GROUP_START
-  unit = _absmax_scale(jnp.asarray(start / fmt.headroom, jnp.float32), fmt)
+  unit = _range_scale(1.0 if fmt.scale_policy == "fixed" else ZERO_GROUP_START, fmt)
   return _encode_scale(jnp.where(active, scale, unit), fmt, active=active)
+
+
+def _range_scale(limit: float, fmt: QuantFormat) -> jax.Array:
+  """The scale of a group with no values to take it from: its codes ``+-rho`` at
+  ``+-limit`` (no headroom), rounded as :func:`_absmax_scale` rounds scales."""
+  return _absmax_scale(jnp.asarray(limit / fmt.headroom, jnp.float32), fmt)
 
 
 # The range an all-zero group starts with under a scale that moves (sticky, dynamic):
@@ -785,7 +789,7 @@ ZERO_GROUP_RANGE = 2.0 ** -20
 def zero_group_floor(fmt: QuantFormat) -> jax.Array:
   """The smallest scale a sticky policy gives an all-zero group: the range
   ``[-ZERO_GROUP_RANGE, ZERO_GROUP_RANGE]``, as :func:`initial_scale` rounds scales."""
-  return _absmax_scale(jnp.asarray(ZERO_GROUP_RANGE / fmt.headroom, jnp.float32), fmt)
+  return _range_scale(ZERO_GROUP_RANGE, fmt)
 
 
 def _sticky(scale: jax.Array, grow: jax.Array, used: jax.Array, limit: float,

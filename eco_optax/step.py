@@ -893,11 +893,11 @@ def _zero_moment(fmt, param):
   leaf's FP32 or wider: float64 for float64 params (``jax_enable_x64``), whose float64
   gradients would otherwise turn them float64 after the first step, as in optax.
   """
-  like = param.values if qtree.is_quantized(param) else param
-  if fmt:
-    return fmt.zeros_like(like)
-  dtype = jnp.float32 if qtree.is_quantized(param) else jnp.promote_types(like.dtype, jnp.float32)
-  return jnp.zeros_like(like, dtype)
+  if qtree.is_quantized(param):
+    like, dtype = param.values, jnp.float32
+  else:
+    like, dtype = param, jnp.promote_types(param.dtype, jnp.float32)
+  return fmt.zeros_like(like) if fmt else jnp.zeros_like(like, dtype)
 
 
 def _decays(weight_decay: Any, mask: Any, dense: Any, treedef) -> list:
