@@ -275,6 +275,12 @@ class QuantFormat:
           "shard another axis, or choose a block_size that divides its shards.")
 
 
+def has_sharded_type(x: jax.Array) -> bool:
+  """Whether ``x``'s type carries a sharding (``jax.make_mesh``'s explicit axes)."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  return spec is not None and any(axes is not None for axes in spec)
+
+
 def explicit_shards(x: jax.Array, axis: int) -> tuple[int, jax.sharding.PartitionSpec]:
   """``(shards, spec)``: how many pieces explicit mesh axes cut ``x``'s ``axis`` into
   (1 without explicit axes), and the partition spec of ``x``'s type."""
@@ -1090,12 +1096,41 @@ def poison(q: QuantizedArray, poisoned: jax.Array) -> QuantizedArray:
 @functools.partial(jax.jit, static_argnames=("dtype",), inline=True)
 def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
   """``Q(x) = s * c`` (computed in FP32, returned in ``dtype``)."""
+  return dequantize_with_scale(q, None if q.fmt.lossless else q.effective_scale, dtype)
+
+
+def dequantize_with_scale(q: QuantizedArray, scale: jax.Array | None,
+                          dtype=jnp.float32) -> jax.Array:
+  """``Q(x) = s * c`` of ``q``'s codes with the FP32 ``scale`` (``q.effective_scale``, or
+  a value equal to it that must be computed first); ``None`` for a lossless format,
+  whose values are the weights."""
   if q.fmt.lossless:
     return q.values.astype(dtype)
   shape = q.values.shape
-  codes = _blocked(q.values.astype(jnp.float32), q.fmt)
-  x = codes * _expand_scale(q.effective_scale, q.fmt, len(shape))
+  codes = _blocked(bits_to_float32(values_to_bits(q.values, q.fmt), q.fmt), q.fmt)
+  x = codes * _expand_scale(scale, q.fmt, len(shape))
   return _unblocked(x, shape).astype(dtype)
+
+
+def slice_along(q: QuantizedArray, axis: int, start: int, stop: int) -> QuantizedArray:
+  """Elements ``[start, stop)`` of ``q`` along ``axis``, with their scales.
+
+  A scale group must not straddle ``start`` or ``stop``: along a blocked axis both are
+  multiples of the block size (``stop`` may be the axis' end).
+  """
+  n = q.values.shape[axis]
+
+  def cut(x):
+    if x is None or jnp.ndim(x) == 0 or x.shape[axis] == 1:
+      return x
+    group = n // x.shape[axis]
+    if start % group or (stop % group and stop != n):
+      raise ValueError(f"{q.fmt.name}: elements [{start}, {stop}) of axis {axis} split a "
+                       f"scale group of {group}")
+    return jax.lax.slice_in_dim(x, start // group, -(-stop // group), axis=axis)
+
+  return dataclasses.replace(q, values=jax.lax.slice_in_dim(q.values, start, stop, axis=axis),
+                             scale=cut(q.scale), tensor_scale=cut(q.tensor_scale))
 
 
 def encode_residual(residual: jax.Array, like: QuantizedArray,

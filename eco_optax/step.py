@@ -374,7 +374,7 @@ class _Quantizer:
 
 def _sharded(q: qz.QuantizedArray, grad: jax.Array) -> bool:
   """Whether the leaf's codes or its gradient have a sharded type (explicit mesh axes)."""
-  return qtree.has_sharded_type(grad) or qtree.has_sharded_type(q.values)
+  return qz.has_sharded_type(grad) or qz.has_sharded_type(q.values)
 
 
 def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,

@@ -15,10 +15,10 @@ import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
-from jax.extend.core.primitives import custom_vjp_call_p
 import jax.numpy as jnp
 import numpy as np
 
+from eco_optax import at_use
 from eco_optax import quantize as qz
 
 Policy = Callable[[tuple, jax.Array], Union[qz.QuantFormat, None]]
@@ -312,12 +312,6 @@ def zeros_for_quantized(params: Any, dtype=jnp.float32) -> Any:
                       params, is_leaf=is_quantized)
 
 
-def has_sharded_type(x: jax.Array) -> bool:
-  """Whether ``x``'s type carries a sharding (``jax.make_mesh``'s explicit axes)."""
-  spec = getattr(jax.typeof(x).sharding, "spec", None)
-  return spec is not None and any(axes is not None for axes in spec)
-
-
 def formats_of(params: Any) -> LeafFormats:
   """The :class:`LeafFormats` of a (quantized) parameter tree."""
   paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
@@ -499,34 +493,6 @@ def _apply_updates(params: Any, updates: Any) -> Any:
   return jax.tree_util.tree_map_with_path(leaf_fn, params, updates, is_leaf=is_quantized)
 
 
-# The first operand of every _dense call: an empty array of a shape of its own, by which
-# the checkpoint policy tells these calls apart (a policy sees operand shapes only).
-_DENSE_MARK = (0, 0xEC0)
-
-
-@jax.custom_vjp
-def _dense(mark: jax.Array, q: qz.QuantizedArray, delta: jax.Array) -> jax.Array:
-  """``Q(w) + delta`` in ``delta``'s dtype: the weights the loss sees; the gradient flows
-  to ``delta``."""
-  del mark
-  return qz.dequantize(q, delta.dtype) + delta
-
-
-_dense.defvjp(lambda mark, q, delta: (_dense(mark, q, delta), None),
-              lambda _, g: (None, None, g))
-
-
-def _save_all_but_dense(prim, *avals, **_) -> bool:
-  """``jax.checkpoint`` policy: save every residual but the outputs of :func:`_dense`.
-
-  The FP32 weights are recomputed in the backward pass from the stored codes; the
-  activations are saved. (JAX's ``save_anything_except_these_names`` can't express
-  it: a name marks the last operation of the dequantization, whose inputs, FP32
-  arrays the size of the weights, would then be saved instead.)
-  """
-  return not (prim is custom_vjp_call_p and avals and avals[0].shape == _DENSE_MARK)
-
-
 def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
                    recompute: Optional[bool] = None, dtype: Any = jnp.float32
                    ) -> Callable[..., Any]:
@@ -562,16 +528,13 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
   def wrapped(params, *args, **kwargs):
     # Differentiate w.r.t. a zero offset of each quantized weight (and the plain leaves).
     delta = zeros_for_quantized(params, dtype)
-    mark = jnp.zeros(_DENSE_MARK, jnp.uint8)
-    dense = lambda delta: jax.tree.map(
-        lambda p, d: _dense(mark, p, d) if is_quantized(p) else d, params, delta,
-        is_leaf=is_quantized)
     recomputes = jax.default_backend() != "cpu" if recompute is None else recompute
     # Saving everything, the checkpoint still changes how XLA:CPU schedules the
     # activations (benchmark transformer: 431 -> 354 B/param at peak, docs/design.md).
     inner = jax.checkpoint(
-        lambda delta: fun(dense(delta), *args, **kwargs),
-        policy=_save_all_but_dense if recomputes else jax.checkpoint_policies.everything_saveable)
+        at_use.loss_at_use(fun, params, delta, args, kwargs),
+        policy=at_use.save_all_but_dense if recomputes
+        else jax.checkpoint_policies.everything_saveable)
     return jax.value_and_grad(inner, has_aux=has_aux)(delta)
 
   return wrapped

@@ -113,7 +113,7 @@ def _codes_from_float(updates: Any, params: Any) -> Any:
     x = u.astype(jnp.uint32)
     # The index sits in the first element; the others are bits below 2^16. Under explicit
     # mesh axes, which refuse a slice of one element of a sharded axis, a maximum reads it.
-    index = jnp.max(x >> 16) if qtree.has_sharded_type(x) else x[(0,) * x.ndim] >> 16
+    index = jnp.max(x >> 16) if qz.has_sharded_type(x) else x[(0,) * x.ndim] >> 16
     flags = jnp.asarray(_FLAGS_BY_INDEX, jnp.float32)[index]
     return qtree.NewCodes((x & 0xFFFF).astype(qtree.new_codes_dtype(p.fmt)), flags,
                           *qz._next_scales(p))

@@ -196,28 +196,18 @@ def _optimizer_step_temporaries(tx, q, grads) -> int:
 def test_code_copies_are_made_per_leaf_when_its_step_runs(fmt, monkeypatch):
   # XLA:CPU copies the codes for each leaf's loop; made behind a conditional on the
   # gradient and on the previous leaf's step, they do not all stay alive through the
-  # backward pass, nor through the other leaves' steps.
+  # other leaves' steps. (In a whole train step, eco.grad's gradient of a weight read
+  # by products waits for the last read of its codes, and no copy is made.)
   q, loss, x, n = _mlp(fmt)
   grads = jax.eval_shape(eco.grad(loss), q, x)
-
-  def temporaries():
-    tx = eco.adamw(1e-3)    # a new optimizer: leaf steps traced for another one are reused
-
-    def train_step(q, state, x):
-      updates, state = tx.update(eco.grad(loss)(q, x), state, q)
-      return eco.apply_updates(q, updates), state
-
-    whole = jax.jit(train_step, donate_argnums=(0, 1)).lower(q, tx.init(q), x).compile()
-    return whole.memory_analysis().temp_size_in_bytes, _optimizer_step_temporaries(tx, q, grads)
-
-  due = temporaries()
+  due = _optimizer_step_temporaries(eco.adamw(1e-3), q, grads)
   monkeypatch.setattr(st, "_bits_when_due",
                       lambda q, narrow, grad, previous_flags: st.bits_and_scales(q, narrow))
-  upfront = temporaries()
+  # A new optimizer: leaf steps traced for another one are reused.
+  upfront = _optimizer_step_temporaries(eco.adamw(1e-3), q, grads)
   largest = max(a * b for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
-  assert due[0] < upfront[0] - n // 8, (due[0] / n, upfront[0] / n)
-  # The optimizer step alone: one leaf's copy at a time, not all four.
-  assert due[1] <= upfront[1] - (n - largest) // 2, (due[1] / n, upfront[1] / n)
+  # One leaf's copy at a time, not all four.
+  assert due <= upfront - (n - largest) // 2, (due / n, upfront / n)
 
 
 @pytest.mark.parametrize("kwargs,limit", [

@@ -10,7 +10,6 @@ import optax
 import pytest
 
 import eco_optax as eco
-from benchmarks import memory as bmemory
 from eco_optax import quantize as qz
 
 FORMATS = [eco.fp8_e4m3(), eco.fp8_e5m2(), eco.int8(), eco.int4(),
@@ -321,29 +320,6 @@ def test_grad_is_the_gradient_at_the_dequantized_weights(has_aux, recompute):
   chex.assert_trees_all_close((value, grads), (expected_value, expected), rtol=1e-6, atol=1e-6)
   only = eco.grad(loss, has_aux=has_aux, recompute=recompute)(q, x)
   chex.assert_trees_all_equal(only, (grads, value[1]) if has_aux else grads)
-
-
-def test_recomputing_the_weights_keeps_no_fp32_copy_through_the_backward_pass():
-  # Whole train step, XLA:CPU's memory-optimised scheduler: with recompute the FP32
-  # weights (4 B per parameter) are not kept from the forward to the backward pass
-  # (measured: 16.1 B/param without, 14.1 with; the optimizer step's fixed block
-  # buffers are a large share of this 0.5M-parameter model's peak).
-  params, loss, batch, _, _ = bmemory.mlp_problem(sizes=(256, 512, 512, 256), batch=8)
-  n = sum(x.size for x in jax.tree.leaves(params))
-  q = eco.quantize_params(params, eco.fp8_e4m3())
-  tx = eco.adamw(1e-3)
-  peaks = {}
-  for recompute in (False, True):
-    grad = eco.grad(loss, recompute=recompute)
-
-    def train_step(p, s, *batch):
-      updates, s = tx.update(grad(p, *batch), s, p)
-      return eco.apply_updates(p, updates), s
-
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-        q, tx.init(q), *batch).compile(bmemory.MEMORY_OPTIMIZED)
-    peaks[recompute] = eco.memory.peak_bytes(compiled) / n
-  assert peaks[True] < peaks[False] - 1.5, peaks
 
 
 # ---- bad input: each a clear error naming the leaf ----

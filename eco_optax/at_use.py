@@ -1,0 +1,256 @@
+"""A loss of quantized weights, each dequantized where the loss reads it.
+
+:func:`eco_optax.value_and_grad` differentiates ``fun(dense_params)`` at the
+dequantized weights ``Q(w) = s * c``. Dequantized up front, every FP32 weight would be
+computed before the forward pass and kept for the backward pass: the model in FP32
+beside its codes, the memory ECO saves. Here ``fun`` is traced to a jaxpr once and
+evaluated with each quantized weight left as its codes until an operation reads it:
+
+* a ``dot_general`` of a weight (a dense layer, an einsum, also after an ``astype`` or a
+  transpose of the weight) runs as :func:`_quantized_dot`: its forward pass
+  dequantizes the weight right before the product; its backward pass saves only the
+  codes and dequantizes them again in slices along a contracted axis ``k``, one slice
+  after the other, ``dx[..., K_j] = ct . Q(w)[K_j]`` (each element the same dot product
+  as without slices), and ``dw = x^T ct`` from the saved input;
+* any other use (a gather from an embedding, a convolution, a weight penalty) reads
+  the whole dequantized weight, :func:`_dense`.
+
+On CPU each dequantization is also made to wait for the value it is used with (the
+product's other operand, the cotangent, the slice before): XLA:CPU's default scheduler
+runs an instruction as soon as its operands are ready, and would otherwise
+dequantize every weight at the start of the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+from jax.extend.core import Literal
+from jax.extend.core.primitives import custom_vjp_call_p, dot_general_p
+import jax.numpy as jnp
+
+from eco_optax import quantize as qz
+
+# FP32 bytes of one slice of a weight dequantized in the backward pass, and the most
+# slices per weight (each one more product in the compiled step).
+SLICE_BYTES = 1 << 20
+MAX_SLICES = 8
+
+# The first operand of every _dense call: an empty array of a shape of its own, by which
+# the checkpoint policy tells these calls apart (a policy sees operand shapes only).
+_DENSE_MARK = (0, 0xEC0)
+
+
+@jax.custom_vjp
+def _dense(mark: jax.Array, q: qz.QuantizedArray, delta: jax.Array) -> jax.Array:
+  """``Q(w) + delta`` in ``delta``'s dtype: the whole weight, for a use other than a
+  product; the gradient flows to ``delta``."""
+  del mark
+  return qz.dequantize(q, delta.dtype) + delta
+
+
+_dense.defvjp(lambda mark, q, delta: (_dense(mark, q, delta), None),
+              lambda _, g: (None, None, g))
+
+
+def save_all_but_dense(prim, *avals, **_) -> bool:
+  """``jax.checkpoint`` policy: save every residual but the outputs of :func:`_dense`.
+
+  Whole FP32 weights are recomputed in the backward pass from the stored codes; the
+  activations are saved. (JAX's ``save_anything_except_these_names`` can't express
+  it: a name marks the last operation of the dequantization, whose inputs, FP32
+  arrays the size of the weights, would then be saved instead.)
+  """
+  return not (prim is custom_vjp_call_p and avals and avals[0].shape == _DENSE_MARK)
+
+
+def _after(anchor: jax.Array) -> jax.Array:
+  """FP32 one, computed from an element of ``anchor``: what is multiplied by it waits
+  for ``anchor`` (on CPU; elsewhere a constant one). Exact for any ``anchor``."""
+  if jax.default_backend() != "cpu" or anchor.size == 0:
+    return jnp.ones((), jnp.float32)
+  a = anchor[(0,) * anchor.ndim].astype(jnp.float32)   # no reshape: sharded arrays stay
+  return 1 + 0 * jnp.where(jnp.isfinite(a), a, 0)
+
+
+def _dequantize_after(q: qz.QuantizedArray, anchor: jax.Array, dtype) -> jax.Array:
+  """``Q(w)`` in ``dtype``, computed after ``anchor``."""
+  one = _after(anchor)
+  if q.fmt.lossless:
+    return qz.dequantize_with_scale(q, None, dtype) * one.astype(dtype)
+  return qz.dequantize_with_scale(q, q.effective_scale * one, dtype)
+
+
+class _Weight(NamedTuple):
+  """A quantized weight as the loss sees it, not computed yet: ``Q(w) + delta``, cast to
+  ``dtype`` and transposed by ``perm`` (``None``: as stored)."""
+  q: qz.QuantizedArray
+  delta: jax.Array
+  dtype: Any
+  perm: Optional[tuple[int, ...]] = None
+
+
+def _view(w: _Weight) -> Callable[[jax.Array], jax.Array]:
+  """The weight the loss sees, from the dense stored one: cast, then transposed."""
+  def view(dense):
+    dense = dense.astype(w.dtype)
+    return dense if w.perm is None else jnp.transpose(dense, w.perm)
+  return view
+
+
+class _Product(NamedTuple):
+  """A ``dot_general`` equation with one weight operand (static)."""
+  params: tuple            # the equation's parameters, as items
+  weight_first: bool       # the weight is the left operand
+  view: Callable           # _view of the weight
+  dense: jax.ShapeDtypeStruct   # the stored weight, dequantized
+  x_axis: int              # the sliced contracted axis: of the other operand,
+  w_axis: int              # ... and of the stored weight
+  bounds: tuple            # slices of that axis: ((start, stop), ...)
+
+  def __call__(self, x, w):
+    lhs, rhs = (w, x) if self.weight_first else (x, w)
+    return dot_general_p.bind(lhs, rhs, **dict(self.params))
+
+
+def _slices(q: qz.QuantizedArray, axis: int) -> tuple:
+  """Slices of ``q`` along ``axis`` for the backward pass: about ``SLICE_BYTES`` of FP32
+  each, at most ``MAX_SLICES``, on scale-group bounds."""
+  n = q.values.shape[axis]
+  group = 1
+  if q.fmt.scaling == "block" and q.fmt.axis % q.values.ndim == axis % q.values.ndim:
+    group = q.fmt.block_size
+  count = min(MAX_SLICES, n // group, max(1, 4 * q.values.size // SLICE_BYTES))
+  if count <= 1:
+    return ((0, n),)
+  step = -(-n // count // group) * group
+  return tuple((a, min(a + step, n)) for a in range(0, n, step))
+
+
+def _product(eqn, w: _Weight, weight_first: bool) -> Optional[_Product]:
+  """The :class:`_Product` of ``eqn`` if :func:`_quantized_dot` can run it."""
+  (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
+  w_c, x_c, w_b = (lhs_c, rhs_c, lhs_b) if weight_first else (rhs_c, lhs_c, rhs_b)
+  if w_b or not w_c:
+    return None
+  perm = w.perm or tuple(range(w.q.values.ndim))
+  w_axis = perm[w_c[0]]
+  return _Product(tuple(sorted(eqn.params.items())), weight_first, _view(w),
+                  jax.ShapeDtypeStruct(w.delta.shape, w.delta.dtype), x_c[0], w_axis,
+                  _slices(w.q, w_axis))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _quantized_dot(product: _Product, x: jax.Array, q: qz.QuantizedArray,
+                   delta: jax.Array) -> jax.Array:
+  """``dot_general`` of ``x`` and the weight ``Q(w) + delta`` (``delta`` is zero: it
+  receives the gradient). ``product`` is static: see :func:`_dot_fwd`."""
+  return _dot_fwd(product, x, q, delta)[0]
+
+
+def _dot_fwd(product, x, q, delta):
+  w = product.view(_dequantize_after(q, x, delta.dtype))
+  return product(x, w), (x, q)
+
+
+def _dot_bwd(product, residuals, ct):
+  x, q = residuals
+  pieces, anchor = [], ct
+  for start, stop in product.bounds:
+    w = product.view(_dequantize_after(qz.slice_along(q, product.w_axis, start, stop),
+                                       anchor, product.dense.dtype))
+    x_piece = jax.lax.slice_in_dim(x, start, stop, axis=product.x_axis)
+    anchor = jax.linear_transpose(lambda xp: product(xp, w), x_piece)(ct)[0]
+    pieces.append(anchor)
+  # The weight's gradient comes last: the optimizer's step of the weight, which
+  # overwrites the codes, then waits for their last read (else XLA copies them), and
+  # the step runs before the gradient of the layer below exists.
+  ct = ct * _after(anchor).astype(ct.dtype)
+  dw = jax.linear_transpose(lambda d: product(x, product.view(d)), product.dense)(ct)[0]
+  return jnp.concatenate(pieces, axis=product.x_axis), None, dw
+
+
+_quantized_dot.defvjp(_dot_fwd, _dot_bwd)
+
+
+def _is_weight(x: Any) -> bool:
+  return isinstance(x, _Weight)
+
+
+def _dense_of(w: _Weight, mark: jax.Array) -> jax.Array:
+  return _view(w)(_dense(mark, w.q, w.delta))
+
+
+def _bind(eqn, invals: list) -> list:
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _is_plain_jit(eqn) -> bool:
+  """A nested ``jax.jit`` without shardings of its own (``jnp.einsum`` is one): inlined."""
+  return (eqn.primitive.name in ("pjit", "jit") and "jaxpr" in eqn.params
+          and all(type(s).__name__ == "UnspecifiedValue"
+                  for s in (*eqn.params.get("in_shardings", ()),
+                            *eqn.params.get("out_shardings", ()))))
+
+
+def _apply(eqn, invals: list, mark: jax.Array) -> list:
+  """The outputs of ``eqn`` on ``invals``, some of which are :class:`_Weight`."""
+  name, weights = eqn.primitive.name, [_is_weight(v) for v in invals]
+  if name == "dot_general" and sum(weights) == 1:
+    w, x = invals if weights[0] else invals[::-1]
+    product = _product(eqn, w, weights[0])
+    # Explicit mesh axes: the weight is read whole (slices and their products would
+    # need output shardings of their own).
+    if (product is not None and jnp.issubdtype(x.dtype, jnp.floating)
+        and not any(map(qz.has_sharded_type, (x, w.q.values, w.delta)))):
+      return [_quantized_dot(product, x, w.q, w.delta)]
+  if name == "convert_element_type" and eqn.params.get("sharding") is None and \
+      jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+    return [invals[0]._replace(dtype=eqn.params["new_dtype"])]
+  if name == "transpose":
+    w, perm = invals[0], eqn.params["permutation"]
+    return [w._replace(perm=tuple(w.perm[i] for i in perm) if w.perm else tuple(perm))]
+  if _is_plain_jit(eqn):
+    closed = eqn.params["jaxpr"]
+    return evaluate(closed.jaxpr, closed.consts, invals, mark)
+  return _bind(eqn, [_dense_of(v, mark) if _is_weight(v) else v for v in invals])
+
+
+def evaluate(jaxpr, consts: list, args: list, mark: jax.Array) -> list:
+  """``jaxpr`` on ``args``, in which quantized weights are :class:`_Weight`."""
+  env = {}
+  read = lambda v: v.val if isinstance(v, Literal) else env[v]
+  for var, value in zip((*jaxpr.constvars, *jaxpr.invars), (*consts, *args)):
+    env[var] = value
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    outvals = (_apply(eqn, invals, mark) if any(map(_is_weight, invals))
+               else _bind(eqn, invals))
+    for var, value in zip(eqn.outvars, outvals):
+      env[var] = value
+  return [_dense_of(v, mark) if _is_weight(v) else v for v in map(read, jaxpr.outvars)]
+
+
+def loss_at_use(fun: Callable[..., Any], params: Any, delta: Any, args: tuple,
+                kwargs: dict) -> Callable[[Any], Any]:
+  """``delta -> fun(Q(params) + delta, *args, **kwargs)``, each quantized weight
+  dequantized at its uses (module docstring). ``delta`` (its value traces ``fun``) has
+  the structure of the dense params: zeros at the quantized leaves, in the dtype
+  ``fun`` sees them in, and the plain leaves."""
+  is_q = lambda x: isinstance(x, qz.QuantizedArray)
+  closed, out_shape = jax.make_jaxpr(lambda d: fun(d, *args, **kwargs),
+                                     return_shape=True)(delta)
+  stored = jax.tree.leaves(params, is_leaf=is_q)
+
+  def loss(delta):
+    mark = jnp.zeros(_DENSE_MARK, jnp.uint8)
+    inputs = [_Weight(p, d, d.dtype) if is_q(p) else d
+              for p, d in zip(stored, jax.tree.leaves(delta))]
+    out = evaluate(closed.jaxpr, closed.consts, inputs, mark)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+  return loss
