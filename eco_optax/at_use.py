@@ -28,7 +28,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 from jax.extend.core import Literal
-from jax.extend.core.primitives import custom_vjp_call_p, dot_general_p
+from jax.extend.core.primitives import (convert_element_type_p, custom_vjp_call_p,
+                                       dot_general_p, jit_p, remat_p, scan_p, transpose_p)
 import jax.numpy as jnp
 
 from eco_optax import quantize as qz
@@ -191,16 +192,59 @@ def _bind(eqn, invals: list) -> list:
 
 def _is_plain_jit(eqn) -> bool:
   """A nested ``jax.jit`` without shardings of its own (``jnp.einsum`` is one): inlined."""
-  return (eqn.primitive.name in ("pjit", "jit") and "jaxpr" in eqn.params
-          and all(type(s).__name__ == "UnspecifiedValue"
-                  for s in (*eqn.params.get("in_shardings", ()),
-                            *eqn.params.get("out_shardings", ()))))
+  return eqn.primitive is jit_p and all(
+      type(s).__name__ == "UnspecifiedValue"
+      for s in (*eqn.params["in_shardings"], *eqn.params["out_shardings"]))
+
+
+def _split(values: list) -> tuple[list, Callable[[list], list]]:
+  """``values`` as arrays (a weight as its codes and offset) and the function that
+  rebuilds them: to pass weights through a JAX transformation."""
+  arrays = [(v.q, v.delta) if _is_weight(v) else v for v in values]
+
+  def rebuild(arrays):
+    return [_Weight(*a, v.dtype, v.perm) if _is_weight(v) else a
+            for v, a in zip(values, arrays)]
+
+  return arrays, rebuild
+
+
+def _stacked(w: Any, length: int) -> bool:
+  """Whether ``w`` is a weight that a scan over ``length`` steps can slice: a stack
+  (every array of it with ``length`` matrices, no transpose) whose format counts its
+  scale axis from the end."""
+  return (_is_weight(w) and w.perm is None and w.q.fmt.axis < 0
+          and all(jnp.ndim(a) > 1 and a.shape[0] == length
+                  for a in jax.tree.leaves((w.q, w.delta))))
+
+
+def _scan(eqn, invals: list, mark: jax.Array) -> Optional[list]:
+  """A ``lax.scan`` over layers: each weight of ``xs`` (a stack) is sliced with its
+  codes, each weight among the constants is used as it is; None where a weight is
+  carried."""
+  p = eqn.params
+  consts, carry, xs = (invals[:p["num_consts"]],
+                       invals[p["num_consts"]:p["num_consts"] + p["num_carry"]],
+                       invals[p["num_consts"] + p["num_carry"]:])
+  if any(map(_is_weight, carry)) or not all(
+      _stacked(x, p["length"]) for x in xs if _is_weight(x)):
+    return None
+  xs_arrays, rebuild = _split(xs)
+
+  def body(carry, xs_arrays):
+    out = evaluate(p["jaxpr"].jaxpr, p["jaxpr"].consts,
+                   [*consts, *carry, *rebuild(xs_arrays)], mark)
+    return out[:p["num_carry"]], out[p["num_carry"]:]
+
+  carry, ys = jax.lax.scan(body, carry, xs_arrays, length=p["length"],
+                           reverse=p["reverse"], unroll=p["unroll"])
+  return [*carry, *ys]
 
 
 def _apply(eqn, invals: list, mark: jax.Array) -> list:
   """The outputs of ``eqn`` on ``invals``, some of which are :class:`_Weight`."""
-  name, weights = eqn.primitive.name, [_is_weight(v) for v in invals]
-  if name == "dot_general" and sum(weights) == 1:
+  prim, weights = eqn.primitive, [_is_weight(v) for v in invals]
+  if prim is dot_general_p and sum(weights) == 1:
     w, x = invals if weights[0] else invals[::-1]
     product = _product(eqn, w, weights[0])
     # Explicit mesh axes: the weight is read whole (slices and their products would
@@ -208,15 +252,24 @@ def _apply(eqn, invals: list, mark: jax.Array) -> list:
     if (product is not None and jnp.issubdtype(x.dtype, jnp.floating)
         and not any(map(qz.has_sharded_type, (x, w.q.values, w.delta)))):
       return [_quantized_dot(product, x, w.q, w.delta)]
-  if name == "convert_element_type" and eqn.params.get("sharding") is None and \
-      jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+  if (prim is convert_element_type_p and eqn.params.get("sharding") is None
+      and jnp.issubdtype(eqn.params["new_dtype"], jnp.floating)):
     return [invals[0]._replace(dtype=eqn.params["new_dtype"])]
-  if name == "transpose":
+  if prim is transpose_p:
     w, perm = invals[0], eqn.params["permutation"]
     return [w._replace(perm=tuple(w.perm[i] for i in perm) if w.perm else tuple(perm))]
   if _is_plain_jit(eqn):
     closed = eqn.params["jaxpr"]
     return evaluate(closed.jaxpr, closed.consts, invals, mark)
+  if prim is remat_p:     # jax.checkpoint, nnx.remat: the same checkpoint, weights at use
+    arrays, rebuild = _split(invals)
+    return jax.checkpoint(lambda arrays: evaluate(eqn.params["jaxpr"], [], rebuild(arrays), mark),
+                          prevent_cse=eqn.params["prevent_cse"],
+                          policy=eqn.params["policy"])(arrays)
+  if prim is scan_p:
+    out = _scan(eqn, invals, mark)
+    if out is not None:
+      return out
   return _bind(eqn, [_dense_of(v, mark) if _is_weight(v) else v for v in invals])
 
 

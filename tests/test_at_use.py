@@ -128,3 +128,34 @@ def test_a_whole_train_step_holds_less_than_fp32_adamw_at_peak():
     peaks[name] = eco.memory.peak_bytes(compiled) / n
   assert peaks["eco"] < 0.85 * peaks["adamw"], peaks
   assert peaks["eco"] < eco.memory_report(q, eco.adamw(1e-3).init(q)).bytes_per_param + 3.5, peaks
+
+
+@pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.fp4_e2m1("nvfp4"), eco.int4("block", block_size=16)],
+                         ids=["e4m3", "nvfp4", "int4-block"])
+def test_scanned_layers_and_checkpointed_blocks(fmt):
+  # A stack of layers under lax.scan (each step's weight sliced with its codes), a
+  # shared weight as a constant of the scan, and a block under jax.checkpoint.
+  params = {"stack": jax.random.normal(jax.random.key(0), (3, 32, 32)) / 32 ** 0.5,
+            **_weights((32, 32))}
+
+  def loss(p, x):
+    def layer(h, w):
+      return jnp.tanh(h @ w + h @ p["w0"]), None
+
+    h = jax.lax.scan(layer, x, p["stack"])[0]
+    h = jax.checkpoint(lambda h, w: jnp.sin(h @ w))(h, p["w0"])
+    return jnp.sum(h ** 2)
+
+  x = jax.random.normal(jax.random.key(1), (8, 32))
+  _equal_to_the_dense_gradient(loss, params, fmt, x, exact=False)
+
+
+def test_a_carried_weight_is_read_whole():
+  def loss(p, x):
+    def step(carry, _):
+      w, h = carry
+      return (w, jnp.tanh(h @ w)), None
+    return jnp.sum(jax.lax.scan(step, (p["w0"], x), length=3)[0][1])
+
+  _equal_to_the_dense_gradient(loss, _weights((16, 16)), eco.fp8_e4m3(), jnp.ones((2, 16)),
+                               exact=False)
