@@ -67,6 +67,18 @@ def test_the_backward_pass_dequantizes_a_large_weight_in_slices():
       (0, 64),)
 
 
+@pytest.mark.parametrize("form", ["matmul", "weight on the left"])
+def test_a_large_weight_is_also_dequantized_in_slices_in_the_forward_pass(form):
+  # 2048 x 2048: 16 MiB in FP32, two forward slices of 1024 output features.
+  q = eco.quantize_params(_weights((2048, 2048)), eco.fp8_e4m3())
+  assert at_use._slices(q["w0"], 1, at_use.FORWARD_SLICE_BYTES) == ((0, 1024), (1024, 2048))
+  loss = {"matmul": lambda p, x: jnp.sum(jnp.tanh(x @ p["w0"])),
+          "weight on the left": lambda p, x: jnp.sum(jnp.tanh(p["w0"].T @ x.T))}[form]
+  x = jax.random.normal(jax.random.key(1), (4, 2048))
+  _equal_to_the_dense_gradient(loss, _weights((2048, 2048)), eco.fp8_e4m3(), x,
+                               exact=form == "matmul")
+
+
 def test_other_uses_read_the_whole_weight_beside_its_products():
   # A penalty and a convolution read whole weights; the same weight's product is at use.
   params = _weights((64, 32), (3, 3, 4, 8))
