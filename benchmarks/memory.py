@@ -15,9 +15,13 @@ its temporaries. Two models: an MLP, and the byte-level transformer of
 Each model is compiled twice: with XLA's default options and ``eco.grad``'s defaults,
 and, on CPU, with XLA:CPU's memory-optimised scheduler
 (:data:`MEMORY_OPTIMIZED`, for ``optax.adamw`` too) and ``eco.grad(...,
-recompute=True)`` (the FP32 weights recomputed in the backward pass, not kept).
+recompute=True)`` (weights read whole recomputed in the backward pass, not kept).
 
-Run: ``python -m benchmarks.memory [--batch 32]``.
+With ``--time`` it also times each model's whole train step, side by side in one run:
+``optax.adamw``, ECO FP8 AdamW with ``eco.grad``, and the same with the gradient taken
+at the tree dequantized first (``jax.grad(loss)(eco.dequantize_params(q))``).
+
+Run: ``python -m benchmarks.memory [--batch 32] [--time]``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import optax
 
 import eco_optax as eco
 from benchmarks import model as lm
+from benchmarks import step as bstep
 
 
 class Memory(NamedTuple):
@@ -172,9 +177,31 @@ def control_flow_probe(problem: tuple) -> dict[str, float]:
   return temps
 
 
+def train_step_times(problem: tuple, repeats: int = 20) -> dict[str, float]:
+  """Median seconds of a donated whole train step (forward, backward, optimizer),
+  the three taking turns: ``optax.adamw``; ECO FP8 AdamW with ``eco.grad``; the same
+  with the gradient at the tree dequantized first."""
+  params, loss, batch, fmt, policy = problem
+  q = eco.quantize_params(params, policy(fmt) if policy else fmt)
+  upfront = lambda p, *b: jax.grad(loss)(eco.dequantize_params(p), *b)
+  fns, carries = {}, {}
+  for name, p, tx, grad, apply in (
+      ("optax.adamw", params, optax.adamw(1e-3), jax.grad(loss), optax.apply_updates),
+      ("eco.grad", q, eco.adamw(1e-3), eco.grad(loss), eco.apply_updates),
+      ("dequantized first", q, eco.adamw(1e-3), upfront, eco.apply_updates)):
+    def train_step(p, s, *batch, tx=tx, grad=grad, apply=apply):
+      updates, s = tx.update(grad(p, *batch), s, p)
+      return apply(p, updates), s, *batch
+    fns[name] = jax.jit(train_step, donate_argnums=(0, 1))
+    carries[name] = (jax.tree.map(jnp.copy, p), tx.init(p), *batch)
+  return bstep.interleaved_median_times(fns, carries, repeats=repeats)[0]
+
+
 def main(argv: list[str] | None = None) -> list[Memory]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--time", action="store_true",
+                      help="also time each model's whole train step (MLP at batch 256)")
   args = parser.parse_args(argv)
   rows, controls = [], {}
   for name, problem in (("mlp", mlp_problem(batch=args.batch)),
@@ -195,6 +222,13 @@ def main(argv: list[str] | None = None) -> list[Memory]:
   probe = control_flow_probe(mlp_problem(batch=args.batch))
   print("\nSGD train step on the MLP, temporaries B/param by how each leaf's update is "
         "written: " + ", ".join(f"{k} {v:.2f}" for k, v in probe.items()))
+  if args.time:
+    for name, problem in (("mlp, batch 256", mlp_problem(batch=256)),
+                          ("transformer", lm_problem(batch=args.batch))):
+      times = train_step_times(problem)
+      base = times["optax.adamw"]
+      print(f"\nwhole train step, {name}: " + ", ".join(
+          f"{k} {v * 1e3:.1f} ms ({v / base:.2f}x)" for k, v in times.items()))
   return rows
 
 
