@@ -21,7 +21,7 @@ With ``--time`` it also times each model's whole train step, side by side in one
 ``optax.adamw``, ECO FP8 AdamW with ``eco.grad``, and the same with the gradient taken
 at the tree dequantized first (``jax.grad(loss)(eco.dequantize_params(q))``).
 
-Run: ``python -m benchmarks.memory [--batch 32] [--time]``.
+Run: ``python -m benchmarks.memory [--batch 32] [--mlp 512,1024,1024,1024,512] [--time]``.
 """
 
 from __future__ import annotations
@@ -200,11 +200,14 @@ def train_step_times(problem: tuple, repeats: int = 20) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> list[Memory]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--mlp", default="512,1024,1024,1024,512",
+                      help="the MLP's layer widths, comma-separated")
   parser.add_argument("--time", action="store_true",
                       help="also time each model's whole train step (MLP at batch 256)")
   args = parser.parse_args(argv)
   rows, controls = [], {}
-  for name, problem in (("mlp", mlp_problem(batch=args.batch)),
+  sizes = tuple(int(n) for n in args.mlp.split(","))
+  for name, problem in (("mlp", mlp_problem(sizes, batch=args.batch)),
                         ("transformer", lm_problem(batch=args.batch))):
     rows += measure(name, problem)
     controls[name] = checkpoint_control(problem)
@@ -219,11 +222,11 @@ def main(argv: list[str] | None = None) -> list[Memory]:
           f"{r.peak / base.peak:8.3f}x {r.step_temp:18.2f} {sched}")
   print("\noptax.adamw with its loss under jax.checkpoint (eco.grad's wrapper, every residual "
         "saved), peak B/param: " + ", ".join(f"{k} {v:.2f}" for k, v in controls.items()))
-  probe = control_flow_probe(mlp_problem(batch=args.batch))
+  probe = control_flow_probe(mlp_problem(sizes, batch=args.batch))
   print("\nSGD train step on the MLP, temporaries B/param by how each leaf's update is "
         "written: " + ", ".join(f"{k} {v:.2f}" for k, v in probe.items()))
   if args.time:
-    for name, problem in (("mlp, batch 256", mlp_problem(batch=256)),
+    for name, problem in (("mlp, batch 256", mlp_problem(sizes, batch=256)),
                           ("transformer", lm_problem(batch=args.batch))):
       times = train_step_times(problem)
       base = times["optax.adamw"]

@@ -112,8 +112,8 @@ def value_and_grad(fun: Callable[..., Any], *, wrt: Any = nnx.Param,
   as they are. Graph nodes among the other arguments (an ``nnx.Rngs`` for dropout,
   another module) are not differentiated, and what ``fun`` changes in them is written
   back, as with ``nnx.value_and_grad``.
-  Built on :func:`eco_optax.value_and_grad`: with ``recompute`` (the default except
-  on CPU) the backward pass dequantizes the weights again instead of keeping them.
+  Built on :func:`eco_optax.value_and_grad`: each weight is dequantized where the model
+  reads it, its products in slices in the backward pass.
 
   Args:
     fun: ``fun(model, *args, **kwargs) -> loss`` (or ``(loss, aux)``).

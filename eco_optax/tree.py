@@ -505,16 +505,16 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
   bfloat16 parameters, whose other leaves and activations are bfloat16: its scanned
   layers then carry one dtype), its gradient in the same dtype.
 
-  With ``recompute`` (the default except on CPU) the dequantized copy of each quantized
-  weight is not kept between the forward and the backward pass: under
-  ``jax.checkpoint`` with a policy that saves every residual but them, the backward
-  pass dequantizes again from the stored codes, and the activations are saved as
-  usual. Not by default on CPU: XLA:CPU's default scheduler computes every
-  recomputation at the start of the step, beside the forward pass's copy (MLP of
-  ``benchmarks/memory.py``, FP8 ECO AdamW: whole-step peak 0.92x -> 1.08x
-  ``optax.adamw``'s); compiled with its memory-optimised scheduler
-  (``jax.jit(..., compiler_options={"xla_cpu_scheduler_type":
-  "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"})``, docs/guide.md) it falls to 0.81x.
+  No FP32 copy of the weights lives through the step: ``fun`` is traced once and each
+  quantized weight dequantized where it is read (:mod:`eco_optax.at_use`). A product
+  with a weight (``x @ w``, ``jnp.einsum``, Flax's dense layers; also after an
+  ``astype`` or a transpose, inside ``jax.jit``, ``jax.checkpoint`` and ``lax.scan``
+  over stacked layers) dequantizes it right before the product and, in the backward
+  pass, again in slices from the codes. Any other use (a gather, a convolution, a
+  penalty; products under explicit mesh axes) reads the whole dequantized weight. With
+  ``recompute`` (the default except on CPU) the backward pass computes those whole
+  weights again from the codes instead of keeping them (under ``jax.checkpoint`` with
+  a policy that saves every residual but them).
 
   Example:
     >>> import jax.numpy as jnp, eco_optax as eco
