@@ -4,16 +4,20 @@
 dequantized weights ``Q(w) = s * c``. Dequantized up front, every FP32 weight would be
 computed before the forward pass and kept for the backward pass: the model in FP32
 beside its codes, the memory ECO saves. Here ``fun`` is traced to a jaxpr once and
-evaluated with each quantized weight left as its codes until an operation reads it:
+evaluated with each quantized weight left as its codes until an equation reads it:
 
 * a ``dot_general`` of a weight (a dense layer, an einsum, also after an ``astype`` or a
   transpose of the weight) runs as :func:`_quantized_dot`: its forward pass
-  dequantizes the weight right before the product; its backward pass saves only the
-  codes and dequantizes them again in slices along a contracted axis ``k``, one slice
-  after the other, ``dx[..., K_j] = ct . Q(w)[K_j]`` (each element the same dot product
-  as without slices), and ``dw = x^T ct`` from the saved input;
-* any other use (a gather from an embedding, a convolution, a weight penalty) reads
-  the whole dequantized weight, :func:`_dense`.
+  dequantizes the weight right before the product (a large weight in slices of a free
+  axis); its backward pass saves only the codes and dequantizes them again in slices
+  ``K_j`` of a contracted axis, one after the other, ``dx[..., K_j] = ct . Q(w)[K_j]``
+  (each element the same dot product as without slices), and ``dW = x^T ct`` from the
+  saved input;
+* nested ``jax.jit`` is inlined; ``jax.checkpoint`` and ``lax.scan`` (whose stacked
+  weights are sliced with their codes) run again with their weights at use;
+* any other use (a gather from an embedding, a convolution, a weight penalty, a weight
+  carried through a scan, products under explicit mesh axes) reads the whole
+  dequantized weight, :func:`_dense`.
 
 On CPU each dequantization is also made to wait for the value it is used with (the
 product's other operand, the cotangent, the slice before): XLA:CPU's default scheduler
@@ -214,8 +218,8 @@ def _bind(eqn, invals: list) -> list:
 
 def _is_plain_jit(eqn) -> bool:
   """A nested ``jax.jit`` without shardings of its own (``jnp.einsum`` is one): inlined."""
-  return eqn.primitive is jit_p and all(
-      type(s).__name__ == "UnspecifiedValue"
+  return eqn.primitive is jit_p and not any(
+      isinstance(s, jax.sharding.Sharding)
       for s in (*eqn.params["in_shardings"], *eqn.params["out_shardings"]))
 
 
@@ -283,7 +287,7 @@ def _apply(eqn, invals: list, mark: jax.Array) -> list:
   if _is_plain_jit(eqn):
     closed = eqn.params["jaxpr"]
     return evaluate(closed.jaxpr, closed.consts, invals, mark)
-  if prim is remat_p:     # jax.checkpoint, nnx.remat: the same checkpoint, weights at use
+  if prim is remat_p and not eqn.params["jaxpr"].constvars:   # jax.checkpoint, nnx.remat
     arrays, rebuild = _split(invals)
     return jax.checkpoint(lambda arrays: evaluate(eqn.params["jaxpr"], [], rebuild(arrays), mark),
                           prevent_cse=eqn.params["prevent_cse"],

@@ -45,12 +45,22 @@ LOSSES = {
                    ((64, 16, 16),)),
     "batched input": (lambda p, x: jnp.sum(jnp.tanh(x.reshape(2, 4, 64) @ p["w0"])),
                       ((64, 48),)),
+    "nested jit": (lambda p, x: jnp.sum(jax.jit(lambda x, w: jnp.tanh(x @ w))(x, p["w0"])),
+                   ((64, 48),)),
 }
+
+
+@pytest.fixture
+def no_whole_reads(monkeypatch):
+  """Fails a test in which a quantized weight is dequantized whole."""
+  def whole(w, mark):
+    raise AssertionError(f"weight of shape {w.q.shape} read whole")
+  monkeypatch.setattr(at_use, "_dense_of", whole)
 
 
 @pytest.mark.parametrize("form", list(LOSSES))
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
-def test_products_of_quantized_weights_give_the_dense_gradient(form, fmt):
+def test_products_of_quantized_weights_give_the_dense_gradient(form, fmt, no_whole_reads):
   loss, shapes = LOSSES[form]
   x = jax.random.normal(jax.random.key(1), (8, 64))
   _equal_to_the_dense_gradient(loss, _weights(*shapes), fmt, x, exact=form != "weight on the left")
@@ -68,7 +78,7 @@ def test_the_backward_pass_dequantizes_a_large_weight_in_slices():
 
 
 @pytest.mark.parametrize("form", ["matmul", "weight on the left"])
-def test_a_large_weight_is_also_dequantized_in_slices_in_the_forward_pass(form):
+def test_a_large_weight_is_also_dequantized_in_slices_in_the_forward_pass(form, no_whole_reads):
   # 2048 x 2048: 16 MiB in FP32, two forward slices of 1024 output features.
   q = eco.quantize_params(_weights((2048, 2048)), eco.fp8_e4m3())
   assert at_use._slices(q["w0"], 1, at_use.FORWARD_SLICE_BYTES) == ((0, 1024), (1024, 2048))
@@ -144,7 +154,7 @@ def test_a_whole_train_step_holds_less_than_fp32_adamw_at_peak():
 
 @pytest.mark.parametrize("fmt", [eco.fp8_e4m3(), eco.fp4_e2m1("nvfp4"), eco.int4("block", block_size=16)],
                          ids=["e4m3", "nvfp4", "int4-block"])
-def test_scanned_layers_and_checkpointed_blocks(fmt):
+def test_scanned_layers_and_checkpointed_blocks(fmt, no_whole_reads):
   # A stack of layers under lax.scan (each step's weight sliced with its codes), a
   # shared weight as a constant of the scan, and a block under jax.checkpoint.
   params = {"stack": jax.random.normal(jax.random.key(0), (3, 32, 32)) / 32 ** 0.5,
