@@ -92,28 +92,35 @@ def _dequantize_after(q: qz.QuantizedArray, anchor: jax.Array, dtype) -> jax.Arr
 
 
 class _Weight(NamedTuple):
-  """A quantized weight as the loss sees it, not computed yet: ``Q(w) + delta``, cast to
-  ``dtype`` and transposed by ``perm`` (``None``: as stored)."""
+  """A quantized weight as the loss sees it, not computed yet: ``Q(w) + delta`` (in
+  ``delta``'s dtype), cast by ``ops`` in order (``(convert_element_type_p, params)``),
+  transposed by ``perm`` (``None``: as stored)."""
   q: qz.QuantizedArray
   delta: jax.Array
-  dtype: Any
+  ops: tuple = ()
   perm: Optional[tuple[int, ...]] = None
 
 
-def _view(w: _Weight) -> Callable[[jax.Array], jax.Array]:
+def _is_float_cast(eqn) -> bool:
+  """A cast of a weight to a float dtype: applied to its dequantized slices."""
+  return (eqn.primitive is convert_element_type_p and eqn.params.get("sharding") is None
+          and jnp.issubdtype(eqn.params["new_dtype"], jnp.floating))
+
+
+def _viewed(dense: jax.Array, ops: tuple, perm: Optional[tuple[int, ...]]) -> jax.Array:
   """The weight the loss sees, from the dense stored one: cast, then transposed."""
-  def view(dense):
-    dense = dense.astype(w.dtype)
-    return dense if w.perm is None else jnp.transpose(dense, w.perm)
-  return view
+  for prim, params in ops:
+    dense = prim.bind(dense, **dict(params))
+  return dense if perm is None else jnp.transpose(dense, perm)
 
 
 class _Product(NamedTuple):
   """A ``dot_general`` equation with one weight operand (static)."""
   params: tuple            # the equation's parameters, as items
   weight_first: bool       # the weight is the left operand
-  view: Callable           # _view of the weight
-  dense: jax.ShapeDtypeStruct   # the stored weight, dequantized
+  ops: tuple               # the weight as the loss sees it: _Weight.ops
+  perm: Optional[tuple[int, ...]]   # ... and _Weight.perm
+  dense: Any               # the type of the stored weight, dequantized
   x_axis: int              # backward: the sliced contracted axis of the other operand,
   w_axis: int              # ... and of the stored weight,
   bounds: tuple            # ... its slices ((start, stop), ...)
@@ -124,6 +131,9 @@ class _Product(NamedTuple):
   def __call__(self, x, w):
     lhs, rhs = (w, x) if self.weight_first else (x, w)
     return dot_general_p.bind(lhs, rhs, **dict(self.params))
+
+  def view(self, dense: jax.Array) -> jax.Array:
+    return _viewed(dense, self.ops, self.perm)
 
 
 def _slices(q: qz.QuantizedArray, axis: int, nbytes: int = SLICE_BYTES) -> tuple:
@@ -151,8 +161,8 @@ def _product(eqn, w: _Weight, x: jax.Array, weight_first: bool) -> Optional[_Pro
   # The output holds the left operand's free axes, then the right one's.
   out_axis = 0 if weight_first else x.ndim - len(x_c)
   w_free_axis = perm[free[0]] if free else 0
-  return _Product(tuple(sorted(eqn.params.items())), weight_first, _view(w),
-                  jax.ShapeDtypeStruct(w.delta.shape, w.delta.dtype), x_c[0], perm[w_c[0]],
+  return _Product(tuple(sorted(eqn.params.items())), weight_first, w.ops, w.perm,
+                  jax.typeof(w.delta), x_c[0], perm[w_c[0]],
                   _slices(w.q, perm[w_c[0]]), out_axis, w_free_axis,
                   _slices(w.q, w_free_axis, FORWARD_SLICE_BYTES) if free else ((0, 0),))
 
@@ -207,7 +217,7 @@ def _is_weight(x: Any) -> bool:
 
 
 def _dense_of(w: _Weight, mark: jax.Array) -> jax.Array:
-  return _view(w)(_dense(mark, w.q, w.delta))
+  return _viewed(_dense(mark, w.q, w.delta), w.ops, w.perm)
 
 
 def _bind(eqn, invals: list) -> list:
@@ -229,7 +239,7 @@ def _split(values: list) -> tuple[list, Callable[[list], list]]:
   arrays = [(v.q, v.delta) if _is_weight(v) else v for v in values]
 
   def rebuild(arrays):
-    return [_Weight(*a, v.dtype, v.perm) if _is_weight(v) else a
+    return [_Weight(*a, v.ops, v.perm) if _is_weight(v) else a
             for v, a in zip(values, arrays)]
 
   return arrays, rebuild
@@ -278,9 +288,12 @@ def _apply(eqn, invals: list, mark: jax.Array) -> list:
     if (product is not None and jnp.issubdtype(x.dtype, jnp.floating)
         and not any(map(qz.has_sharded_type, (x, w.q.values, w.delta)))):
       return [_quantized_dot(product, x, w.q, w.delta)]
-  if (prim is convert_element_type_p and eqn.params.get("sharding") is None
-      and jnp.issubdtype(eqn.params["new_dtype"], jnp.floating)):
-    return [invals[0]._replace(dtype=eqn.params["new_dtype"])]
+  if _is_float_cast(eqn):
+    w = invals[0]
+    return [w._replace(ops=(*w.ops, (prim, tuple(sorted(eqn.params.items())))))]
+  if prim.name == "pvary":   # shard_map: a replicated weight marked as varying, codes too
+    w, vary = invals[0], lambda a: _bind(eqn, [a])[0]
+    return [w._replace(q=jax.tree.map(vary, w.q), delta=vary(w.delta))]
   if prim is transpose_p:
     w, perm = invals[0], eqn.params["permutation"]
     return [w._replace(perm=tuple(w.perm[i] for i in perm) if w.perm else tuple(perm))]
@@ -327,7 +340,7 @@ def loss_at_use(fun: Callable[..., Any], params: Any, delta: Any, args: tuple,
 
   def loss(delta):
     mark = jnp.zeros(_DENSE_MARK, jnp.uint8)
-    inputs = [_Weight(p, d, d.dtype) if is_q(p) else d
+    inputs = [_Weight(p, d) if is_q(p) else d
               for p, d in zip(stored, jax.tree.leaves(delta))]
     out = evaluate(closed.jaxpr, closed.consts, inputs, mark)
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)

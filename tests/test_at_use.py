@@ -47,6 +47,8 @@ LOSSES = {
                       ((64, 48),)),
     "nested jit": (lambda p, x: jnp.sum(jax.jit(lambda x, w: jnp.tanh(x @ w))(x, p["w0"])),
                    ((64, 48),)),
+    "cast twice": (lambda p, x: jnp.sum(jnp.tanh(
+        x @ p["w0"].astype(jnp.float8_e5m2).astype(jnp.float32))), ((64, 48),)),
 }
 
 
@@ -194,3 +196,35 @@ def test_a_carried_weight_is_read_whole():
 
   _equal_to_the_dense_gradient(loss, _weights((16, 16)), eco.fp8_e4m3(), jnp.ones((2, 16)),
                                exact=False)
+
+
+def test_no_tracer_leaks_into_the_products():
+  q = eco.quantize_params(_weights((64, 64)), eco.fp8_e4m3())
+  loss = lambda p, x: jnp.sum(jnp.tanh(x.astype(jnp.bfloat16) @ p["w0"].T.astype(jnp.bfloat16)))
+  with jax.checking_leaks():
+    value, _ = jax.jit(eco.value_and_grad(loss))(q, jnp.ones((4, 64)))
+  assert np.isfinite(value)
+
+
+@pytest.mark.parametrize("parallel", ["data", "tensor"])
+def test_inside_shard_map(parallel, no_whole_reads):
+  # Data parallel: a replicated weight (shard_map marks it varying), the batch split;
+  # tensor parallel: the weight's columns split, the partial sums added up.
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  q = eco.quantize_params(_weights((16, 64)), eco.fp8_e4m3())
+  P = jax.sharding.PartitionSpec
+  if parallel == "data":
+    loss = lambda p, x: jax.lax.pmean(jnp.mean(jnp.tanh(x @ p["w0"])), "d")
+    w_spec, x_spec, out = P(), P("d"), lambda g: jax.lax.pmean(g, "d")
+  else:
+    loss = lambda p, x: jax.lax.psum(jnp.sum(jnp.tanh(x @ p["w0"])), "d")
+    w_spec, x_spec, out = P(None, "d"), P(), lambda g: g
+  specs = {"w0": eco.QuantizedArray(w_spec, w_spec, q["w0"].fmt)}
+
+  def run(grad, q):
+    return jax.jit(jax.shard_map(lambda p, x: jax.tree.map(out, grad(p, x)), mesh=mesh,
+                                 in_specs=(specs, x_spec), out_specs={"w0": w_spec}))(q, x)
+
+  x = jax.random.normal(jax.random.key(1), (16, 16))
+  expected = run(lambda p, x: jax.grad(loss)(eco.dequantize_params(p), x), q)
+  chex.assert_trees_all_close(run(eco.grad(loss), q), expected, rtol=1e-6, atol=1e-7)
