@@ -122,9 +122,10 @@ def test_apply_updates_copies_the_codes_the_optimizer_computed(rounding):
   q = eco.quantize_params({name: _params() for name in IDS},
                           lambda path, x: formats[path[0].key] if x.ndim >= 2 else None)
   update = jax.jit(_sgdm_update, static_argnames=("rounding", "mode"))   # lr, seed traced
+  apply, next_scales = jax.jit(eco.apply_updates), jax.jit(qz._next_scales)
   for step, lr in enumerate([1.0, 1e-2, 1e-5]):          # large to vanishing steps
     updates = update(q, lr, rounding, step)
-    new = jax.jit(eco.apply_updates)(q, updates)
+    new = apply(q, updates)
     for name, fmt in formats.items():
       mask = (1 << fmt.bits) - 1
       for path in (("head",), ("layer", "kernel")):
@@ -141,7 +142,7 @@ def test_apply_updates_copies_the_codes_the_optimizer_computed(rounding):
                                       np.asarray(u.bits.astype(qz.bits_dtype(fmt))),
                                       err_msg=str(where))
         assert got.values.dtype == fmt.dtype and got.scale.dtype == fmt.scale_dtype, where
-        expected_scale, expected_tensor_scale = jax.jit(qz._next_scales)(old)
+        expected_scale, expected_tensor_scale = next_scales(old)
         for scale in (u.scale, got.scale):             # carried by the update, then copied
           assert scale.dtype == fmt.scale_dtype, where
           np.testing.assert_array_equal(np.asarray(scale.astype(jnp.float32)),
