@@ -281,6 +281,13 @@ def has_sharded_type(x: jax.Array) -> bool:
   return spec is not None and any(axes is not None for axes in spec)
 
 
+def always_holds(x: jax.Array) -> jax.Array:
+  """A predicate on ``x`` that always holds (NaN too) and that XLA does not fold away:
+  what depends on it waits for ``x``."""
+  first = x[(0,) * x.ndim]                 # no reshape: a sharded array stays as it is
+  return (first == first) | (first != first)
+
+
 def explicit_shards(x: jax.Array, axis: int) -> tuple[int, jax.sharding.PartitionSpec]:
   """``(shards, spec)``: how many pieces explicit mesh axes cut ``x``'s ``axis`` into
   (1 without explicit axes), and the partition spec of ``x``'s type."""

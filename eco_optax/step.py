@@ -413,23 +413,17 @@ def _bits_when_due(q: qz.QuantizedArray, narrow: list, grad: jax.Array,
   """
   if jax.default_backend() != "cpu" or _sharded(q, grad):
     return bits_and_scales(q, narrow)
-  due = _always(grad)
+  due = qz.always_holds(grad)
   if previous_flags is not None:
-    due = due & _always(previous_flags)
+    due = due & qz.always_holds(previous_flags)
   scales = jax.lax.cond(due, qz._next_scales, _stored_scales, q)
-  due = due & _always(scales[0])
+  due = due & qz.always_holds(scales[0])
   return jax.lax.cond(due, _to_bits(q.fmt), _untaken_bits(q.fmt), q, narrow) + (scales,)
 
 
 def bits_and_scales(q: qz.QuantizedArray, narrow: list) -> tuple:
   """:func:`_bits_when_due`'s result, computed where it stands (no conditional)."""
   return _to_bits(q.fmt)(q, narrow) + (qz._next_scales(q),)
-
-
-def _always(x: jax.Array) -> jax.Array:
-  """A predicate on ``x`` that always holds (NaN too) and that XLA does not fold away."""
-  first = x[(0,) * x.ndim]                 # no reshape: a sharded array stays as it is
-  return (first == first) | (first != first)
 
 
 def _stored_scales(q: qz.QuantizedArray) -> tuple:
