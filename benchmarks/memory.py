@@ -53,6 +53,15 @@ class Memory(NamedTuple):
 MEMORY_OPTIMIZED = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
+def make_train_step(tx: optax.GradientTransformation, grad: Callable,
+                    apply: Callable) -> Callable:
+  """``(params, state, *batch) -> (params, state)``: one whole train step."""
+  def train_step(p, s, *batch):
+    updates, s = tx.update(grad(p, *batch), s, p)
+    return apply(p, updates), s
+  return train_step
+
+
 def mlp_problem(sizes=(512, 1024, 1024, 1024, 512), batch: int = 32):
   """``(params, loss(params, x, y), x, y)`` of a ReLU MLP with these layer widths."""
   keys = jax.random.split(jax.random.key(0), len(sizes) - 1)
@@ -112,9 +121,7 @@ def measure(name: str, problem: tuple, methods: Optional[list[str]] = None) -> l
     state = tx.init(p)
 
     def peak(recompute, options):
-      def train_step(p, s, *batch):
-        updates, s = tx.update(grads[recompute](p, *batch), s, p)
-        return apply(p, updates), s
+      train_step = make_train_step(tx, grads[recompute], apply)
       compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
           p, state, *batch).compile(options)
       return eco.memory.peak_bytes(compiled) / n
@@ -144,11 +151,7 @@ def checkpoint_control(problem: tuple) -> float:
   n = sum(x.size for x in jax.tree.leaves(params))
   tx = optax.adamw(1e-3)
   grad = jax.grad(jax.checkpoint(loss, policy=jax.checkpoint_policies.everything_saveable))
-
-  def train_step(p, s, *batch):
-    updates, s = tx.update(grad(p, *batch), s, p)
-    return optax.apply_updates(p, updates), s
-
+  train_step = make_train_step(tx, grad, optax.apply_updates)
   compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
       params, tx.init(params), *batch).compile()
   return eco.memory.peak_bytes(compiled) / n
@@ -189,10 +192,9 @@ def train_step_times(problem: tuple, repeats: int = 20) -> dict[str, float]:
       ("optax.adamw", params, optax.adamw(1e-3), jax.grad(loss), optax.apply_updates),
       ("eco.grad", q, eco.adamw(1e-3), eco.grad(loss), eco.apply_updates),
       ("dequantized first", q, eco.adamw(1e-3), upfront, eco.apply_updates)):
-    def train_step(p, s, *batch, tx=tx, grad=grad, apply=apply):
-      updates, s = tx.update(grad(p, *batch), s, p)
-      return apply(p, updates), s, *batch
-    fns[name] = jax.jit(train_step, donate_argnums=(0, 1))
+    step = make_train_step(tx, grad, apply)
+    fns[name] = jax.jit(lambda p, s, *batch, step=step: (*step(p, s, *batch), *batch),
+                        donate_argnums=(0, 1))
     carries[name] = (jax.tree.map(jnp.copy, p), tx.init(p), *batch)
   return bstep.interleaved_median_times(fns, carries, repeats=repeats)[0]
 

@@ -158,10 +158,8 @@ def test_a_whole_train_step_holds_less_than_fp32_adamw_at_peak():
   for name, p, tx, grad, apply in (
       ("adamw", params, optax.adamw(1e-3), jax.grad(loss), optax.apply_updates),
       ("eco", q, eco.adamw(1e-3), eco.grad(loss), eco.apply_updates)):
-    def train_step(p, s, *batch):
-      updates, s = tx.update(grad(p, *batch), s, p)
-      return apply(p, updates), s
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(p, tx.init(p), *batch).compile()
+    compiled = jax.jit(bmemory.make_train_step(tx, grad, apply), donate_argnums=(0, 1)).lower(
+        p, tx.init(p), *batch).compile()
     peaks[name] = eco.memory.peak_bytes(compiled) / n
   assert peaks["eco"] < 0.85 * peaks["adamw"], peaks
   assert peaks["eco"] < eco.memory_report(q, eco.adamw(1e-3).init(q)).bytes_per_param + 3.5, peaks
